@@ -1,0 +1,281 @@
+"""The :class:`Adapter` interface: identity, style or object conditioning for a backbone.
+
+An adapter is loaded once and can be attached to any loaded backbone of a family it supports,
+detached again, and attached to another: that is the training-free swap. It turns a reference
+image into a cacheable conditioning (:meth:`Adapter.encode_reference`) and, at every step,
+contributes denoiser inputs (:meth:`Adapter.denoiser_inputs`) inside its active window.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from adapterswap.errors import IncompatibleAdapterError, InvalidArgumentError, UsageError
+from adapterswap.hub import WeightsStatus, weights_status
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from adapterswap.backbone import Backbone
+    from adapterswap.denoise import StepContext, TensorBundle
+
+#: What an adapter conditions on.
+ADAPTER_KINDS = ("identity", "style", "object")
+
+
+def is_active(step_index: int, num_steps: int, start: float, end: float) -> bool:
+    """Whether an adapter with window ``[start, end]`` acts at ``step_index`` of ``num_steps``.
+
+    Same rule as diffusers' ``control_guidance_start``/``control_guidance_end`` (which
+    InfiniteYou uses): the step is active unless ``i / N < start`` or ``(i + 1) / N > end``.
+    """
+    return not (step_index / num_steps < start or (step_index + 1) / num_steps > end)
+
+
+def load_image(image: Any, *, argument: str = "reference") -> Image.Image:
+    """A PIL RGB image from a PIL image or a path; a clear error if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise InvalidArgumentError(argument, str(image), "no such file")
+        try:
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InvalidArgumentError(argument, str(image),
+                                       f"cannot be read as an image ({exc})") from None
+    raise InvalidArgumentError(argument, type(image).__name__, "expected a PIL image or a path")
+
+
+class Adapter(ABC):
+    """A conditioning module trained on one backbone and usable on others of its family.
+
+    Class attributes (set them in your subclass):
+
+    :cvar name: registry name (``"infusenet"``).
+    :cvar kind: one of :data:`ADAPTER_KINDS`.
+    :cvar families: backbone families it supports (``frozenset({"flux"})``).
+    :cvar default_source: Hub repo id or path of its weights.
+    :cvar default_scale: conditioning scale used when none is given.
+    :cvar required_files: relative paths a complete weights directory has (``a|b``: either).
+    :cvar how_to_get: one sentence on obtaining the weights (licence included).
+    :cvar description: one line for ``adapterswap list``.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    families: ClassVar[frozenset[str]]
+    default_source: ClassVar[str] = ""
+    default_scale: ClassVar[float] = 1.0
+    required_files: ClassVar[tuple[str, ...]] = ()
+    how_to_get: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def class_problems(cls, klass: type) -> list[str]:
+        """What is wrong with a subclass's declaration (used when a plugin registers it)."""
+        problems = []
+        kind = getattr(klass, "kind", None)
+        if kind not in ADAPTER_KINDS:
+            problems.append(f"kind={kind!r} must be one of {', '.join(ADAPTER_KINDS)}")
+        families = getattr(klass, "families", None)
+        if not (isinstance(families, (frozenset, set, tuple, list)) and families
+                and all(isinstance(f, str) for f in families)):
+            problems.append(f"families={families!r} must be a non-empty set of family names")
+        abstract = sorted(getattr(klass, "__abstractmethods__", ()))
+        if abstract:
+            problems.append(f"abstract methods not implemented: {', '.join(abstract)}")
+        return problems
+
+    def __init__(self, source: str | None = None, *, scale: float | None = None,
+                 start: float = 0.0, end: float = 1.0, device: str | None = None,
+                 dtype: Any = None, **options: Any) -> None:
+        """Describe what to load; nothing is loaded until :meth:`load`.
+
+        :param source: weights location (Hub repo id or local path); default ``default_source``.
+        :param scale: conditioning scale (default ``default_scale``), finite and >= 0.
+        :param start: fraction of the schedule where the adapter starts acting (0..1).
+        :param end: fraction where it stops (``start < end <= 1``).
+        :param options: adapter-specific options; a subclass must reject unknown ones.
+        """
+        from adapterswap.backbone import parse_dtype
+        from adapterswap.config import configured_source
+
+        if source is None:
+            source = configured_source(self.name) or self.default_source
+        self.source = str(source)
+        self.scale = self.default_scale if scale is None else scale
+        self.set_window(start, end)
+        self._check_scale(self.scale)
+        self.device = device
+        self.dtype = parse_dtype(dtype)
+        self.options = dict(options)
+        self.attached_to: Backbone | None = None
+        self.loaded = False
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.name!r} scale={self.scale} "
+                f"window=[{self.start}, {self.end}]>")
+
+    # ------------------------------------------------------------------ settings
+    @staticmethod
+    def _check_scale(scale: Any) -> None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not math.isfinite(scale) or scale < 0:
+            raise InvalidArgumentError("scale", scale, "must be a finite number >= 0")
+
+    def set_scale(self, scale: float) -> None:
+        """Change the conditioning scale (takes effect at the next step)."""
+        self._check_scale(scale)
+        self.scale = float(scale)
+
+    def set_window(self, start: float, end: float) -> None:
+        """Change the active window (fractions of the schedule, ``0 <= start < end <= 1``)."""
+        for arg, value in (("start", start), ("end", end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+                raise InvalidArgumentError(arg, value, "must be a number in [0, 1]")
+        if start >= end:
+            raise InvalidArgumentError("start", start, f"must be less than end={end}")
+        self.start, self.end = float(start), float(end)
+
+    def is_active(self, step_index: int, num_steps: int) -> bool:
+        """Whether the adapter acts at this step (see :func:`is_active`)."""
+        return is_active(step_index, num_steps, self.start, self.end)
+
+    def active_mask(self, ctx: StepContext) -> list[bool]:
+        """Per-sample activity for a (possibly step-parallel) batch."""
+        return [self.is_active(i, n) for i, n in zip(ctx.step_indices, ctx.num_steps)]
+
+    # ------------------------------------------------------------------ compatibility
+    def supports(self, backbone: Backbone | type[Backbone]) -> bool:
+        """Whether this adapter works with ``backbone``'s family."""
+        return backbone.family in self.families
+
+    def check_backbone(self, backbone: Backbone | type[Backbone]) -> None:
+        """Raise :class:`IncompatibleAdapterError` (naming both, listing the backbones it does
+        support) if ``backbone`` is of another family."""
+        if self.supports(backbone):
+            return
+        supported: list[str] = []
+        try:
+            from adapterswap.plugins import backbones
+
+            supported = [e.name for e in backbones().entries() if e.cls.family in self.families]
+        except Exception:  # listing is a courtesy; never hide the real error
+            pass
+        raise IncompatibleAdapterError(self.name, self.families, backbone.name, backbone.family,
+                                       supported)
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def weights_status(cls, source: str | None = None) -> WeightsStatus:
+        """Whether the weights are present locally (path or HF cache), without network."""
+        from adapterswap.config import configured_source
+
+        source = source or configured_source(cls.name) or cls.default_source
+        return weights_status(source, cls.required_files)
+
+    @abstractmethod
+    def load(self) -> Adapter:
+        """Load the weights (safetensors first; ``.bin`` only with ``weights_only=True``) on
+        ``self.device``/``self.dtype`` (default: the backbone's at attach time); return self."""
+
+    def attach(self, backbone: Backbone) -> None:
+        """Attach to a loaded backbone (detaching from the previous one first). The adapter's
+        weights are not reloaded: the same object moves between backbones."""
+        self.check_backbone(backbone)
+        backbone.require_loaded()
+        if self.attached_to is backbone:
+            return
+        if self.attached_to is not None:
+            self.detach()
+        if not self.loaded:
+            self.device = self.device or backbone.device
+            self.dtype = self.dtype or backbone.dtype
+            self.load()
+            self.loaded = True
+        self._attach(backbone)
+        self.attached_to = backbone
+
+    def detach(self) -> None:
+        """Remove the adapter from its backbone; the backbone's outputs return exactly to what
+        they were before :meth:`attach`."""
+        if self.attached_to is None:
+            return
+        self._detach(self.attached_to)
+        self.attached_to = None
+
+    @abstractmethod
+    def _attach(self, backbone: Backbone) -> None:
+        """Install whatever the adapter needs in ``backbone.pipe`` (attention processors,
+        modules); called by :meth:`attach` after the checks."""
+
+    @abstractmethod
+    def _detach(self, backbone: Backbone) -> None:
+        """Undo :meth:`_attach` completely."""
+
+    # ------------------------------------------------------------------ per reference / step
+    @abstractmethod
+    def encode_reference(self, image: Image.Image | str | Path,
+                         backbone: Backbone) -> TensorBundle:
+        """Turn a reference image into a conditioning (one batch row), computed once per
+        reference and reused across prompts, seeds and step counts. Use :func:`load_image` to
+        accept paths with a clear error for unreadable files."""
+
+    @abstractmethod
+    def denoiser_inputs(self, backbone: Backbone, conditioning: TensorBundle,
+                        latents: torch.Tensor, ctx: StepContext,
+                        prompt: TensorBundle) -> dict[str, Any]:
+        """Extra inputs for :meth:`Backbone.predict` at this step.
+
+        :param conditioning: this batch's conditionings (``B`` rows).
+        :param latents: the current latents ``(B, ...)``.
+        :param ctx: per-sample timesteps and step indices; honour :meth:`active_mask` per
+            sample (an inactive sample must get exactly the no-adapter result).
+        :param prompt: the batch's prompt encoding (some adapters need the pooled text).
+        :returns: keyword inputs the backbone's ``predict`` understands (documented by the
+            backbone family), or ``{}``.
+        """
+
+    def encode_references(self, images: Sequence[Any], backbone: Backbone) -> TensorBundle:
+        """Encode several references (one row each)."""
+        from adapterswap.denoise import TensorBundle
+
+        if not images:
+            raise UsageError("encode_references needs at least one image")
+        return TensorBundle.cat([self.encode_reference(i, backbone) for i in images])
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def tiny(cls, backbone: Backbone, seed: int = 0, *, cache_dir: str | None = None,
+             **kwargs: Any) -> Adapter:
+        """An adapter built from tiny random-initialised weights that fit ``backbone`` (a tiny
+        preset backbone), saved in the real on-disk layout and loaded through :meth:`load`.
+        ``kwargs`` go to the constructor (scale, window). Plugins that support
+        ``--preset tiny`` override this."""
+        raise UsageError(f"adapter {cls.name!r} has no tiny preset")
+
+    @classmethod
+    def tiny_reference(cls, seed: int = 0) -> Image.Image:
+        """A synthetic reference image for the tiny preset (a face-like image with known
+        keypoints for identity adapters). The default is a smooth colour pattern."""
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        y, x = np.mgrid[0:256, 0:256] / 255.0
+        phase = rng.uniform(0, 2 * np.pi, size=3)
+        channels = [0.5 + 0.5 * np.sin(6 * x + 4 * y + p) for p in phase]
+        array = (np.stack(channels, axis=-1) * 255).astype(np.uint8)
+        return Image.fromarray(array, "RGB")
+

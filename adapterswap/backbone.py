@@ -1,0 +1,354 @@
+"""The :class:`Backbone` interface: a diffusion model variant whose steps the engine drives.
+
+A backbone plugin subclasses :class:`Backbone`, sets the class attributes that describe it, and
+implements the abstract methods. The engine (not the plugin) owns the denoising loop; a backbone
+exposes its pipeline as steps so that encodings are computed once and reused, runs with
+different step counts can share a forward, and probes and adapter windows act inside the loop::
+
+    backbone = FluxSchnell().load()
+    prompt = backbone.encode_prompt(["a photo"], guidance_scale=None)
+    latents = backbone.prepare_latents([torch.Generator().manual_seed(0)], height=1024, width=1024)
+    schedule = backbone.schedule(4, height=1024, width=1024)
+    for i in range(4):
+        ctx = StepContext(...)            # per-sample timesteps, step indices, step counts
+        out = backbone.predict(latents, ctx, prompt, guidance_scale=None,
+                               adapter_inputs=adapter.denoiser_inputs(...))
+        latents = backbone.step(out, latents, schedule, i)
+    images = backbone.decode(latents, height=1024, width=1024)
+
+:func:`adapterswap.denoise.denoise` is that loop; for the same weights, seed and settings it
+must give the image the plain diffusers pipeline gives (the plugin's parity test checks this).
+
+Import torch and diffusers inside methods: ``adapterswap list`` imports every plugin module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from adapterswap.errors import InvalidArgumentError, UsageError
+from adapterswap.hub import WeightsStatus, resolve_source, weights_status
+
+if TYPE_CHECKING:
+    import torch
+
+    from adapterswap.denoise import Schedule, StepContext, TensorBundle
+
+#: Families the built-in plugins use. Third-party backbones may name a new family.
+KNOWN_FAMILIES = ("flux", "sdxl", "sd15")
+#: ``embedded``: guidance is an input of the model (FLUX dev); ``cfg``: classifier-free guidance
+#: with a negative prompt (SDXL, SD1.5); ``none``: no guidance (distilled models, FLUX schnell).
+GUIDANCE_MODES = ("embedded", "cfg", "none")
+_FAMILY = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is usable, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> Any:
+    """bf16 on CUDA, fp32 elsewhere (CPU half precision is slow and lossy)."""
+    import torch
+
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def parse_dtype(value: Any) -> Any:
+    """``"bf16"``/``"bfloat16"``/``"fp16"``/``"float16"``/``"fp32"``/``"float32"`` or a
+    torch dtype -> torch dtype; ``None`` stays ``None``."""
+    import torch
+
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+             "float32": torch.float32, "float": torch.float32}
+    try:
+        return table[str(value).lower()]
+    except KeyError:
+        raise InvalidArgumentError("dtype", value, f"choose one of {', '.join(table)}") from None
+
+
+class Backbone(ABC):
+    """A diffusion model variant (``flux-dev``, ``flux-schnell``, ``sdxl``, ``sd15`` ...).
+
+    Class attributes (set them in your subclass):
+
+    :cvar name: registry name, lowercase (``"flux-schnell"``).
+    :cvar family: model family adapters are matched on (``"flux"``, ``"sdxl"``, ``"sd15"``).
+    :cvar default_source: Hub repo id (or path) loaded when no source is given.
+    :cvar default_steps: the step count the model is normally run with.
+    :cvar guidance_mode: one of :data:`GUIDANCE_MODES`.
+    :cvar default_guidance_scale: guidance used when none is given (``None`` for ``none``).
+    :cvar default_height: default image height in pixels; :cvar default_width: likewise.
+    :cvar step_grid: step counts a sweep tries by default (up to ``default_steps``).
+    :cvar required_files: relative paths that a complete model directory has (``a|b`` means
+        either); checked before loading and by ``adapterswap doctor``.
+    :cvar default_adapter: the adapter used when a sweep names none (the family's built-in).
+    :cvar how_to_get: one sentence on obtaining the weights (licence, download command).
+    :cvar description: one line for ``adapterswap list``.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    default_source: ClassVar[str]
+    default_steps: ClassVar[int]
+    guidance_mode: ClassVar[str]
+    default_guidance_scale: ClassVar[float | None] = None
+    default_height: ClassVar[int] = 1024
+    default_width: ClassVar[int] = 1024
+    step_grid: ClassVar[tuple[int, ...]] = ()
+    required_files: ClassVar[tuple[str, ...]] = ("model_index.json",)
+    default_adapter: ClassVar[str | None] = None
+    how_to_get: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def class_problems(cls, klass: type) -> list[str]:
+        """What is wrong with a subclass's declaration (used when a plugin registers it)."""
+        problems = []
+        for attr in ("family", "default_source", "default_steps", "guidance_mode"):
+            if not hasattr(klass, attr):
+                problems.append(f"class attribute {attr!r} is not set")
+        family = getattr(klass, "family", None)
+        if family is not None and not (isinstance(family, str) and _FAMILY.match(family)):
+            problems.append(f"family={family!r} must be a lowercase identifier")
+        mode = getattr(klass, "guidance_mode", None)
+        if mode is not None and mode not in GUIDANCE_MODES:
+            problems.append(f"guidance_mode={mode!r} must be one of {', '.join(GUIDANCE_MODES)}")
+        steps = getattr(klass, "default_steps", None)
+        if steps is not None and not (isinstance(steps, int) and steps >= 1):
+            problems.append(f"default_steps={steps!r} must be an integer >= 1")
+        abstract = sorted(getattr(klass, "__abstractmethods__", ()))
+        if abstract:
+            problems.append(f"abstract methods not implemented: {', '.join(abstract)}")
+        return problems
+
+    def __init__(self, source: str | None = None, *, device: str | None = None,
+                 dtype: Any = None, **options: Any) -> None:
+        """Describe what to load; nothing is loaded until :meth:`load`.
+
+        :param source: Hub repo id or local diffusers directory; default ``default_source``.
+        :param device: ``"cuda"``, ``"cpu"``, ... (default: CUDA if available).
+        :param dtype: torch dtype or ``"bf16"``/``"fp16"``/``"fp32"`` (default: bf16 on CUDA,
+            fp32 on CPU).
+        :param options: backbone-specific loading options (e.g. ``cpu_offload=True``); a
+            subclass validates the ones it knows and must reject the rest.
+        """
+        from adapterswap.config import configured_source
+
+        if source is None:
+            source = configured_source(self.name) or self.default_source
+        self.source = str(source)
+        self.device = device
+        self.dtype = parse_dtype(dtype)
+        self.options = dict(options)
+        self.pipe: Any = None
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.pipe is not None else "not loaded"
+        return f"<{type(self).__name__} {self.name!r} source={self.source!r} {state}>"
+
+    # ------------------------------------------------------------------ loading
+    def load(self) -> Backbone:
+        """Load the weights (from a local directory, the HF cache, or the Hub) and return self.
+
+        Honours ``HF_HUB_OFFLINE``; an incomplete local directory or an offline cache miss
+        raises :class:`~adapterswap.errors.WeightsNotFoundError` naming what is missing.
+        """
+        if self.pipe is not None:
+            return self
+        self.device = self.device or default_device()
+        self.dtype = self.dtype or default_dtype(self.device)
+        resolved = resolve_source(self.source, what=f"backbone {self.name!r}",
+                                  required=self.required_files, how_to_get=self.how_to_get)
+        self.pipe = self.load_pipeline(resolved.source, local_files_only=resolved.local_files_only)
+        return self
+
+    @abstractmethod
+    def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
+        """Build and return the diffusers pipeline from ``source`` on ``self.device`` in
+        ``self.dtype`` (called by :meth:`load` after the source was checked).
+
+        Use safetensors weights and never ``trust_remote_code``.
+        """
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, *, source: str = "<in-memory>", device: str | None = None,
+                      **options: Any) -> Backbone:
+        """Wrap an already built diffusers pipeline (tests, notebooks, the tiny preset)."""
+        import torch
+
+        backbone = cls(source, device=device, **options)
+        first = next((m for m in pipe.components.values() if isinstance(m, torch.nn.Module)), None)
+        if first is not None:
+            param = next(first.parameters(), None)
+            if param is not None:
+                backbone.device = backbone.device or str(param.device)
+                backbone.dtype = backbone.dtype or param.dtype
+        backbone.device = backbone.device or "cpu"
+        backbone.dtype = backbone.dtype or default_dtype(backbone.device)
+        pipe.to(backbone.device)
+        backbone.pipe = pipe
+        return backbone
+
+    @property
+    def is_loaded(self) -> bool:
+        return self.pipe is not None
+
+    def require_loaded(self) -> None:
+        """Raise a clear error if :meth:`load` has not been called."""
+        if self.pipe is None:
+            raise UsageError(f"backbone {self.name!r} is not loaded: call .load() first")
+
+    def unload(self) -> None:
+        """Drop the pipeline so its memory can be freed."""
+        self.pipe = None
+
+    @classmethod
+    def weights_status(cls, source: str | None = None) -> WeightsStatus:
+        """Whether the weights are present locally (path or HF cache), without network."""
+        from adapterswap.config import configured_source
+
+        source = source or configured_source(cls.name) or cls.default_source
+        return weights_status(source, cls.required_files)
+
+    @property
+    def generator_device(self) -> str:
+        """Device for ``torch.Generator`` objects (diffusers draws noise on CPU when offloading
+        or for cross-device reproducibility; a plugin overrides this when it does so)."""
+        return "cpu"
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (so timings are real)."""
+        import torch
+
+        if self.device and str(self.device).startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    # ------------------------------------------------------------------ validation
+    def resolve_guidance_scale(self, guidance_scale: float | None) -> float | None:
+        """The guidance scale to use: the default if ``None``; an error if the backbone has no
+        guidance and a positive scale other than 0/1 was asked for."""
+        if self.guidance_mode == "none":
+            if guidance_scale not in (None, 0.0, 1.0):
+                raise InvalidArgumentError(
+                    "guidance_scale", guidance_scale,
+                    f"backbone {self.name!r} runs without guidance (guidance_mode='none')",
+                )
+            return None
+        if guidance_scale is None:
+            return self.default_guidance_scale
+        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)
+                and guidance_scale >= 0):
+            raise InvalidArgumentError("guidance_scale", guidance_scale,
+                                       "must be a finite number >= 0")
+        return float(guidance_scale)
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this (VAE factor x packing)."""
+        return 16 if self.family == "flux" else 8
+
+    def check_inputs(self, *, num_inference_steps: int, height: int, width: int,
+                     guidance_scale: float | None = None) -> None:
+        """Validate generation settings early, naming the argument and value on error."""
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+                or num_inference_steps < 1:
+            raise InvalidArgumentError("num_inference_steps", num_inference_steps,
+                                       "must be an integer >= 1")
+        m = self.size_multiple
+        for arg, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < m or value % m:
+                raise InvalidArgumentError(arg, value, f"must be a positive multiple of {m}")
+
+    def default_step_grid(self) -> list[int]:
+        """Step counts a sweep tries by default: ``step_grid`` or powers of two up to
+        ``default_steps``, always ending in ``default_steps``."""
+        if self.step_grid:
+            return sorted(set(self.step_grid))
+        grid = [1]
+        while grid[-1] * 2 < self.default_steps:
+            grid.append(grid[-1] * 2)
+        return sorted(set(grid + [self.default_steps]))
+
+    # ------------------------------------------------------------------ pipeline steps
+    @abstractmethod
+    def encode_prompt(self, prompts: Sequence[str], *,
+                      guidance_scale: float | None = None,
+                      negative_prompts: Sequence[str] | None = None) -> TensorBundle:
+        """Encode text prompts once; the result is cached and reused for every seed and step
+        count.
+
+        :param prompts: one prompt per batch row.
+        :param guidance_scale: the resolved scale (``cfg`` backbones encode the negative
+            prompt only when guidance is on).
+        :param negative_prompts: for ``cfg`` backbones; default empty prompts.
+        :returns: a :class:`TensorBundle` with batch-first tensors (``prompt_embeds``,
+            ``pooled_prompt_embeds``, negative ones for ``cfg``) and shared ones
+            (e.g. FLUX ``text_ids``).
+        """
+
+    @abstractmethod
+    def prepare_latents(self, generators: Sequence[torch.Generator], *, height: int,
+                        width: int) -> torch.Tensor:
+        """Initial noise, one sample per generator, in the layout the denoiser takes.
+
+        Sample ``i`` must equal what the diffusers pipeline draws for a batch of one with
+        ``generators[i]`` (including ``init_noise_sigma`` scaling), so that results match it.
+        """
+
+    @abstractmethod
+    def schedule(self, num_inference_steps: int, *, height: int, width: int) -> Schedule:
+        """The timesteps (and sigmas) for one run of ``num_inference_steps`` steps, with a
+        scheduler state of its own so that runs of different lengths can advance together."""
+
+    @abstractmethod
+    def predict(self, latents: torch.Tensor, ctx: StepContext, prompt: TensorBundle, *,
+                guidance_scale: float | None,
+                adapter_inputs: dict[str, Any] | None = None) -> torch.Tensor:
+        """One denoiser evaluation for the whole batch.
+
+        :param latents: current latents ``(B, ...)``.
+        :param ctx: per-sample timesteps, step indices and step counts; timesteps may differ
+            between samples (step-parallel batching).
+        :param prompt: the batch's prompt encoding (``B`` rows).
+        :param guidance_scale: resolved guidance (embedded guidance value, or the CFG scale;
+            CFG backbones run the unconditional branch inside this call).
+        :param adapter_inputs: extra denoiser inputs from :meth:`Adapter.denoiser_inputs`
+            (e.g. ControlNet residuals, IP-Adapter image embeddings), or ``None``.
+        :returns: the model output (velocity, epsilon, ...) after guidance, shaped like
+            ``latents``.
+        """
+
+    @abstractmethod
+    def step(self, model_output: torch.Tensor, latents: torch.Tensor, schedule: Schedule,
+             step_index: int) -> torch.Tensor:
+        """The scheduler update from step ``step_index`` to the next, for samples that share
+        ``schedule``."""
+
+    @abstractmethod
+    def predict_x0(self, model_output: torch.Tensor, latents: torch.Tensor,
+                   schedule: Schedule, step_index: int) -> torch.Tensor:
+        """The predicted clean latent at this step (flow matching: ``x_t - sigma_t * v``;
+        epsilon models: ``(x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``), for trajectories."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor, *, height: int, width: int,
+               output_type: str = "pil") -> Any:
+        """Latents to images: ``"pil"`` (list of PIL images), ``"np"`` (float array in
+        [0, 1], ``(B, H, W, 3)``) or ``"pt"`` (tensor ``(B, 3, H, W)`` in [0, 1])."""
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> Backbone:
+        """A loaded instance built from tiny random-initialised components of the same classes
+        (for tests and ``--preset tiny``). Plugins that support the preset override this."""
+        raise UsageError(f"backbone {cls.name!r} has no tiny preset")

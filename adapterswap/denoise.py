@@ -1,0 +1,296 @@
+"""Data passed between the engine, backbones and adapters, and the reference denoising loop.
+
+The engine owns the loop (see ``docs/architecture.md``): a backbone exposes the steps of its
+pipeline and the loop here strings them together exactly as a diffusers pipeline would. The
+sweep engine builds on the same pieces (cached encodings, batches of seeds, per-sample timesteps).
+
+torch is imported lazily so that ``adapterswap --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from adapterswap.adapter import Adapter
+    from adapterswap.backbone import Backbone
+
+
+@dataclass
+class TensorBundle:
+    """Named tensors for a batch: ``batched`` ones have the batch first, ``shared`` ones do not.
+
+    Prompt encodings and reference conditionings are bundles, so the engine can cache one per
+    prompt or reference and combine them into batches without knowing what is inside.
+    ``None`` values are allowed in ``batched`` (e.g. an absent negative pooled embedding).
+    """
+
+    batched: dict[str, Any] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        """Size of the batch dimension (0 if nothing is batched)."""
+        for value in self.batched.values():
+            if value is not None:
+                return int(value.shape[0])
+        return 0
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.batched:
+            return self.batched[key]
+        return self.shared[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.batched or key in self.shared
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Like ``dict.get`` over both batched and shared values."""
+        return self[key] if key in self else default
+
+    def select(self, indices: Sequence[int]) -> TensorBundle:
+        """A bundle with the given batch rows (repeat an index to repeat a row)."""
+        import torch
+
+        def pick(value: Any) -> Any:
+            if value is None:
+                return None
+            index = torch.as_tensor(list(indices), dtype=torch.long, device=value.device)
+            return value.index_select(0, index)
+
+        return TensorBundle({k: pick(v) for k, v in self.batched.items()}, dict(self.shared))
+
+    def repeat(self, times: int) -> TensorBundle:
+        """Each row repeated ``times`` times in place (``[a, b] -> [a, a, b, b]``)."""
+        rows = [i for i in range(self.batch_size) for _ in range(times)]
+        return self.select(rows)
+
+    @classmethod
+    def cat(cls, bundles: Sequence[TensorBundle]) -> TensorBundle:
+        """Concatenate bundles along the batch; their shared values must be the same objects
+        or equal tensors."""
+        import torch
+
+        if not bundles:
+            raise ValueError("TensorBundle.cat needs at least one bundle")
+        first = bundles[0]
+        for other in bundles[1:]:
+            if set(other.batched) != set(first.batched) or set(other.shared) != set(first.shared):
+                raise ValueError("TensorBundle.cat: bundles have different keys")
+            for key, value in first.shared.items():
+                theirs = other.shared[key]
+                same = value is theirs or (
+                    isinstance(value, torch.Tensor) and isinstance(theirs, torch.Tensor)
+                    and value.shape == theirs.shape and bool(torch.equal(value, theirs))
+                ) or (not isinstance(value, torch.Tensor) and value == theirs)
+                if not same:
+                    raise ValueError(f"TensorBundle.cat: shared value {key!r} differs")
+        batched = {}
+        for key in first.batched:
+            values = [b.batched[key] for b in bundles]
+            if all(v is None for v in values):
+                batched[key] = None
+            elif any(v is None for v in values):
+                raise ValueError(f"TensorBundle.cat: {key!r} is None in some bundles only")
+            else:
+                batched[key] = torch.cat(values, dim=0)
+        return cls(batched, dict(first.shared))
+
+    def to(self, device: Any = None, dtype: Any = None) -> TensorBundle:
+        """Move floating-point tensors to ``device``/``dtype`` (integer tensors keep dtype)."""
+        import torch
+
+        def move(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor):
+                return value
+            if dtype is not None and value.is_floating_point():
+                return value.to(device=device, dtype=dtype)
+            return value.to(device=device)
+
+        return TensorBundle({k: move(v) for k, v in self.batched.items()},
+                            {k: move(v) for k, v in self.shared.items()})
+
+
+@dataclass
+class Schedule:
+    """The timesteps of one run of ``num_inference_steps`` steps.
+
+    :ivar timesteps: model timesteps, shape ``(N,)``, in the units the denoiser takes.
+    :ivar sigmas: noise levels, shape ``(N + 1,)`` ending in 0, where the sampler has them
+        (flow matching: ``x_t = (1 - sigma) x0 + sigma * noise``); else ``None``.
+    :ivar state: backbone-private per-run state (e.g. a scheduler instance of its own), so that
+        runs with different step counts can advance side by side.
+    """
+
+    num_inference_steps: int
+    timesteps: Any
+    sigmas: Any = None
+    state: Any = None
+
+    def __len__(self) -> int:
+        return self.num_inference_steps
+
+
+@dataclass
+class StepContext:
+    """What a denoiser call needs to know about the step, per sample of the batch.
+
+    Runs with different step counts may share one forward (step-parallel batching), so step
+    indices and step counts are per sample.
+
+    :ivar timesteps: model timestep per sample, shape ``(B,)``.
+    :ivar step_indices: index of this step in each sample's own schedule.
+    :ivar num_steps: each sample's total number of steps.
+    :ivar sigmas: noise level per sample ``(B,)`` where the sampler has one, else ``None``.
+    :ivar height: image height in pixels.
+    :ivar width: image width in pixels.
+    """
+
+    timesteps: Any
+    step_indices: tuple[int, ...]
+    num_steps: tuple[int, ...]
+    height: int
+    width: int
+    sigmas: Any = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.step_indices)
+
+
+@dataclass
+class StepRecord:
+    """Passed to ``on_step`` callbacks after each scheduler update."""
+
+    step_index: int
+    num_steps: int
+    timestep: Any
+    latents: Any
+    model_output: Any
+    x0: Any
+
+
+@dataclass
+class DenoiseResult:
+    """Output of :func:`denoise`: final latents, decoded images and per-phase timings."""
+
+    latents: Any
+    images: Any
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def denoise(
+    backbone: Backbone,
+    prompt: str | Sequence[str],
+    *,
+    num_inference_steps: int | None = None,
+    seeds: Sequence[int] = (0,),
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float | None = None,
+    adapter: Adapter | None = None,
+    reference: Image.Image | None = None,
+    conditioning: TensorBundle | None = None,
+    prompt_encoding: TensorBundle | None = None,
+    output_type: str = "pil",
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> DenoiseResult:
+    """Generate one image per seed with ``backbone`` (and ``adapter`` if given).
+
+    This is the plain loop: encode once, draw latents from one generator per seed, then for each
+    step ask the adapter for its denoiser inputs, predict, and update. It mirrors a diffusers
+    pipeline call, and parity tests hold it to one.
+
+    :param prompt: one prompt for every seed, or one prompt per seed.
+    :param seeds: one image per seed; seed ``s`` gives the image a diffusers pipeline gives for
+        ``generator=torch.Generator(device).manual_seed(s)``.
+    :param reference: reference image for the adapter; or pass a cached ``conditioning``.
+    :param prompt_encoding: a cached result of ``backbone.encode_prompt`` for these prompts.
+    :param on_step: called after every step with a :class:`StepRecord`.
+    """
+    import time
+
+    import torch
+
+    from adapterswap.errors import InvalidArgumentError
+
+    backbone.require_loaded()
+    if num_inference_steps is None:
+        num_inference_steps = backbone.default_steps
+    height = backbone.default_height if height is None else height
+    width = backbone.default_width if width is None else width
+    guidance_scale = backbone.resolve_guidance_scale(guidance_scale)
+    seeds = list(seeds)
+    if not seeds:
+        raise InvalidArgumentError("seeds", seeds, "need at least one seed")
+    prompts = [prompt] * len(seeds) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(seeds):
+        raise InvalidArgumentError(
+            "prompt", prompt, f"got {len(prompts)} prompts for {len(seeds)} seeds"
+        )
+    backbone.check_inputs(num_inference_steps=num_inference_steps, height=height, width=width,
+                          guidance_scale=guidance_scale)
+    if adapter is not None:
+        adapter.check_backbone(backbone)
+        if adapter.attached_to is not backbone:
+            adapter.attach(backbone)
+        if conditioning is None:
+            if reference is None:
+                raise InvalidArgumentError("reference", None,
+                                           f"adapter {adapter.name!r} needs a reference image")
+            conditioning = adapter.encode_reference(reference, backbone)
+        if conditioning.batch_size == 1 and len(seeds) > 1:
+            conditioning = conditioning.repeat(len(seeds))
+
+    timings: dict[str, float] = {}
+    sync = backbone.synchronize
+    sync()
+    start = time.perf_counter()
+    if prompt_encoding is None:
+        unique = list(dict.fromkeys(prompts))
+        encoded = backbone.encode_prompt(unique, guidance_scale=guidance_scale)
+        prompt_encoding = encoded.select([unique.index(p) for p in prompts])
+    elif prompt_encoding.batch_size == 1 and len(seeds) > 1:
+        prompt_encoding = prompt_encoding.repeat(len(seeds))
+    sync()
+    timings["encode_s"] = time.perf_counter() - start
+
+    generators = [torch.Generator(device=backbone.generator_device).manual_seed(int(s))
+                  for s in seeds]
+    latents = backbone.prepare_latents(generators, height=height, width=width)
+    schedule = backbone.schedule(num_inference_steps, height=height, width=width)
+    batch = len(seeds)
+    start = time.perf_counter()
+    for i in range(num_inference_steps):
+        t = schedule.timesteps[i]
+        ctx = StepContext(
+            timesteps=t.expand(batch) if t.ndim == 0 else t.repeat(batch),
+            step_indices=(i,) * batch,
+            num_steps=(num_inference_steps,) * batch,
+            height=height,
+            width=width,
+            sigmas=None if schedule.sigmas is None else schedule.sigmas[i].expand(batch),
+        )
+        adapter_inputs: Mapping[str, Any] | None = None
+        if adapter is not None and conditioning is not None:
+            adapter_inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx,
+                                                     prompt_encoding)
+        model_output = backbone.predict(latents, ctx, prompt_encoding,
+                                        guidance_scale=guidance_scale,
+                                        adapter_inputs=adapter_inputs)
+        x0 = backbone.predict_x0(model_output, latents, schedule, i) if on_step else None
+        latents = backbone.step(model_output, latents, schedule, i)
+        if on_step is not None:
+            on_step(StepRecord(i, num_inference_steps, t, latents, model_output, x0))
+    sync()
+    timings["denoise_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    images = backbone.decode(latents, height=height, width=width, output_type=output_type)
+    sync()
+    timings["decode_s"] = time.perf_counter() - start
+    timings["total_s"] = timings["encode_s"] + timings["denoise_s"] + timings["decode_s"]
+    return DenoiseResult(latents=latents, images=images, timings=timings)

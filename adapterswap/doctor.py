@@ -1,0 +1,72 @@
+"""``adapterswap doctor``: versions, devices and which weights are present, without network."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+from adapterswap.hub import is_offline
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> dict[str, Any]:
+    """Python, torch, CUDA, diffusers and transformers versions and the offline setting."""
+    from adapterswap.config import config_path
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "adapterswap": _version("adapterswap"),
+        "torch": _version("torch"),
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "HF_HUB_OFFLINE": is_offline(),
+        "HF_HOME": os.environ.get("HF_HOME", "~/.cache/huggingface (default)"),
+        "config": str(config_path()),
+    }
+    try:
+        import torch
+
+        env["cuda_available"] = torch.cuda.is_available()
+        env["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception as exc:  # a broken torch install is exactly what doctor should report
+        env["cuda_available"] = f"torch failed to import: {exc}"
+    return env
+
+
+def collect() -> dict[str, Any]:
+    """The whole doctor report as a JSON-able dict."""
+    from adapterswap.plugins import adapters, backbones, metrics
+
+    report: dict[str, Any] = {"environment": environment(), "backbones": [], "adapters": [],
+                              "metrics": []}
+    for section, registry in (("backbones", backbones()), ("adapters", adapters())):
+        for entry in registry.entries():
+            try:
+                status = entry.cls.weights_status()
+                row = {"name": entry.name, "source": status.source, "present": status.present,
+                       "where": status.where, "missing": status.missing,
+                       "status": f"{status.source}: {status.describe()}",
+                       "hint": entry.cls.how_to_get}
+            except Exception as exc:
+                row = {"name": entry.name, "present": False,
+                       "status": f"could not check: {type(exc).__name__}: {exc}", "hint": ""}
+            report[section].append(row)
+    for entry in metrics().entries():
+        try:
+            reason = entry.cls().availability()
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        report["metrics"].append({"name": entry.name, "present": reason is None,
+                                  "status": "available" if reason is None else
+                                  f"unavailable: {reason}"})
+    return report

@@ -1,0 +1,111 @@
+"""The :class:`Metric` interface.
+
+A metric scores a batch of generated images, optionally against their references, prompts,
+baseline images (the same cell without the adapter, or on another backbone) and timings. It
+declares what it needs so the engine can pass only that, and it reports itself unavailable,
+with the reason, when its model or package is missing: a score is never invented.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from adapterswap.errors import InvalidArgumentError, MetricUnavailableError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+#: What a metric may need besides the generated images.
+METRIC_NEEDS = ("reference", "prompt", "baseline", "timing")
+
+
+@dataclass
+class MetricBatch:
+    """Inputs for one :meth:`Metric.score` call; every list has one entry per image.
+
+    :ivar images: generated images (PIL, RGB).
+    :ivar references: the reference image of each cell (adapters' input), if any.
+    :ivar prompts: the prompt of each cell.
+    :ivar baselines: an image to compare against (e.g. the same cell with the adapter off).
+    :ivar timings: per-image timing dicts (``total_s``, ``denoise_s``, ...).
+    """
+
+    images: Sequence[Image.Image]
+    references: Sequence[Image.Image | None] | None = None
+    prompts: Sequence[str] | None = None
+    baselines: Sequence[Image.Image | None] | None = None
+    timings: Sequence[dict[str, float]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class Metric(ABC):
+    """A batched image metric.
+
+    Class attributes (set them in your subclass):
+
+    :cvar name: registry name (``"identity"``, ``"lpips"``).
+    :cvar needs: subset of :data:`METRIC_NEEDS` the metric requires.
+    :cvar higher_is_better: direction, for reports and knee detection.
+    :cvar kinds: adapter kinds the metric measures fidelity for (``{"identity"}``); empty for
+        metrics that apply to any image (sharpness, latency).
+    :cvar description: one line for ``adapterswap list metrics``.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    higher_is_better: ClassVar[bool] = True
+    kinds: ClassVar[frozenset[str]] = frozenset()
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def class_problems(cls, klass: type) -> list[str]:
+        """What is wrong with a subclass's declaration (used when a plugin registers it)."""
+        problems = []
+        needs = getattr(klass, "needs", None)
+        if not isinstance(needs, (frozenset, set, tuple)) or not set(needs) <= set(METRIC_NEEDS):
+            problems.append(f"needs={needs!r} must be a subset of {', '.join(METRIC_NEEDS)}")
+        abstract = sorted(getattr(klass, "__abstractmethods__", ()))
+        if abstract:
+            problems.append(f"abstract methods not implemented: {', '.join(abstract)}")
+        return problems
+
+    def __init__(self, *, device: str | None = None, **options: Any) -> None:
+        """:param device: where a model-based metric runs; :param options: metric-specific
+        (e.g. a model path); a subclass must reject unknown ones."""
+        self.device = device
+        self.options = dict(options)
+        self.loaded = False
+
+    def availability(self) -> str | None:
+        """``None`` if the metric can run here, else the reason it cannot (a missing package
+        or model). Cheap: must not load models."""
+        return None
+
+    def load(self) -> Metric:
+        """Load models; raise :class:`MetricUnavailableError` with the reason if impossible."""
+        reason = self.availability()
+        if reason is not None:
+            raise MetricUnavailableError(f"metric {self.name!r} is unavailable: {reason}")
+        self.loaded = True
+        return self
+
+    def check_batch(self, batch: MetricBatch) -> None:
+        """Raise if the batch lacks what the metric ``needs``."""
+        fields = {"reference": batch.references, "prompt": batch.prompts,
+                  "baseline": batch.baselines, "timing": batch.timings}
+        for need in self.needs:
+            values = fields[need]
+            if values is None or len(values) != len(batch.images):
+                raise InvalidArgumentError(
+                    need + "s", None if values is None else f"{len(values)} items",
+                    f"metric {self.name!r} needs one {need} per image ({len(batch.images)})",
+                )
+
+    @abstractmethod
+    def score(self, batch: MetricBatch) -> list[float | None]:
+        """One score per image (``None`` where a score is undefined, e.g. no face found)."""

@@ -1,0 +1,270 @@
+"""The plugin manager: entry-point discovery, lazy loading and the three registries.
+
+Plugins are found through the ``adapterswap`` entry-point group. Loading happens on first use
+(``backbones()``, ``adapters()``, ``metrics()``, ``plugin_infos()``) and can be limited with the
+environment variable ``ADAPTERSWAP_LOAD_PLUGINS``:
+
+* unset: load every installed plugin;
+* a comma-separated list: load only those distributions (``adapterswap-flux``) or entry-point
+  names (``flux``);
+* empty: load none (adapterswap's own built-in metrics are always there).
+
+A plugin that fails to import, has a misspelt hook, raises inside a hook or registers something
+invalid is recorded in :func:`plugin_failures` under its own name; the rest keep working.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from adapterswap import hookspecs
+from adapterswap.errors import AdapterswapError, PluginLoadError
+from adapterswap.registry import Registry
+
+ENTRY_POINT_GROUP = "adapterswap"
+LOAD_PLUGINS_ENV = "ADAPTERSWAP_LOAD_PLUGINS"
+
+#: Modules inside adapterswap that are registered as plugins before any entry point.
+DEFAULT_PLUGINS = ("adapterswap.metrics.basic",)
+
+HOOKS = ("register_backbones", "register_adapters", "register_metrics")
+
+pm = pluggy.PluginManager("adapterswap")
+pm.add_hookspecs(hookspecs)
+
+_loaded = False
+
+
+@dataclass
+class PluginFailure:
+    """A plugin that could not be loaded or whose hook failed."""
+
+    plugin: str
+    entry_point: str | None
+    error: BaseException
+    traceback: str
+
+    def message(self) -> str:
+        where = f" (entry point {self.entry_point})" if self.entry_point else ""
+        return f'Error loading plugin "{self.plugin}"{where}: {self.error}'
+
+
+@dataclass
+class PluginInfo:
+    """What ``adapterswap plugins`` shows about one plugin."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: list[str]
+    backbones: list[str] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+
+
+_failures: list[PluginFailure] = []
+_dists: dict[str, tuple[str, str, str]] = {}  # plugin name -> (distribution, version, entry point)
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _selected(env_value: str | None, dist_name: str, ep_name: str) -> bool:
+    if env_value is None:
+        return True
+    wanted = {_normalise(p) for p in env_value.split(",") if p.strip()}
+    return _normalise(dist_name) in wanted or _normalise(ep_name) in wanted
+
+
+def _register_checked(module: object, name: str, entry_point: str | None) -> bool:
+    """Register one plugin; on a validation error undo it and record the failure."""
+    try:
+        pm.register(module, name=name)
+        pm.check_pending()
+    except Exception as exc:  # pluggy.PluginValidationError and friends
+        if pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
+        _record(name, entry_point, exc)
+        return False
+    return True
+
+
+def _record(plugin: str, entry_point: str | None, exc: BaseException) -> None:
+    failure = PluginFailure(plugin, entry_point, exc, "".join(traceback.format_exception(exc)))
+    _failures.append(failure)
+
+
+def load_plugins() -> None:
+    """Register the built-in plugins and every selected entry point, once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module_name in DEFAULT_PLUGINS:
+        if pm.get_plugin(module_name) is None:
+            _register_checked(importlib.import_module(module_name), module_name, None)
+    env_value = os.environ.get(LOAD_PLUGINS_ENV)
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else ep.module
+        version = ep.dist.version if ep.dist is not None else "unknown"
+        if not _selected(env_value, dist, ep.name):
+            continue
+        name = dist if pm.get_plugin(dist) is None and dist not in _dists else f"{dist}:{ep.name}"
+        if pm.get_plugin(name) is not None:
+            continue
+        try:
+            module = ep.load()
+        except Exception as exc:
+            _record(name, ep.name, exc)
+            continue
+        if _register_checked(module, name, ep.name):
+            _dists[name] = (dist, version, ep.name)
+
+
+def plugin_failures() -> list[PluginFailure]:
+    """Plugins that failed to load or register, in the order they failed."""
+    _registries()
+    return list(_failures)
+
+
+_cache: dict[str, Any] = {"key": None}
+
+
+def _registries() -> dict[str, Registry[Any]]:
+    """Build (or reuse) the registries from the currently registered plugins."""
+    load_plugins()
+    key = tuple((name, id(plugin)) for name, plugin in pm.list_name_plugin())
+    if _cache["key"] == key:
+        return _cache["registries"]
+    from adapterswap.adapter import Adapter
+    from adapterswap.backbone import Backbone
+    from adapterswap.metrics.base import Metric
+
+    registries: dict[str, Registry[Any]] = {
+        "register_backbones": Registry("backbone", Backbone),
+        "register_adapters": Registry("adapter", Adapter),
+        "register_metrics": Registry("metric", Metric),
+    }
+    # Failures from hooks depend on the plugins registered now: drop earlier hook failures.
+    _failures[:] = [f for f in _failures if not getattr(f.error, "_from_hook", False)]
+    provided: dict[str, dict[str, list[str]]] = {}
+    for hook_name, registry in registries.items():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            plugin_name = impl.plugin_name
+            added: list[str] = []
+
+            def register(cls: object, _plugin: str = plugin_name,
+                         _registry: Registry[Any] = registry, _added: list[str] = added) -> None:
+                _registry.register(cls, _plugin)
+                _added.append(getattr(cls, "name", "?"))
+
+            try:
+                impl.function(**{arg: register for arg in impl.argnames})
+            except Exception as exc:
+                if not isinstance(exc, AdapterswapError):
+                    exc = PluginLoadError(f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+                exc._from_hook = True  # type: ignore[attr-defined]
+                _record(plugin_name, None, exc)
+            provided.setdefault(plugin_name, {}).setdefault(hook_name, []).extend(added)
+    _cache.update(key=key, registries=registries, provided=provided)
+    return registries
+
+
+def backbones() -> Registry[Any]:
+    """The registry of backbone classes."""
+    return _registries()["register_backbones"]
+
+
+def adapters() -> Registry[Any]:
+    """The registry of adapter classes."""
+    return _registries()["register_adapters"]
+
+
+def metrics() -> Registry[Any]:
+    """The registry of metric classes."""
+    return _registries()["register_metrics"]
+
+
+def get_backbone(name: str) -> type:
+    """The backbone class registered as ``name`` (with a suggestion if unknown)."""
+    return backbones().get(name)
+
+
+def get_adapter(name: str) -> type:
+    """The adapter class registered as ``name`` (with a suggestion if unknown)."""
+    return adapters().get(name)
+
+
+def get_metric(name: str) -> type:
+    """The metric class registered as ``name`` (with a suggestion if unknown)."""
+    return metrics().get(name)
+
+
+def plugin_infos() -> list[PluginInfo]:
+    """One :class:`PluginInfo` per registered plugin: distribution, version, hooks, names."""
+    _registries()
+    provided = _cache["provided"]
+    infos = []
+    for name, plugin in pm.list_name_plugin():
+        dist, version, _ = _dists.get(name, (None, None, None))
+        if dist is None and name.startswith("adapterswap."):
+            from adapterswap import __version__
+
+            dist, version = "adapterswap", __version__
+        hooks = sorted(impl.name for impl in _hookimpls_of(plugin))
+        given = provided.get(name, {})
+        infos.append(PluginInfo(
+            name=name, distribution=dist, version=version, hooks=hooks,
+            backbones=sorted(given.get("register_backbones", [])),
+            adapters=sorted(given.get("register_adapters", [])),
+            metrics=sorted(given.get("register_metrics", [])),
+        ))
+    return infos
+
+
+def _hookimpls_of(plugin: object) -> list[Any]:
+    callers = pm.get_hookcallers(plugin) or []
+    return list(callers)
+
+
+def register_plugin(plugin: object, name: str) -> None:
+    """Register a plugin object directly (tests, notebooks); raises on a bad hook."""
+    load_plugins()
+    pm.register(plugin, name=name)
+    pm.check_pending()
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered with :func:`register_plugin`."""
+    if pm.get_plugin(name) is not None:
+        pm.unregister(name=name)
+
+
+def reset() -> None:
+    """Forget every loaded plugin and failure so the next use loads again (tests)."""
+    global _loaded
+    for name, _ in list(pm.list_name_plugin()):
+        pm.unregister(name=name)
+    _failures.clear()
+    _dists.clear()
+    _cache.clear()
+    _cache["key"] = None
+    _loaded = False
+
+
+def warn_failures(echo: Callable[[str], None] | None = None) -> None:
+    """Print one line per failed plugin to stderr (the CLI calls this)."""
+    echo = echo or (lambda line: print(line, file=sys.stderr))
+    for failure in plugin_failures():
+        echo(f"warning: {failure.message()}")
