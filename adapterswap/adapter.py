@@ -185,10 +185,28 @@ class Adapter(ABC):
         source = source or configured_source(cls.name) or cls.default_source
         return weights_status(source, cls.required_files)
 
-    @abstractmethod
     def load(self) -> Adapter:
-        """Load the weights (safetensors first; ``.bin`` only with ``weights_only=True``) on
-        ``self.device``/``self.dtype`` (default: the backbone's at attach time); return self."""
+        """Load the weights once (a no-op when already loaded) and return self.
+
+        Device and dtype default to CUDA/bf16 (CPU/fp32 without a GPU); :meth:`attach` loads on
+        the backbone's device and dtype when the adapter was not loaded before.
+        """
+        if self.loaded:
+            return self
+        from adapterswap.backbone import default_device, default_dtype
+
+        self.device = self.device or default_device()
+        self.dtype = self.dtype or default_dtype(self.device)
+        self.load_weights()
+        self.loaded = True
+        return self
+
+    @abstractmethod
+    def load_weights(self) -> None:
+        """Load the weights from ``self.source`` on ``self.device``/``self.dtype`` (called once
+        by :meth:`load`). Safetensors first; ``.bin`` only with ``torch.load(...,
+        weights_only=True)``; never ``trust_remote_code``. Check the source with
+        :func:`adapterswap.hub.resolve_source` so a missing file is named."""
 
     def attach(self, backbone: Backbone) -> None:
         """Attach to a loaded backbone (detaching from the previous one first). The adapter's
@@ -203,7 +221,6 @@ class Adapter(ABC):
             self.device = self.device or backbone.device
             self.dtype = self.dtype or backbone.dtype
             self.load()
-            self.loaded = True
         self._attach(backbone)
         self.attached_to = backbone
 

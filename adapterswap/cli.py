@@ -193,6 +193,133 @@ def doctor_command(as_json: bool) -> None:
                 click.echo(f"    {row['hint']}")
 
 
+DEFAULT_PROMPT = "a portrait photo of a person, soft studio light"
+
+
+def _parse_options(pairs: tuple[str, ...], argument: str) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as JSON when they parse (numbers, true, lists)."""
+    from adapterswap.errors import InvalidArgumentError
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidArgumentError(argument, pair, "expected key=value")
+        try:
+            options[key.strip().replace("-", "_")] = json.loads(value)
+        except ValueError:
+            options[key.strip().replace("-", "_")] = value
+    return options
+
+
+@main.command("generate", epilog="""Examples:
+
+\b
+  adapterswap generate --preset tiny
+  adapterswap generate --preset tiny --backbone sdxl
+  adapterswap generate --backbone flux-schnell --adapter infusenet --ref face.jpg \\
+      --prompt "a portrait of a chef" --seed 0 --out out.png
+  adapterswap generate --backbone flux-dev --ref face.jpg --prompt "..." --steps 28
+""")
+@click.option("--backbone", default=None,
+              help="Backbone name (see `adapterswap list backbones`); default flux-schnell "
+                   "with --preset tiny.")
+@click.option("--adapter", default=None,
+              help="Adapter name, or 'none'. Default: the backbone family's built-in adapter.")
+@click.option("--ref", "reference", default=None, help="Reference image for the adapter.")
+@click.option("--prompt", default=None, help="Text prompt.")
+@click.option("--seed", default=0, type=int, show_default=True)
+@click.option("--steps", "num_inference_steps", default=None, type=int,
+              help="Denoising steps (default: the backbone's).")
+@click.option("--guidance-scale", default=None, type=float,
+              help="Guidance (default: the backbone's; not allowed for guidance-free backbones).")
+@click.option("--scale", default=None, type=float, help="Adapter conditioning scale.")
+@click.option("--start", default=0.0, type=float, show_default=True,
+              help="Fraction of the schedule where the adapter starts acting.")
+@click.option("--end", default=1.0, type=float, show_default=True,
+              help="Fraction of the schedule where the adapter stops acting.")
+@click.option("--height", default=None, type=int)
+@click.option("--width", default=None, type=int)
+@click.option("--source", default=None, help="Backbone weights: Hub repo id or local directory.")
+@click.option("--adapter-source", default=None, help="Adapter weights: repo id or local path.")
+@click.option("--option", "backbone_options", multiple=True, metavar="KEY=VALUE",
+              help="Backbone loading option (repeatable), e.g. cpu_offload=true.")
+@click.option("--adapter-option", "adapter_options", multiple=True, metavar="KEY=VALUE",
+              help="Adapter option (repeatable), e.g. model_version=sim_stage1.")
+@click.option("--device", default=None, help="cuda, cpu, ... (default: cuda if available).")
+@click.option("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA).")
+@click.option("--preset", type=click.Choice(["tiny"]), default=None,
+              help="tiny: tiny random-initialised models; needs no other argument.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Output image path (default: ./adapterswap-<backbone>-<adapter>-s<seed>.png).")
+def generate_command(backbone: str | None, adapter: str | None, reference: str | None,
+                     prompt: str | None, seed: int, num_inference_steps: int | None,
+                     guidance_scale: float | None, scale: float | None, start: float, end: float,
+                     height: int | None, width: int | None, source: str | None,
+                     adapter_source: str | None, backbone_options: tuple[str, ...],
+                     adapter_options: tuple[str, ...], device: str | None, dtype: str | None,
+                     preset: str | None, out: str | None) -> None:
+    """Generate one image with a backbone and (optionally) an adapter."""
+    from pathlib import Path
+
+    from adapterswap.adapter import load_image
+    from adapterswap.denoise import denoise
+    from adapterswap.errors import InvalidArgumentError
+    from adapterswap.plugins import get_adapter, get_backbone
+
+    _warn_plugin_failures()
+    if backbone is None:
+        if preset != "tiny":
+            raise InvalidArgumentError("--backbone", None, "required (or use --preset tiny)")
+        backbone = "flux-schnell"
+    backbone_cls = get_backbone(backbone)
+    adapter_name = adapter if adapter is not None else backbone_cls.default_adapter
+    if adapter_name in ("none", ""):
+        adapter_name = None
+    adapter_cls = get_adapter(adapter_name) if adapter_name else None
+    b_opts = _parse_options(backbone_options, "--option")
+    a_opts = _parse_options(adapter_options, "--adapter-option")
+    tiny = preset == "tiny"
+    if not tiny and prompt is None:
+        raise InvalidArgumentError("--prompt", None, "required (or use --preset tiny)")
+    prompt = prompt or DEFAULT_PROMPT
+    image = None
+    if adapter_cls is not None:
+        if reference is not None:
+            image = load_image(reference, argument="--ref")
+        elif tiny:
+            image = adapter_cls.tiny_reference(seed=0)
+        else:
+            raise InvalidArgumentError("--ref", None,
+                                       f"adapter {adapter_cls.name!r} needs a reference image")
+    adapter_kwargs = {"scale": scale, "start": start, "end": end, **a_opts}
+    ad = None
+    if tiny:
+        loaded = backbone_cls.tiny(seed=0)
+        if adapter_cls is not None:
+            ad = adapter_cls.tiny(loaded, seed=0, **adapter_kwargs)
+    else:
+        loaded = backbone_cls(source, device=device, dtype=dtype, **b_opts)
+        if adapter_cls is not None:
+            # validate the adapter's settings and family before loading anything heavy
+            ad = adapter_cls(adapter_source, **adapter_kwargs)
+            ad.check_backbone(backbone_cls)
+        loaded.load()
+    result = denoise(loaded, prompt, num_inference_steps=num_inference_steps, seeds=[seed],
+                     height=height, width=width, guidance_scale=guidance_scale, adapter=ad,
+                     reference=image)
+    if out is None:
+        out = f"adapterswap-{backbone_cls.name}-{adapter_name or 'none'}-s{seed}.png"
+    path = Path(out)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    result.images[0].save(path)
+    t = result.timings
+    click.echo(f"wrote {path} ({backbone_cls.name}"
+               f"{' + ' + adapter_name if adapter_name else ''}, seed {seed}; "
+               f"total {t['total_s']:.2f} s, denoising {t['denoise_s']:.2f} s)")
+
+
 def run() -> None:
     """Console-script entry point."""
     main(prog_name="adapterswap")

@@ -1,0 +1,1 @@
+"""Example adapterswap plugin (tests)."""
