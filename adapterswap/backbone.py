@@ -269,15 +269,16 @@ class Backbone(ABC):
             if isinstance(value, bool) or not isinstance(value, int) or value < m or value % m:
                 raise InvalidArgumentError(arg, value, f"must be a positive multiple of {m}")
 
-    def default_step_grid(self) -> list[int]:
+    @classmethod
+    def default_step_grid(cls) -> list[int]:
         """Step counts a sweep tries by default: ``step_grid`` or powers of two up to
         ``default_steps``, always ending in ``default_steps``."""
-        if self.step_grid:
-            return sorted(set(self.step_grid))
+        if cls.step_grid:
+            return sorted(set(cls.step_grid))
         grid = [1]
-        while grid[-1] * 2 < self.default_steps:
+        while grid[-1] * 2 < cls.default_steps:
             grid.append(grid[-1] * 2)
-        return sorted(set(grid + [self.default_steps]))
+        return sorted(set(grid + [cls.default_steps]))
 
     # ------------------------------------------------------------------ pipeline steps
     @abstractmethod

@@ -193,7 +193,7 @@ def doctor_command(as_json: bool) -> None:
                 click.echo(f"    {row['hint']}")
 
 
-DEFAULT_PROMPT = "a portrait photo of a person, soft studio light"
+DEFAULT_PROMPT = "a portrait photo of a person, soft studio light"  # = DEFAULT_PROMPTS[0]
 
 
 def _parse_options(pairs: tuple[str, ...], argument: str) -> dict[str, Any]:
@@ -318,6 +318,223 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
     click.echo(f"wrote {path} ({backbone_cls.name}"
                f"{' + ' + adapter_name if adapter_name else ''}, seed {seed}; "
                f"total {t['total_s']:.2f} s, denoising {t['denoise_s']:.2f} s)")
+
+
+def _common_sweep_options(func: Any) -> Any:
+    """Options shared by ``sweep`` and ``swap``."""
+    options = [
+        click.option("--ref", "references", multiple=True,
+                     help="Reference image (repeatable). Default with --preset tiny: synthetic."),
+        click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable)."),
+        click.option("--prompts", "prompts_file", default=None,
+                     help="File with one prompt per line."),
+        click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2,3."),
+        click.option("--scale", default=None, type=float, help="Adapter conditioning scale."),
+        click.option("--start", default=None, type=float, help="Adapter window start (0-1)."),
+        click.option("--end", default=None, type=float, help="Adapter window end (0-1)."),
+        click.option("--height", default=None, type=int),
+        click.option("--width", default=None, type=int),
+        click.option("--guidance-scale", default=None, type=float),
+        click.option("--metrics", default=None,
+                     help="Comma-separated metric names (default: by adapter kind)."),
+        click.option("--out", default=None, help="Output directory (default runs/<name>)."),
+        click.option("--preset", type=click.Choice(["tiny"]), default=None,
+                     help="tiny: tiny random-initialised models on CPU; no weights needed."),
+        click.option("--device", default=None),
+        click.option("--dtype", default=None, help="bf16, fp16 or fp32."),
+        click.option("--source", "sources", multiple=True, metavar="BACKBONE=PATH",
+                     help="Weights for a backbone (repeatable)."),
+        click.option("--adapter-source", default=None, help="Adapter weights."),
+        click.option("--adapter-option", "adapter_options", multiple=True, metavar="KEY=VALUE"),
+        click.option("--max-batch", default=None, type=int,
+                     help="Most samples per denoiser forward (default 16)."),
+        click.option("--config", "config", default=None, type=click.Path(),
+                     help="TOML sweep spec; flags override it."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_file: str | None,
+                seeds: str | None, scale: float | None, start: float | None, end: float | None,
+                height: int | None, width: int | None, guidance_scale: float | None,
+                metrics: str | None, out: str | None, preset: str | None, device: str | None,
+                dtype: str | None, sources: tuple[str, ...], adapter_source: str | None,
+                adapter_options: tuple[str, ...], max_batch: int | None) -> dict[str, Any]:
+    from adapterswap.sweep.spec import parse_int_list, read_prompts_file
+
+    prompt_list = list(prompts)
+    if prompts_file:
+        prompt_list += read_prompts_file(prompts_file)
+    source_map = {}
+    for pair in sources:
+        name, sep, path = pair.partition("=")
+        if not sep:
+            from adapterswap.errors import InvalidArgumentError
+
+            raise InvalidArgumentError("--source", pair, "expected BACKBONE=PATH")
+        source_map[name] = path
+    return {
+        "references": list(references) or None, "prompts": prompt_list or None,
+        "seeds": parse_int_list("--seeds", seeds), "scale": scale, "start": start, "end": end,
+        "height": height, "width": width, "guidance_scale": guidance_scale,
+        "metrics": [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
+        "out": out, "preset": preset, "device": device, "dtype": dtype,
+        "sources": source_map or None, "adapter_source": adapter_source,
+        "adapter_options": _parse_options(adapter_options, "--adapter-option") or None,
+        "max_batch": max_batch,
+    }
+
+
+def _run_spec(spec: Any) -> Any:
+    """Validate, run with a progress bar, rebuild the report; return (summary, report path)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from adapterswap.errors import WeightsNotFoundError
+    from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.report import build_report
+    from adapterswap.sweep.store import RunStore
+
+    spec.validate()
+    console = Console(stderr=True)
+    for note in spec.defaults_used:
+        console.print(f"note: {note}")
+    with RunStore(spec.out) as store, Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeRemainingColumn(), console=console, transient=False) as progress:
+        engine = SweepEngine(spec, store, log=lambda m: progress.console.print(f"[yellow]{m}"))
+        total = len(spec.cells())
+        task = progress.add_task("cells", total=total, completed=0)
+
+        def on_cell(cell: Any, status: str) -> None:
+            progress.update(task, advance=1, description=f"{cell.backbone} {cell.steps} steps")
+
+        engine.on_cell = on_cell
+        try:
+            summary = engine.run()
+        except WeightsNotFoundError as exc:
+            raise WeightsNotFoundError(
+                f"{exc} To try the tool without weights: adapterswap sweep --backbone "
+                f"{spec.backbones[0]} --preset tiny") from None
+        progress.update(task, completed=total)
+    report = build_report(spec.out)
+    return summary, report
+
+
+@main.command("sweep", epilog="""Examples:
+
+\b
+  adapterswap sweep --backbone sdxl --preset tiny
+  adapterswap sweep --backbone sdxl --ref style.png --prompt "a cat" --seeds 0,1,2,3
+  adapterswap sweep --backbone flux-dev --backbone flux-schnell --ref face.jpg \\
+      --prompts prompts.txt --steps 1,2,4,8,16,28 --out runs/flux
+  adapterswap sweep --config sweep.toml --seeds 0,1
+""")
+@click.option("--backbone", "backbones", multiple=True, help="Backbone (repeatable).")
+@click.option("--adapter", default=None,
+              help="Adapter name or 'none' (default: the family's built-in adapter).")
+@click.option("--steps", default=None, help="Step grid, e.g. 1,2,4,8,16,28 (default: the "
+                                            "backbone's own grid).")
+@click.option("--sequential", is_flag=True,
+              help="Run each step count on its own instead of step-parallel batches.")
+@_common_sweep_options
+def sweep_command(backbones: tuple[str, ...], adapter: str | None, steps: str | None,
+                  sequential: bool, config: str | None, **flags: Any) -> None:
+    """Run a step sweep (backbones x references x prompts x seeds x steps), score every cell,
+    and write results.sqlite, results.csv and report.html. Re-running resumes."""
+    from adapterswap.sweep.spec import SweepSpec, parse_int_list
+
+    _warn_plugin_failures()
+    values = _spec_flags(**flags)
+    values.update({"backbones": list(backbones) or None, "adapter": adapter,
+                   "steps": parse_int_list("--steps", steps),
+                   "step_parallel": False if sequential else None})
+    base = SweepSpec.from_toml(config) if config else {}
+    if values.get("out") is None and "out" not in base:
+        names = values["backbones"] or base.get("backbones") or ["sweep"]
+        values["out"] = f"runs/{'-'.join(names)}{'-tiny' if values.get('preset') else ''}"
+    spec = SweepSpec.merged(base, values)
+    summary, report = _run_spec(spec)
+    _print_summary(summary, report)
+
+
+def _print_summary(summary: Any, report: Any) -> None:
+    for metric, reason in sorted(summary.unavailable_metrics.items()):
+        click.echo(f"warning: metric {metric!r} unavailable: {reason}", err=True)
+    click.echo(f"{summary.done} cells done, {summary.skipped} already finished, "
+               f"{summary.failed} failed, in {summary.seconds:.1f} s. "
+               f"Results: {report.parent} (report: {report})")
+    if summary.failed:
+        raise SystemExit(1)
+
+
+@main.command("swap", epilog="""Examples:
+
+\b
+  adapterswap swap --adapter infusenet --from flux-dev --to flux-schnell \\
+      --ref face.jpg --prompt "a portrait of a chef" --seeds 0,1,2,3
+  adapterswap swap --from sdxl --to sdxl-lightning --preset tiny
+""")
+@click.option("--adapter", default=None, help="Adapter (default: the family's built-in).")
+@click.option("--from", "source", required=True, help="Backbone the adapter was trained on.")
+@click.option("--to", "target", required=True, help="Backbone to move it to.")
+@_common_sweep_options
+def swap_command(adapter: str | None, source: str, target: str, config: str | None,
+                 **flags: Any) -> None:
+    """Run the adapter on two backbones at their default steps on identical inputs and seeds;
+    report the latency ratio and each metric's paired delta with a 95% CI."""
+    import json as _json
+
+    from adapterswap.sweep.spec import SweepSpec
+    from adapterswap.sweep.store import RunStore
+
+    _warn_plugin_failures()
+    values = _spec_flags(**flags)
+    values.update({"backbones": [source, target], "adapter": adapter,
+                   "only_default_steps": True})
+    if values.get("out") is None:
+        values["out"] = f"runs/swap-{source}-to-{target}{'-tiny' if values['preset'] else ''}"
+    base = SweepSpec.from_toml(config) if config else {}
+    spec = SweepSpec.merged(base, values)
+    spec.validate()
+    with RunStore(spec.out) as store:
+        store.set_meta("swap", {"from": source, "to": target})
+    summary, report = _run_spec(spec)
+    swap = _json.loads((report.parent / "swap.json").read_text())
+    lat = swap.get("latency")
+    if lat:
+        click.echo(f"{source} -> {target}: {lat['from_s']:.3f} s -> {lat['to_s']:.3f} s per "
+                   f"image, {lat['speedup']:.2f}x faster")
+    for metric, d in swap["metrics"].items():
+        click.echo(f"  {metric}: {d['from_mean']:.4g} -> {d['to_mean']:.4g}, delta "
+                   f"{d['mean']:+.4g} (95% CI {d['ci_low']:+.4g} .. {d['ci_high']:+.4g}, "
+                   f"n={d['n']})")
+    _print_summary(summary, report)
+
+
+@main.command("report", epilog="Examples:\n\n\b\n  adapterswap report runs/sdxl-tiny")
+@click.argument("directory", type=click.Path())
+@click.option("--fraction", default=0.95, show_default=True, type=float,
+              help="Share of the plateau that defines the effective regime.")
+@click.option("--latency-budget", default=None, type=float,
+              help="Seconds per image the recommendation must fit.")
+def report_command(directory: str, fraction: float, latency_budget: float | None) -> None:
+    """Rebuild report.html, plots, results.csv and analysis.json from a run's store."""
+    from adapterswap.errors import InvalidArgumentError
+    from adapterswap.sweep.report import build_report
+
+    if not 0 < fraction <= 1:
+        raise InvalidArgumentError("--fraction", fraction, "must be in (0, 1]")
+    report = build_report(directory, fraction=fraction, latency_budget=latency_budget)
+    click.echo(f"report: {report}")
 
 
 def run() -> None:

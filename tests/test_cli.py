@@ -29,14 +29,15 @@ def test_list_backbones_shows_family_compatibility(runner):
 def test_plugins_lists_toy_registrations(runner):
     data = json.loads(runner.invoke(main, ["plugins", "--json"]).stdout)
     toy = next(p for p in data["plugins"] if p["name"] == "toy-plugin")
-    assert toy["backbones"] == ["toy-dev", "toy-fast"] and toy["adapters"] == ["toy-adapter"]
+    assert toy["backbones"] == ["toy-dev", "toy-fast"]
+    assert toy["adapters"] == ["toy-adapter", "toy-other-adapter"]
 
 
 def test_bad_usage_exits_2_with_one_line(runner):
     result = runner.invoke(main, ["generate", "--backbone", "toy-dve", "--prompt", "x"])
     assert result.exit_code == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Did you mean 'toy-dev'?" in lines[0]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Did you mean 'toy-dev'?" in errors[0]
 
 
 def test_click_usage_errors_exit_2(runner):

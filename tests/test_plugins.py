@@ -58,13 +58,16 @@ def test_entry_point_plugin_is_discovered(plugin_site):
     assert "example-brightness" in {m["name"] for m in json.loads(listed.stdout)}
 
 
+ONLY_TEST_PLUGINS = {"ADAPTERSWAP_LOAD_PLUGINS": "adapterswap-example,adapterswap-broken"}
+
+
 def test_broken_plugin_is_named_and_the_rest_works(plugin_site):
-    result = run_cli("list", "metrics", site=plugin_site)
+    result = run_cli("list", "metrics", site=plugin_site, env=ONLY_TEST_PLUGINS)
     assert result.returncode == 0
     assert 'Error loading plugin "adapterswap-broken" (entry point broken)' in result.stderr
     assert "adapterswap_dependency_that_does_not_exist" in result.stderr
     assert "example-brightness" in result.stdout and "sharpness" in result.stdout
-    data = json.loads(run_cli("plugins", "--json", site=plugin_site).stdout)
+    data = json.loads(run_cli("plugins", "--json", site=plugin_site, env=ONLY_TEST_PLUGINS).stdout)
     assert [f["plugin"] for f in data["failures"]] == ["adapterswap-broken"]
 
 

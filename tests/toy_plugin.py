@@ -14,6 +14,7 @@ from typing import Any
 from adapterswap import hookimpl
 from adapterswap.adapter import Adapter, load_image
 from adapterswap.backbone import Backbone
+from adapterswap.metrics import Metric
 from adapterswap.presets import tiny_dir
 
 LATENT = (4, 8, 8)
@@ -225,6 +226,34 @@ class ToyAdapter(Adapter):
         return {"residual": residual.reshape(-1, LATENT[0], 1, 1) * self.scale * mask}
 
 
+class ToyOtherFamilyAdapter(ToyAdapter):
+    name = "toy-other-adapter"
+    kind = "identity"
+    families = frozenset({"other"})
+    description = "An adapter for a family no toy backbone has (tests only)"
+
+
+class ToyColourMatch(Metric):
+    """1 - mean absolute difference of the mean colours of image and reference (in [0, 1])."""
+
+    name = "toy-colour-match"
+    needs = frozenset({"reference"})
+    kinds = frozenset({"style"})
+    higher_is_better = True
+    description = "Mean-colour agreement with the reference (tests only)"
+
+    def score(self, batch):  # noqa: ANN001
+        import numpy as np
+
+        self.check_batch(batch)
+        out = []
+        for image, ref in zip(batch.images, batch.references):
+            a = np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(0) / 255
+            b = np.asarray(ref, dtype=np.float64).reshape(-1, 3).mean(0) / 255
+            out.append(float(1 - np.abs(a - b).mean()))
+        return out
+
+
 class ToyPlugin:
     """The hook implementations, registered by tests with ``register_plugin``."""
 
@@ -236,3 +265,8 @@ class ToyPlugin:
     @hookimpl
     def register_adapters(self, register):  # noqa: ANN001
         register(ToyAdapter)
+        register(ToyOtherFamilyAdapter)
+
+    @hookimpl
+    def register_metrics(self, register):  # noqa: ANN001
+        register(ToyColourMatch)

@@ -94,6 +94,11 @@ class Metric(ABC):
         self.loaded = True
         return self
 
+    def notes(self) -> list[str]:
+        """Caveats for the report about how this metric was computed here (e.g. "the
+        evaluation model is the conditioning model"). Called after :meth:`load`."""
+        return []
+
     def check_batch(self, batch: MetricBatch) -> None:
         """Raise if the batch lacks what the metric ``needs``."""
         fields = {"reference": batch.references, "prompt": batch.prompts,

@@ -1,0 +1,1 @@
+"""The step sweep: spec -> engine -> store -> analysis -> report."""

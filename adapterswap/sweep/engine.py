@@ -1,0 +1,385 @@
+"""The sweep engine: it owns the denoising loop.
+
+For each backbone it loads the model once, builds the adapter once (the same object moves
+between backbones of its family: the training-free swap), encodes every prompt and reference
+once, and advances the runs of a (reference, prompt) group together: seeds are batched and, with
+``step_parallel``, runs with different step counts share each denoiser forward through
+per-sample timesteps. Runs that finish are decoded, scored and committed at once, one
+transaction per cell, so an interruption loses at most the cells in flight.
+
+Latency is measured apart from the batched runs, per (backbone, step count): one image, batch 1,
+synchronised, encode + denoise + decode (reference encoding such as face detection excluded),
+because the wall time of a shared batch says nothing about the latency of one image.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from adapterswap.denoise import StepContext, TensorBundle, denoise
+from adapterswap.errors import MetricUnavailableError
+from adapterswap.metrics.base import MetricBatch
+from adapterswap.sweep.spec import Cell, SweepSpec
+from adapterswap.sweep.store import RunStore
+
+
+def software_versions(plugin_names: Sequence[str] = ()) -> dict[str, str]:
+    """Versions that enter every cell key: a new version means new cells, never mixed ones."""
+    versions = {}
+    for dist in ("adapterswap", "torch", "diffusers", "transformers", *plugin_names):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not-installed"
+    return versions
+
+
+@dataclass
+class SweepSummary:
+    """What a run did: counts, where things are, and unavailable metrics."""
+
+    total: int
+    skipped: int
+    done: int = 0
+    failed: int = 0
+    unavailable_metrics: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Sample:
+    cell: Cell
+    key: str
+    steps: int
+
+
+class SweepEngine:
+    """Runs a validated :class:`SweepSpec` into a :class:`RunStore`."""
+
+    def __init__(self, spec: SweepSpec, store: RunStore, *,
+                 on_cell: Callable[[Cell, str], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.spec = spec
+        self.store = store
+        self.on_cell = on_cell or (lambda cell, status: None)
+        self.log = log or (lambda message: None)
+        self._adapters: dict[str, Any] = {}
+        self._references: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+    def versions(self) -> dict[str, str]:
+        from adapterswap.plugins import _dists, adapters, backbones
+
+        plugins = set()
+        for name in self.spec.backbones:
+            plugins.add(backbones().entry(name).plugin)
+        if self.spec.adapter not in (None, "none"):
+            plugins.add(adapters().entry(self.spec.adapter).plugin)
+        dists = [_dists[p][0] for p in sorted(plugins) if p in _dists]
+        return software_versions(dists)
+
+    def load_metrics(self) -> dict[str, Any]:
+        """Instantiate and load every requested metric; record the unavailable ones."""
+        from adapterswap.plugins import get_metric
+
+        loaded = {}
+        for name in self.spec.metrics:
+            metric = get_metric(name)(device=self.spec.device)
+            try:
+                metric.load()
+            except MetricUnavailableError as exc:
+                self.store.set_metric_status(name, False, str(exc))
+                self.log(f"metric {name!r} unavailable: {exc}")
+                continue
+            except Exception as exc:  # a metric that fails to load must not stop the sweep
+                reason = f"failed to load: {type(exc).__name__}: {exc}"
+                self.store.set_metric_status(name, False, reason)
+                self.log(f"metric {name!r} unavailable: {reason}")
+                continue
+            self.store.set_metric_status(name, True, None)
+            loaded[name] = metric
+        notes = [f"{name}: {note}" for name, metric in loaded.items() for note in metric.notes()]
+        self.store.set_meta("metric_notes", notes)
+        return loaded
+
+    def load_backbone(self, name: str) -> Any:
+        from adapterswap.plugins import get_backbone
+
+        cls = get_backbone(name)
+        if self.spec.preset == "tiny":
+            return cls.tiny(seed=0)
+        backbone = cls(self.spec.sources.get(name), device=self.spec.device,
+                       dtype=self.spec.dtype)
+        return backbone.load()
+
+    def adapter_for(self, name: str, backbone: Any) -> Any:
+        """One adapter object per name, shared by every backbone (attach moves it)."""
+        from adapterswap.plugins import get_adapter
+
+        if name not in self._adapters:
+            cls = get_adapter(name)
+            kwargs = {"scale": self.spec.scale, "start": self.spec.start, "end": self.spec.end,
+                      **self.spec.adapter_options}
+            if self.spec.preset == "tiny":
+                adapter = cls.tiny(backbone, seed=0, **kwargs)
+            else:
+                adapter = cls(self.spec.adapter_source, **kwargs)
+            self._adapters[name] = adapter
+        adapter = self._adapters[name]
+        adapter.attach(backbone)
+        return adapter
+
+    def reference_image(self, ref: str, adapter_name: str) -> Any:
+        from adapterswap.adapter import load_image
+        from adapterswap.plugins import get_adapter
+
+        cache_key = f"{adapter_name}|{ref}"
+        if cache_key not in self._references:
+            if ref.startswith("synthetic:"):
+                image = get_adapter(adapter_name).tiny_reference(seed=int(ref.split(":")[1]))
+            else:
+                image = load_image(ref, argument="references")
+            self._references[cache_key] = image
+            self._save_reference(ref, image)
+        return self._references[cache_key]
+
+    def _save_reference(self, ref: str, image: Any) -> None:
+        import hashlib
+
+        folder = self.store.out / "references"
+        folder.mkdir(exist_ok=True)
+        name = hashlib.sha256(ref.encode()).hexdigest()[:16] + ".png"
+        if not (folder / name).exists():
+            image.save(folder / name)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> SweepSummary:
+        start = time.perf_counter()
+        cells = self.spec.cells()
+        versions = self.versions()
+        keyed = [(cell, cell.key(versions)) for cell in cells]
+        finished = self.store.finished_keys()
+        todo = [(c, k) for c, k in keyed if k not in finished]
+        summary = SweepSummary(total=len(cells), skipped=len(cells) - len(todo))
+        self.store.set_meta("spec", self.spec.to_dict())
+        self.store.set_meta("versions", versions)
+        self.store.set_meta("cell_keys", [k for _, k in keyed])
+        metrics = self.load_metrics()
+        summary.unavailable_metrics = {m: r for m, (ok, r) in self.store.metric_status().items()
+                                       if not ok and m in self.spec.metrics}
+        by_backbone: dict[str, list[tuple[Cell, str]]] = {}
+        for cell, key in todo:
+            by_backbone.setdefault(cell.backbone, []).append((cell, key))
+        for backbone_name, items in by_backbone.items():
+            backbone = self.load_backbone(backbone_name)
+            adapter_name = items[0][0].adapter
+            adapter = None if adapter_name == "none" else self.adapter_for(adapter_name, backbone)
+            if "latency" in metrics and self.spec.timing_repeats > 0:
+                self.measure_latency(backbone, adapter, items)
+            groups: dict[tuple[Any, ...], list[tuple[Cell, str]]] = {}
+            for cell, key in items:
+                groups.setdefault(cell.group(), []).append((cell, key))
+            prompt_cache: dict[str, TensorBundle] = {}
+            for group_items in groups.values():
+                done, failed = self.run_group(backbone, adapter, group_items, metrics,
+                                              prompt_cache)
+                summary.done += done
+                summary.failed += failed
+            if adapter is not None:
+                adapter.detach()
+            backbone.unload()
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def measure_latency(self, backbone: Any, adapter: Any,
+                        items: Sequence[tuple[Cell, str]]) -> None:
+        """Time one image per step count (batch 1, synchronised), once per store."""
+        first = items[0][0]
+        reference = None
+        if adapter is not None:
+            reference = self.reference_image(first.reference, first.adapter)
+        conditioning = adapter.encode_reference(reference, backbone) if adapter else None
+        for steps in sorted({c.steps for c, _ in items}):
+            if self.store.latency(first.backbone, first.adapter, steps, first.height,
+                                  first.width) is not None:
+                continue
+            runs = []
+            warmups = 0 if getattr(backbone, "_latency_warm", False) else 1
+            backbone._latency_warm = True
+            for i in range(warmups + max(1, self.spec.timing_repeats)):
+                result = denoise(backbone, first.prompt, num_inference_steps=steps,
+                                 seeds=[first.seed], height=first.height, width=first.width,
+                                 guidance_scale=first.guidance_scale, adapter=adapter,
+                                 conditioning=conditioning, output_type="pil")
+                if i >= warmups:
+                    runs.append(result.timings)
+            total = sorted(r["total_s"] for r in runs)[len(runs) // 2]
+            denoise_s = sorted(r["denoise_s"] for r in runs)[len(runs) // 2]
+            self.store.record_latency(first.backbone, first.adapter, steps, first.height,
+                                      first.width, total, denoise_s, len(runs),
+                                      str(backbone.device))
+
+    def run_group(self, backbone: Any, adapter: Any, items: Sequence[tuple[Cell, str]],
+                  metrics: dict[str, Any], prompt_cache: dict[str, TensorBundle]) -> tuple[
+                      int, int]:
+        """All seeds and step counts of one (reference, prompt) on one backbone."""
+        first = items[0][0]
+        guidance = backbone.resolve_guidance_scale(first.guidance_scale)
+        backbone.check_inputs(num_inference_steps=max(c.steps for c, _ in items),
+                              height=first.height, width=first.width, guidance_scale=guidance)
+        if first.prompt not in prompt_cache:
+            prompt_cache[first.prompt] = backbone.encode_prompt([first.prompt],
+                                                                guidance_scale=guidance)
+        prompt = prompt_cache[first.prompt]
+        reference = conditioning = None
+        if adapter is not None:
+            reference = self.reference_image(first.reference, first.adapter)
+            conditioning = adapter.encode_reference(reference, backbone)
+        samples = [_Sample(cell, key, cell.steps) for cell, key in items]
+        if not self.spec.step_parallel:
+            samples.sort(key=lambda s: s.steps)
+        chunks = self._chunks(samples)
+        done = failed = 0
+        for chunk in chunks:
+            d, f = self._run_chunk(backbone, adapter, chunk, prompt, conditioning, reference,
+                                   guidance, metrics)
+            done += d
+            failed += f
+        return done, failed
+
+    def _chunks(self, samples: list[_Sample]) -> list[list[_Sample]]:
+        size = self.spec.max_batch
+        if self.spec.step_parallel:
+            return [samples[i:i + size] for i in range(0, len(samples), size)]
+        chunks: list[list[_Sample]] = []
+        by_steps: dict[int, list[_Sample]] = {}
+        for sample in samples:
+            by_steps.setdefault(sample.steps, []).append(sample)
+        for group in by_steps.values():
+            chunks += [group[i:i + size] for i in range(0, len(group), size)]
+        return chunks
+
+    def _run_chunk(self, backbone: Any, adapter: Any, chunk: list[_Sample],
+                   prompt: TensorBundle, conditioning: TensorBundle | None, reference: Any,
+                   guidance: float | None, metrics: dict[str, Any]) -> tuple[int, int]:
+        import torch
+
+        first = chunk[0].cell
+        h, w = first.height, first.width
+        generators = [torch.Generator(device=backbone.generator_device).manual_seed(s.cell.seed)
+                      for s in chunk]
+        latents = backbone.prepare_latents(generators, height=h, width=w)
+        schedules = {n: backbone.schedule(n, height=h, width=w) for n in {s.steps for s in chunk}}
+        active = list(range(len(chunk)))
+        done = failed = 0
+        tick = 0
+        while active:
+            steps_of = [chunk[j].steps for j in active]
+            timesteps = torch.stack([schedules[n].timesteps[tick] for n in steps_of])
+            sigmas = None
+            if all(schedules[n].sigmas is not None for n in steps_of):
+                sigmas = torch.stack([schedules[n].sigmas[tick] for n in steps_of])
+            ctx = StepContext(timesteps=timesteps, step_indices=(tick,) * len(active),
+                              num_steps=tuple(steps_of), height=h, width=w, sigmas=sigmas)
+            index = torch.as_tensor(active, device=latents.device)
+            current = latents.index_select(0, index)
+            batch_prompt = prompt.repeat(len(active))
+            adapter_inputs = None
+            if adapter is not None and conditioning is not None:
+                adapter_inputs = adapter.denoiser_inputs(
+                    backbone, conditioning.repeat(len(active)), current, ctx, batch_prompt)
+            output = backbone.predict(current, ctx, batch_prompt, guidance_scale=guidance,
+                                      adapter_inputs=adapter_inputs)
+            updated = torch.empty_like(current)
+            for n in sorted(set(steps_of)):
+                rows = [r for r, s in enumerate(steps_of) if s == n]
+                sel = torch.as_tensor(rows, device=current.device)
+                updated[sel] = backbone.step(output.index_select(0, sel),
+                                             current.index_select(0, sel), schedules[n], tick)
+            latents[index] = updated
+            tick += 1
+            finishing = [j for j in active if chunk[j].steps == tick]
+            if finishing:
+                sel = torch.as_tensor(finishing, device=latents.device)
+                d, f = self._finish(backbone, [chunk[j] for j in finishing],
+                                    latents.index_select(0, sel), reference, metrics)
+                done += d
+                failed += f
+            active = [j for j in active if chunk[j].steps > tick]
+        return done, failed
+
+    def _finish(self, backbone: Any, samples: list[_Sample], latents: Any, reference: Any,
+                metrics: dict[str, Any]) -> tuple[int, int]:
+        """Decode, score and commit finished samples (one transaction per cell)."""
+        import torch
+
+        finite = torch.isfinite(latents.flatten(1)).all(dim=1).tolist()
+        first = samples[0].cell
+        ok = [i for i, good in enumerate(finite) if good]
+        images: list[Any] = [None] * len(samples)
+        if ok:
+            sel = torch.as_tensor(ok, device=latents.device)
+            decoded = backbone.decode(latents.index_select(0, sel), height=first.height,
+                                      width=first.width, output_type="pil")
+            for slot, image in zip(ok, decoded):
+                images[slot] = image
+        timings = []
+        for s in samples:
+            measured = self.store.latency(s.cell.backbone, s.cell.adapter, s.steps,
+                                          s.cell.height, s.cell.width)
+            timings.append(measured or {})
+        scores: list[dict[str, float | None]] = [{} for _ in samples]
+        if ok:
+            batch = MetricBatch(
+                images=[images[i] for i in ok],
+                references=[reference for _ in ok],
+                prompts=[samples[i].cell.prompt for i in ok],
+                baselines=None,
+                timings=[timings[i] for i in ok],
+            )
+            for name, metric in metrics.items():
+                if "baseline" in metric.needs:
+                    continue  # baselines are compared in the analysis (ablations, swap)
+                if "timing" in metric.needs and not all(t for t in batch.timings or []):
+                    continue
+                if "reference" in metric.needs and reference is None:
+                    continue
+                try:
+                    values = metric.score(batch)
+                except Exception as exc:
+                    self.store.set_metric_status(
+                        name, False, f"failed while scoring: {type(exc).__name__}: {exc}")
+                    self.log(f"metric {name!r} failed: {exc}\n{traceback.format_exc()}")
+                    continue
+                for slot, value in zip(ok, values):
+                    scores[slot][name] = value
+        done = failed = 0
+        for i, sample in enumerate(samples):
+            config = sample.cell.config()
+            if not finite[i]:
+                self.store.record_cell(sample.key, config, status="failed", scores={},
+                                       error="non-finite values (NaN/inf) in the final latents")
+                failed += 1
+                self.on_cell(sample.cell, "failed")
+                continue
+            image_path = self.store.save_image(sample.key, images[i]) \
+                if self.spec.save_images else None
+            self.store.record_cell(sample.key, config, status="done", scores=scores[i],
+                                   image=image_path, timings=timings[i])
+            done += 1
+            self.on_cell(sample.cell, "done")
+        return done, failed
+
+
+def run_sweep(spec: SweepSpec, *, on_cell: Callable[[Cell, str], None] | None = None,
+              log: Callable[[str], None] | None = None) -> SweepSummary:
+    """Validate, open the store under ``spec.out`` and run (resuming finished cells)."""
+    spec.validate()
+    with RunStore(spec.out) as store:
+        return SweepEngine(spec, store, on_cell=on_cell, log=log).run()
+

@@ -1,0 +1,387 @@
+"""What a sweep runs: the :class:`SweepSpec`, its validation, and its expansion into cells.
+
+A spec comes from a TOML file (``--config sweep.toml``) and/or command-line flags (flags win).
+Every invalid value raises :class:`~adapterswap.errors.InvalidArgumentError` naming the field
+and the value, before anything heavy is loaded.
+
+Example ``sweep.toml``::
+
+    backbones = ["flux-dev", "flux-schnell"]
+    adapter = "infusenet"          # default: each backbone family's built-in adapter
+    scale = 1.0
+    references = ["faces/ada.jpg", "faces/alan.jpg"]
+    prompts = ["a portrait of a chef", "a photo in a snowy forest"]
+    seeds = [0, 1, 2, 3]
+    steps = [1, 2, 4, 8, 16, 28]   # default: each backbone's own grid
+    metrics = ["identity", "lpips", "sharpness", "contrast", "latency"]
+    out = "runs/flux-swap"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from adapterswap.errors import InvalidArgumentError, UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+#: Metrics used when none are given, by adapter kind (those not installed are left out).
+DEFAULT_METRICS = {
+    "identity": ["identity", "lpips", "clip-t", "sharpness", "contrast", "latency"],
+    "style": ["style", "clip-t", "lpips", "sharpness", "contrast", "latency"],
+    "object": ["clip-i", "dino", "clip-t", "sharpness", "contrast", "latency"],
+    None: ["clip-t", "sharpness", "contrast", "latency"],
+}
+SYNTHETIC_REFERENCE = "synthetic:0"
+#: Prompts used when none are given (the tiny preset uses the first only).
+DEFAULT_PROMPTS = [
+    "a portrait photo of a person, soft studio light",
+    "a person reading a book in a cafe, cinematic lighting",
+    "a watercolor painting of a lighthouse on a cliff",
+    "a photo of a cat sitting on a windowsill at sunset",
+]
+
+
+@dataclass
+class SweepSpec:
+    """A sweep: backbones x references x prompts x seeds x step counts, one adapter setting.
+
+    :ivar adapter: adapter name; ``None`` uses each backbone's ``default_adapter``; ``"none"``
+        runs without an adapter.
+    :ivar references: image paths; ``synthetic:N`` is the adapter's synthetic reference N
+        (the default with ``preset="tiny"``).
+    :ivar steps: the step grid; empty uses each backbone's own grid.
+    :ivar only_default_steps: run each backbone at its own default step count only (the
+        ``swap`` comparison).
+    :ivar step_parallel: advance runs with different step counts together in one forward.
+    :ivar max_batch: most samples in one denoiser forward.
+    """
+
+    backbones: list[str] = field(default_factory=list)
+    adapter: str | None = None
+    scale: float | None = None
+    start: float = 0.0
+    end: float = 1.0
+    references: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: list[int] = field(default_factory=list)
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float | None = None
+    metrics: list[str] = field(default_factory=list)
+    out: str = "runs/sweep"
+    preset: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    adapter_source: str | None = None
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+    only_default_steps: bool = False
+    step_parallel: bool = True
+    max_batch: int = 16
+    timing_repeats: int = 1
+    save_images: bool = True
+    defaults_used: list[str] = field(default_factory=list, repr=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, origin: str = "spec") -> SweepSpec:
+        """Build from a mapping (TOML table, flags); unknown keys are refused by name."""
+        known = set(cls.field_names())
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidArgumentError(
+                unknown[0], data[unknown[0]],
+                f"unknown field in {origin}; known fields: {', '.join(sorted(known))}",
+            )
+        spec = cls()
+        for key, value in data.items():
+            setattr(spec, key, value)
+        return spec
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> dict[str, Any]:
+        """The raw mapping of a TOML spec file (merged with flags by :meth:`merged`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidArgumentError("--config", str(path), "no such file")
+        try:
+            with path.open("rb") as handle:
+                data = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgumentError("--config", str(path), f"invalid TOML: {exc}") from None
+        if "backbone" in data and "backbones" not in data:
+            data["backbones"] = data.pop("backbone")
+        if isinstance(data.get("backbones"), str):
+            data["backbones"] = [data["backbones"]]
+        return data
+
+    @classmethod
+    def merged(cls, config: Mapping[str, Any] | None, flags: Mapping[str, Any]) -> SweepSpec:
+        """Config file values overridden by the flags that were given (not ``None``)."""
+        data = dict(config or {})
+        data.update({k: v for k, v in flags.items() if v is not None})
+        return cls.from_mapping(data, origin="the sweep spec")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> SweepSpec:
+        """Check every field, resolve defaults that need the registries; return self."""
+        from adapterswap.plugins import adapters, backbones, get_adapter, get_backbone, metrics
+
+        self.backbones = _str_list("backbones", self.backbones)
+        if not self.backbones:
+            raise InvalidArgumentError("backbones", self.backbones, "give at least one backbone")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise InvalidArgumentError("backbones", self.backbones, "repeated backbone")
+        classes = [get_backbone(name) for name in self.backbones]  # unknown -> suggestion
+        del backbones, adapters
+        if self.preset not in (None, "tiny"):
+            raise InvalidArgumentError("preset", self.preset, "the only preset is 'tiny'")
+
+        adapter_names = {self.adapter_for(cls) for cls in classes} - {None}
+        for cls in classes:
+            name = self.adapter_for(cls)
+            if name is not None:
+                adapter_cls = get_adapter(name)
+                adapter_cls(scale=self.scale, start=self.start, end=self.end).check_backbone(cls)
+        if len(adapter_names) > 1 and self.adapter is not None:
+            raise InvalidArgumentError("adapter", self.adapter, "one adapter per sweep")
+
+        self.seeds = _int_list("seeds", self.seeds, minimum=0)
+        if not self.seeds:
+            raise InvalidArgumentError("seeds", self.seeds, "give at least one seed")
+        self.steps = _int_list("steps", self.steps, minimum=1)
+        for name, value in (("height", self.height), ("width", self.width)):
+            if value is not None:
+                _int_list(name, [value], minimum=8)
+                for cls in classes:
+                    multiple = 16 if cls.family == "flux" else 8
+                    if value % multiple:
+                        raise InvalidArgumentError(name, value,
+                                                   f"{cls.name} needs a multiple of {multiple}")
+        if self.guidance_scale is not None and not _finite(self.guidance_scale, minimum=0):
+            raise InvalidArgumentError("guidance_scale", self.guidance_scale,
+                                       "must be a finite number >= 0")
+        if not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool) \
+                or self.max_batch < 1:
+            raise InvalidArgumentError("max_batch", self.max_batch, "must be an integer >= 1")
+        if not isinstance(self.timing_repeats, int) or self.timing_repeats < 0:
+            raise InvalidArgumentError("timing_repeats", self.timing_repeats,
+                                       "must be an integer >= 0")
+
+        self.prompts = _str_list("prompts", self.prompts)
+        if not self.prompts:
+            self.prompts = DEFAULT_PROMPTS[:1] if self.preset == "tiny" else list(DEFAULT_PROMPTS)
+            self.defaults_used.append(f"no prompts given: using {len(self.prompts)} built-in "
+                                      "prompt(s)")
+        self.references = _str_list("references", self.references)
+        if adapter_names:
+            if not self.references:
+                self.references = [SYNTHETIC_REFERENCE]
+                if self.preset != "tiny":
+                    self.defaults_used.append(
+                        "no --ref given: using the adapter's synthetic reference image "
+                        "(give --ref for a meaningful study)")
+            for ref in self.references:
+                if not ref.startswith("synthetic:") and not Path(ref).expanduser().is_file():
+                    raise InvalidArgumentError("references", ref, "no such file")
+        elif self.references:
+            raise InvalidArgumentError("references", self.references,
+                                       "references need an adapter (adapter is 'none')")
+
+        kind = None
+        if adapter_names:
+            kind = get_adapter(sorted(adapter_names)[0]).kind
+        self.metrics = _str_list("metrics", self.metrics)
+        registry = metrics()
+        if not self.metrics:
+            self.metrics = [m for m in DEFAULT_METRICS[kind] if m in registry]
+        for name in self.metrics:
+            metric_cls = get_metric_cls(name)
+            if "reference" in metric_cls.needs and not adapter_names:
+                raise InvalidArgumentError(
+                    "metrics", name,
+                    "needs a reference image, and this sweep has no adapter/references")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise InvalidArgumentError("metrics", self.metrics, "repeated metric")
+        return self
+
+    def adapter_for(self, backbone_cls: Any) -> str | None:
+        """The adapter name used with a backbone class (``None`` for no adapter)."""
+        if self.adapter == "none":
+            return None
+        if self.adapter is not None:
+            return self.adapter
+        return backbone_cls.default_adapter
+
+    def step_grid(self, backbone_cls: Any) -> list[int]:
+        """The step counts run for a backbone."""
+        if self.only_default_steps:
+            return [backbone_cls.default_steps]
+        if self.steps:
+            return sorted(set(self.steps))
+        return backbone_cls.default_step_grid()
+
+    # ------------------------------------------------------------------ cells
+    def cells(self) -> list[Cell]:
+        """Every cell of the sweep, in a stable order (validate first)."""
+        from adapterswap.plugins import get_backbone
+
+        out = []
+        for backbone in self.backbones:
+            cls = get_backbone(backbone)
+            adapter = self.adapter_for(cls)
+            refs = self.references if adapter else [""]
+            for ref in refs:
+                for prompt in self.prompts:
+                    for seed in self.seeds:
+                        for steps in self.step_grid(cls):
+                            out.append(Cell(
+                                backbone=backbone, adapter=adapter or "none",
+                                scale=self.scale, start=self.start, end=self.end,
+                                reference=ref, prompt=prompt, seed=seed, steps=steps,
+                                height=self.height or _tiny_or_default(self, cls, "height"),
+                                width=self.width or _tiny_or_default(self, cls, "width"),
+                                guidance_scale=self.guidance_scale,
+                                source=self.sources.get(backbone, "tiny" if self.preset else ""),
+                                adapter_source=(self.adapter_source or
+                                                ("tiny" if self.preset else "")),
+                                dtype=self.dtype or "",
+                                adapter_options=json.dumps(self.adapter_options,
+                                                           sort_keys=True),
+                            ))
+        return out
+
+
+def _tiny_or_default(spec: SweepSpec, cls: Any, attr: str) -> int:
+    if spec.preset == "tiny":
+        from adapterswap.tiny import TINY_SIZE
+
+        family_key = {"flux": "flux-dev"}.get(cls.family, cls.family)
+        if family_key in TINY_SIZE:
+            return TINY_SIZE[family_key][0 if attr == "height" else 1]
+    return getattr(cls, f"default_{attr}")
+
+
+def get_metric_cls(name: str) -> Any:
+    from adapterswap.plugins import get_metric
+
+    return get_metric(name)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One image of the sweep. Its key hashes every field and the software versions."""
+
+    backbone: str
+    adapter: str
+    scale: float | None
+    start: float
+    end: float
+    reference: str
+    prompt: str
+    seed: int
+    steps: int
+    height: int
+    width: int
+    guidance_scale: float | None
+    source: str
+    adapter_source: str
+    dtype: str
+    adapter_options: str = "{}"
+
+    def config(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def key(self, versions: Mapping[str, str]) -> str:
+        payload = json.dumps({"cell": self.config(), "versions": dict(versions)},
+                             sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+    def group(self) -> tuple[Any, ...]:
+        """Cells that share a loaded backbone, adapter setting, reference and prompt."""
+        return (self.backbone, self.adapter, self.scale, self.start, self.end, self.reference,
+                self.prompt, self.height, self.width, self.guidance_scale)
+
+
+# ---------------------------------------------------------------------- parsing helpers
+def _finite(value: Any, minimum: float | None = None) -> bool:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return ok and (minimum is None or value >= minimum)
+
+
+def _str_list(name: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgumentError(name, value, "must be a list of strings")
+    for item in value:
+        if not item.strip() or "\x00" in item:
+            raise InvalidArgumentError(name, item, "must be a non-empty string without NUL")
+    return list(value)
+
+
+def _int_list(name: str, value: Any, *, minimum: int) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, Sequence):
+        raise InvalidArgumentError(name, value, "must be a list of integers")
+    out = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise InvalidArgumentError(name, item, f"must be an integer >= {minimum}")
+        if item < minimum:
+            raise InvalidArgumentError(name, item, f"must be an integer >= {minimum}")
+        out.append(item)
+    return out
+
+
+def parse_int_list(name: str, text: str | None) -> list[int] | None:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (flags); errors name the flag and the bad item."""
+    if text is None:
+        return None
+    items = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            items.append(int(part))
+        except ValueError:
+            raise InvalidArgumentError(name, part, "must be an integer") from None
+    return items
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per non-empty line (``#`` comments skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgumentError("--prompts", path, "no such file")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InvalidArgumentError("--prompts", path, "not UTF-8 text") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise UsageError(f"invalid --prompts={path!r}: the file has no prompts")
+    return prompts
