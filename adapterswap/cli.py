@@ -445,25 +445,95 @@ def _run_spec(spec: Any) -> Any:
                                             "backbone's own grid).")
 @click.option("--sequential", is_flag=True,
               help="Run each step count on its own instead of step-parallel batches.")
+@click.option("--trajectory", is_flag=True,
+              help="Also decode and score the predicted clean image at every step.")
+@click.option("--scales", default=None, help="Ablation: adapter scale grid, e.g. 0,0.5,1.")
+@click.option("--windows", default=None,
+              help="Ablation: adapter windows START-END, e.g. 0-1,0-0.25,0-0.5.")
+@click.option("--adapter-off", is_flag=True,
+              help="Ablation: also run every cell with the adapter detached.")
 @_common_sweep_options
 def sweep_command(backbones: tuple[str, ...], adapter: str | None, steps: str | None,
-                  sequential: bool, config: str | None, **flags: Any) -> None:
+                  sequential: bool, trajectory: bool, scales: str | None,
+                  windows: str | None, adapter_off: bool, config: str | None,
+                  **flags: Any) -> None:
     """Run a step sweep (backbones x references x prompts x seeds x steps), score every cell,
     and write results.sqlite, results.csv and report.html. Re-running resumes."""
-    from adapterswap.sweep.spec import SweepSpec, parse_int_list
+    _run_sweep_command("sweep", backbones, adapter, steps, config, flags, {
+        "step_parallel": False if sequential else None,
+        "trajectory": True if trajectory else None,
+        "adapter_off": True if adapter_off else None,
+    }, scales, windows)
+
+
+def _run_sweep_command(kind: str, backbones: tuple[str, ...], adapter: str | None,
+                       steps: str | None, config: str | None, flags: dict[str, Any],
+                       extra: dict[str, Any], scales: str | None = None,
+                       windows: str | None = None) -> None:
+    from adapterswap.sweep.spec import (
+        SweepSpec,
+        parse_float_list,
+        parse_int_list,
+        parse_windows,
+    )
 
     _warn_plugin_failures()
     values = _spec_flags(**flags)
     values.update({"backbones": list(backbones) or None, "adapter": adapter,
                    "steps": parse_int_list("--steps", steps),
-                   "step_parallel": False if sequential else None})
+                   "scales": parse_float_list("--scales", scales),
+                   "windows": parse_windows("--windows", windows), **extra})
     base = SweepSpec.from_toml(config) if config else {}
     if values.get("out") is None and "out" not in base:
         names = values["backbones"] or base.get("backbones") or ["sweep"]
-        values["out"] = f"runs/{'-'.join(names)}{'-tiny' if values.get('preset') else ''}"
+        suffix = "" if kind == "sweep" else f"-{kind}"
+        values["out"] = (f"runs/{'-'.join(names)}{suffix}"
+                         f"{'-tiny' if values.get('preset') else ''}")
     spec = SweepSpec.merged(base, values)
     summary, report = _run_spec(spec)
     _print_summary(summary, report)
+
+
+@main.command("trajectory", epilog="""Examples:
+
+\b
+  adapterswap trajectory --backbone flux-dev --preset tiny
+  adapterswap trajectory --backbone flux-schnell --ref face.jpg --prompt "..." --steps 4
+""")
+@click.option("--backbone", "backbones", multiple=True, help="Backbone (repeatable).")
+@click.option("--adapter", default=None, help="Adapter name or 'none'.")
+@click.option("--steps", default=None,
+              help="Run length(s) (default: each backbone's default steps).")
+@_common_sweep_options
+def trajectory_command(backbones: tuple[str, ...], adapter: str | None, steps: str | None,
+                       config: str | None, **flags: Any) -> None:
+    """One long run per cell; at every step the predicted clean image is decoded and scored
+    (stored in the trajectory table, plotted with the effective regime marked)."""
+    _run_sweep_command("trajectory", backbones, adapter, steps, config, flags, {
+        "trajectory": True, "only_default_steps": None if steps else True})
+
+
+@main.command("ablate", epilog="""Examples:
+
+\b
+  adapterswap ablate --backbone flux-schnell --preset tiny
+  adapterswap ablate --backbone sdxl --ref style.png --scales 0.25,0.5,1 \\
+      --windows 0-1,0-0.25,0-0.5,0.5-1 --seeds 0,1,2,3
+""")
+@click.option("--backbone", "backbones", multiple=True, help="Backbone (repeatable).")
+@click.option("--adapter", default=None, help="Adapter (default: the family's built-in).")
+@click.option("--steps", default=None, help="Step grid (default: the default steps only).")
+@click.option("--scales", default=None, help="Adapter scale grid, e.g. 0.25,0.5,1.")
+@click.option("--windows", default=None,
+              help="Adapter windows START-END, e.g. 0-1,0-0.25,0-0.5,0.5-1.")
+@_common_sweep_options
+def ablate_command(backbones: tuple[str, ...], adapter: str | None, steps: str | None,
+                   scales: str | None, windows: str | None, config: str | None,
+                   **flags: Any) -> None:
+    """Adapter off vs on on identical inputs, over a scale grid and window grid; reports
+    deltas against adapter-off with paired 95% CIs (does fidelity come from the adapter?)."""
+    _run_sweep_command("ablate", backbones, adapter, steps, config, flags, {
+        "adapter_off": True, "only_default_steps": None if steps else True}, scales, windows)
 
 
 def _print_summary(summary: Any, report: Any) -> None:

@@ -152,6 +152,8 @@ class Analysis:
     pareto: dict[str, list[tuple[float, float, int]]] = field(default_factory=dict)
     recommendations: list[Recommendation] = field(default_factory=list)
     fidelity_metric: dict[str, str] = field(default_factory=dict)
+    ablations: list[dict[str, Any]] = field(default_factory=list)
+    trajectories: list[Curve] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,22 +187,48 @@ def _adapter_kind(adapter: str) -> str | None:
         return None
 
 
+def setting_label(adapter: str, scale: float | None = None, start: float = 0.0,
+                  end: float = 1.0) -> str:
+    """A readable name of an adapter setting: ``infusenet``, ``none``,
+    ``infusenet [scale 0.5, window 0-0.25]``."""
+    if adapter == "none":
+        return "none"
+    parts = []
+    if scale is not None:
+        parts.append(f"scale {scale:g}")
+    if (start, end) != (0.0, 1.0):
+        parts.append(f"window {start:g}-{end:g}")
+    return f"{adapter} [{', '.join(parts)}]" if parts else adapter
+
+
+def row_label(row: Mapping[str, Any]) -> str:
+    return setting_label(row["adapter"], row.get("scale"), row.get("start") or 0.0,
+                         1.0 if row.get("end") is None else row["end"])
+
+
 def analyse(rows: Sequence[Mapping[str, Any]], latency_rows: Sequence[Mapping[str, Any]] = (),
-            *, fraction: float = 0.95, latency_budget: float | None = None) -> Analysis:
+            *, fraction: float = 0.95, latency_budget: float | None = None,
+            trajectory_rows: Sequence[Mapping[str, Any]] = ()) -> Analysis:
     """Aggregate finished cells into curves, regimes, knees, Pareto fronts and
-    recommendations."""
+    recommendations. Cells are grouped by backbone and adapter setting (its label)."""
     done = [r for r in rows if r["status"] == "done"]
     result = Analysis()
     series: dict[tuple[str, str, str], dict[int, list[float]]] = {}
+    kinds: dict[str, str] = {}
     for row in done:
+        label = row_label(row)
+        kinds[label] = row["adapter"]
         for metric, value in row["scores"].items():
             if value is None:
                 continue
-            series.setdefault((row["backbone"], row["adapter"], metric), {}).setdefault(
+            series.setdefault((row["backbone"], label, metric), {}).setdefault(
                 row["steps"], []).append(value)
-    for lat in latency_rows:
-        result.latency.setdefault(f"{lat['backbone']}|{lat['adapter']}", {})[lat["steps"]] = \
-            lat["total_s"]
+        for lat in latency_rows:
+            if (lat["backbone"], lat["adapter"], lat.get("start", 0.0), lat.get("end", 1.0)) \
+                    == (row["backbone"], row["adapter"], row.get("start") or 0.0,
+                        1.0 if row.get("end") is None else row["end"]):
+                result.latency.setdefault(f"{row['backbone']}|{label}", {})[lat["steps"]] = \
+                    lat["total_s"]
     for (backbone, adapter, metric), by_steps in sorted(series.items()):
         higher = _metric_direction(metric)
         steps = sorted(by_steps)
@@ -208,7 +236,7 @@ def analyse(rows: Sequence[Mapping[str, Any]], latency_rows: Sequence[Mapping[st
         cis = [bootstrap_ci(by_steps[s]) for s in steps]
         curve = Curve(backbone, adapter, metric, higher, steps, [len(by_steps[s]) for s in steps],
                       means, [c[0] for c in cis], [c[1] for c in cis])
-        if metric != "latency":
+        if metric != "latency" and len(steps) > 1:
             curve.effective_regime = effective_regime(steps, means, higher_is_better=higher,
                                                       fraction=fraction)
             curve.knee = knee(steps, means, higher_is_better=higher)
@@ -218,17 +246,21 @@ def analyse(rows: Sequence[Mapping[str, Any]], latency_rows: Sequence[Mapping[st
         label = f"{backbone}|{adapter}"
         available = [c.metric for c in result.curves if (c.backbone, c.adapter) ==
                      (backbone, adapter)]
-        fidelity = _fidelity_metric(_adapter_kind(adapter), available)
+        fidelity = _fidelity_metric(_adapter_kind(kinds.get(adapter, adapter)), available)
         if fidelity is None:
             continue
         result.fidelity_metric[label] = fidelity
         curve = next(c for c in result.curves if (c.backbone, c.adapter, c.metric) ==
                      (backbone, adapter, fidelity))
+        if len(curve.steps) < 2:
+            continue  # one step count: nothing to recommend between
         latency = result.latency.get(label, {})
         points = [(latency[s], m, s) for s, m in zip(curve.steps, curve.mean) if s in latency]
         result.pareto[label] = pareto_front(points, higher_is_better=curve.higher_is_better)
         result.recommendations.append(
             recommend(curve, latency, fraction=fraction, latency_budget=latency_budget))
+    result.ablations = ablation_deltas(rows)
+    result.trajectories = trajectory_curves(rows, trajectory_rows, fraction=fraction)
     return result
 
 
@@ -288,3 +320,70 @@ def swap_comparison(rows: Sequence[Mapping[str, Any]],
         delta["higher_is_better"] = _metric_direction(metric)
         result["metrics"][metric] = delta
     return result
+
+
+def ablation_deltas(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For every adapter setting and metric: the paired delta against the adapter-off cells
+    of the same backbone, reference, prompt, seed and steps, with a bootstrap 95% CI, and
+    whether the CI excludes zero in the metric's better direction (the effect comes from the
+    adapter)."""
+    done = [r for r in rows if r["status"] == "done"]
+    off: dict[tuple[Any, ...], Mapping[str, Any]] = {}
+    for r in done:
+        if r["adapter"] == "none":
+            off[(r["backbone"], r["reference"], r["prompt"], r["seed"], r["steps"])] = r
+    if not off:
+        return []
+    out = []
+    settings = sorted({(r["backbone"], row_label(r)) for r in done if r["adapter"] != "none"})
+    for backbone, label in settings:
+        members = [r for r in done if r["backbone"] == backbone and row_label(r) == label]
+        metrics = sorted({m for r in members for m in r["scores"]} - {"latency"})
+        for metric in metrics:
+            a: dict[Any, float] = {}
+            b: dict[Any, float] = {}
+            for r in members:
+                key = (r["backbone"], r["reference"], r["prompt"], r["seed"], r["steps"])
+                if key in off and metric in off[key]["scores"]:
+                    a[key] = off[key]["scores"][metric]
+                    b[key] = r["scores"][metric]
+            delta = paired_delta(a, b)
+            if delta["n"] == 0:
+                continue
+            higher = _metric_direction(metric)
+            lo, hi = delta["ci_low"], delta["ci_high"]
+            delta.update(backbone=backbone, setting=label, metric=metric,
+                         higher_is_better=higher,
+                         from_adapter=bool((lo > 0) if higher else (hi < 0)))
+            out.append(delta)
+    return out
+
+
+def trajectory_curves(rows: Sequence[Mapping[str, Any]],
+                      trajectory_rows: Sequence[Mapping[str, Any]], *,
+                      fraction: float = 0.95) -> list[Curve]:
+    """Metric of the predicted clean image against the step index (1-based) of long runs,
+    per backbone, adapter setting and step count; the effective regime is marked along the
+    run."""
+    by_cell = {r["key"]: r for r in rows if r["status"] == "done"}
+    series: dict[tuple[str, str, int, str], dict[int, list[float]]] = {}
+    for t in trajectory_rows:
+        row = by_cell.get(t["cell"])
+        if row is None or t["value"] is None:
+            continue
+        key = (row["backbone"], row_label(row), row["steps"], t["metric"])
+        series.setdefault(key, {}).setdefault(t["step"] + 1, []).append(t["value"])
+    curves = []
+    for (backbone, label, total, metric), by_step in sorted(series.items()):
+        higher = _metric_direction(metric)
+        steps = sorted(by_step)
+        means = [float(np.mean(by_step[s])) for s in steps]
+        cis = [bootstrap_ci(by_step[s]) for s in steps]
+        curve = Curve(backbone, f"{label} ({total} steps)", metric, higher, steps,
+                      [len(by_step[s]) for s in steps], means, [c[0] for c in cis],
+                      [c[1] for c in cis])
+        curve.effective_regime = effective_regime(steps, means, higher_is_better=higher,
+                                                  fraction=fraction)
+        curve.knee = knee(steps, means, higher_is_better=higher)
+        curves.append(curve)
+    return curves

@@ -130,8 +130,19 @@ class SweepEngine:
             else:
                 adapter = cls(self.spec.adapter_source, **kwargs)
             self._adapters[name] = adapter
-        adapter = self._adapters[name]
+        return self._adapters[name]
+
+    def apply_setting(self, backbone: Any, cell: Cell) -> Any:
+        """Attach (or detach) the adapter and set its scale and window for ``cell``."""
+        if cell.adapter == "none":
+            for adapter in self._adapters.values():
+                if adapter.attached_to is backbone:
+                    adapter.detach()
+            return None
+        adapter = self.adapter_for(cell.adapter, backbone)
         adapter.attach(backbone)
+        adapter.set_scale(type(adapter).default_scale if cell.scale is None else cell.scale)
+        adapter.set_window(cell.start, cell.end)
         return adapter
 
     def reference_image(self, ref: str, adapter_name: str) -> Any:
@@ -147,6 +158,17 @@ class SweepEngine:
             self._references[cache_key] = image
             self._save_reference(ref, image)
         return self._references[cache_key]
+
+    def _reference_for(self, cell: Cell) -> Any:
+        """The reference image of a cell (also for adapter-off cells, which keep theirs so
+        that ablations pair by reference)."""
+        if not cell.reference:
+            return None
+        from adapterswap.plugins import get_backbone
+
+        name = cell.adapter if cell.adapter != "none" else \
+            self.spec.adapter_for(get_backbone(cell.backbone))
+        return self.reference_image(cell.reference, name) if name else None
 
     def _save_reference(self, ref: str, image: Any) -> None:
         import hashlib
@@ -177,21 +199,25 @@ class SweepEngine:
             by_backbone.setdefault(cell.backbone, []).append((cell, key))
         for backbone_name, items in by_backbone.items():
             backbone = self.load_backbone(backbone_name)
-            adapter_name = items[0][0].adapter
-            adapter = None if adapter_name == "none" else self.adapter_for(adapter_name, backbone)
-            if "latency" in metrics and self.spec.timing_repeats > 0:
-                self.measure_latency(backbone, adapter, items)
-            groups: dict[tuple[Any, ...], list[tuple[Cell, str]]] = {}
-            for cell, key in items:
-                groups.setdefault(cell.group(), []).append((cell, key))
             prompt_cache: dict[str, TensorBundle] = {}
-            for group_items in groups.values():
-                done, failed = self.run_group(backbone, adapter, group_items, metrics,
-                                              prompt_cache)
-                summary.done += done
-                summary.failed += failed
-            if adapter is not None:
-                adapter.detach()
+            by_setting: dict[tuple[Any, ...], list[tuple[Cell, str]]] = {}
+            for cell, key in items:
+                by_setting.setdefault(cell.setting(), []).append((cell, key))
+            for setting_items in by_setting.values():
+                adapter = self.apply_setting(backbone, setting_items[0][0])
+                if "latency" in metrics and self.spec.timing_repeats > 0:
+                    self.measure_latency(backbone, adapter, setting_items)
+                groups: dict[tuple[Any, ...], list[tuple[Cell, str]]] = {}
+                for cell, key in setting_items:
+                    groups.setdefault(cell.group(), []).append((cell, key))
+                for group_items in groups.values():
+                    done, failed = self.run_group(backbone, adapter, group_items, metrics,
+                                                  prompt_cache)
+                    summary.done += done
+                    summary.failed += failed
+            for adapter in self._adapters.values():
+                if adapter.attached_to is backbone:
+                    adapter.detach()
             backbone.unload()
         summary.seconds = time.perf_counter() - start
         return summary
@@ -200,13 +226,12 @@ class SweepEngine:
                         items: Sequence[tuple[Cell, str]]) -> None:
         """Time one image per step count (batch 1, synchronised), once per store."""
         first = items[0][0]
-        reference = None
+        conditioning = None
         if adapter is not None:
-            reference = self.reference_image(first.reference, first.adapter)
-        conditioning = adapter.encode_reference(reference, backbone) if adapter else None
+            conditioning = adapter.encode_reference(self._reference_for(first), backbone)
         for steps in sorted({c.steps for c, _ in items}):
             if self.store.latency(first.backbone, first.adapter, steps, first.height,
-                                  first.width) is not None:
+                                  first.width, first.start, first.end) is not None:
                 continue
             runs = []
             warmups = 0 if getattr(backbone, "_latency_warm", False) else 1
@@ -222,12 +247,12 @@ class SweepEngine:
             denoise_s = sorted(r["denoise_s"] for r in runs)[len(runs) // 2]
             self.store.record_latency(first.backbone, first.adapter, steps, first.height,
                                       first.width, total, denoise_s, len(runs),
-                                      str(backbone.device))
+                                      str(backbone.device), first.start, first.end)
 
     def run_group(self, backbone: Any, adapter: Any, items: Sequence[tuple[Cell, str]],
                   metrics: dict[str, Any], prompt_cache: dict[str, TensorBundle]) -> tuple[
                       int, int]:
-        """All seeds and step counts of one (reference, prompt) on one backbone."""
+        """All seeds and step counts of one (adapter setting, reference, prompt)."""
         first = items[0][0]
         guidance = backbone.resolve_guidance_scale(first.guidance_scale)
         backbone.check_inputs(num_inference_steps=max(c.steps for c, _ in items),
@@ -236,16 +261,15 @@ class SweepEngine:
             prompt_cache[first.prompt] = backbone.encode_prompt([first.prompt],
                                                                 guidance_scale=guidance)
         prompt = prompt_cache[first.prompt]
-        reference = conditioning = None
+        reference = self._reference_for(first)
+        conditioning = None
         if adapter is not None:
-            reference = self.reference_image(first.reference, first.adapter)
             conditioning = adapter.encode_reference(reference, backbone)
         samples = [_Sample(cell, key, cell.steps) for cell, key in items]
         if not self.spec.step_parallel:
             samples.sort(key=lambda s: s.steps)
-        chunks = self._chunks(samples)
         done = failed = 0
-        for chunk in chunks:
+        for chunk in self._chunks(samples):
             d, f = self._run_chunk(backbone, adapter, chunk, prompt, conditioning, reference,
                                    guidance, metrics)
             done += d
@@ -275,6 +299,8 @@ class SweepEngine:
                       for s in chunk]
         latents = backbone.prepare_latents(generators, height=h, width=w)
         schedules = {n: backbone.schedule(n, height=h, width=w) for n in {s.steps for s in chunk}}
+        trajectories: dict[int, list[Any]] = {j: [] for j, s in enumerate(chunk)
+                                              if s.cell.trajectory}
         active = list(range(len(chunk)))
         done = failed = 0
         tick = 0
@@ -299,6 +325,12 @@ class SweepEngine:
             for n in sorted(set(steps_of)):
                 rows = [r for r, s in enumerate(steps_of) if s == n]
                 sel = torch.as_tensor(rows, device=current.device)
+                if any(active[r] in trajectories for r in rows):
+                    x0 = backbone.predict_x0(output.index_select(0, sel),
+                                             current.index_select(0, sel), schedules[n], tick)
+                    for k, r in enumerate(rows):
+                        if active[r] in trajectories:
+                            trajectories[active[r]].append(x0[k:k + 1].detach().cpu())
                 updated[sel] = backbone.step(output.index_select(0, sel),
                                              current.index_select(0, sel), schedules[n], tick)
             latents[index] = updated
@@ -307,14 +339,41 @@ class SweepEngine:
             if finishing:
                 sel = torch.as_tensor(finishing, device=latents.device)
                 d, f = self._finish(backbone, [chunk[j] for j in finishing],
-                                    latents.index_select(0, sel), reference, metrics)
+                                    latents.index_select(0, sel), reference, metrics,
+                                    [trajectories.get(j) for j in finishing])
                 done += d
                 failed += f
             active = [j for j in active if chunk[j].steps > tick]
         return done, failed
 
+    def _score(self, images: list[Any], cells: list[Cell], reference: Any,
+               timings: list[dict[str, float]], metrics: dict[str, Any]) -> list[dict[str, Any]]:
+        """Scores of each image under every loaded metric that has what it needs."""
+        scores: list[dict[str, float | None]] = [{} for _ in images]
+        if not images:
+            return scores
+        batch = MetricBatch(images=images, references=[reference for _ in images],
+                            prompts=[c.prompt for c in cells], baselines=None, timings=timings)
+        for name, metric in metrics.items():
+            if "baseline" in metric.needs:
+                continue  # baselines are compared in the analysis (ablations, swap)
+            if "timing" in metric.needs and not all(timings):
+                continue
+            if "reference" in metric.needs and reference is None:
+                continue
+            try:
+                values = metric.score(batch)
+            except Exception as exc:
+                self.store.set_metric_status(
+                    name, False, f"failed while scoring: {type(exc).__name__}: {exc}")
+                self.log(f"metric {name!r} failed: {exc}\n{traceback.format_exc()}")
+                continue
+            for slot, value in enumerate(values):
+                scores[slot][name] = value
+        return scores
+
     def _finish(self, backbone: Any, samples: list[_Sample], latents: Any, reference: Any,
-                metrics: dict[str, Any]) -> tuple[int, int]:
+                metrics: dict[str, Any], trajectories: list[list[Any] | None]) -> tuple[int, int]:
         """Decode, score and commit finished samples (one transaction per cell)."""
         import torch
 
@@ -331,33 +390,13 @@ class SweepEngine:
         timings = []
         for s in samples:
             measured = self.store.latency(s.cell.backbone, s.cell.adapter, s.steps,
-                                          s.cell.height, s.cell.width)
+                                          s.cell.height, s.cell.width, s.cell.start, s.cell.end)
             timings.append(measured or {})
-        scores: list[dict[str, float | None]] = [{} for _ in samples]
-        if ok:
-            batch = MetricBatch(
-                images=[images[i] for i in ok],
-                references=[reference for _ in ok],
-                prompts=[samples[i].cell.prompt for i in ok],
-                baselines=None,
-                timings=[timings[i] for i in ok],
-            )
-            for name, metric in metrics.items():
-                if "baseline" in metric.needs:
-                    continue  # baselines are compared in the analysis (ablations, swap)
-                if "timing" in metric.needs and not all(t for t in batch.timings or []):
-                    continue
-                if "reference" in metric.needs and reference is None:
-                    continue
-                try:
-                    values = metric.score(batch)
-                except Exception as exc:
-                    self.store.set_metric_status(
-                        name, False, f"failed while scoring: {type(exc).__name__}: {exc}")
-                    self.log(f"metric {name!r} failed: {exc}\n{traceback.format_exc()}")
-                    continue
-                for slot, value in zip(ok, values):
-                    scores[slot][name] = value
+        good_scores = self._score([images[i] for i in ok], [samples[i].cell for i in ok],
+                                  reference, [timings[i] for i in ok], metrics)
+        scores: list[dict[str, Any]] = [{} for _ in samples]
+        for slot, value in zip(ok, good_scores):
+            scores[slot] = value
         done = failed = 0
         for i, sample in enumerate(samples):
             config = sample.cell.config()
@@ -367,13 +406,41 @@ class SweepEngine:
                 failed += 1
                 self.on_cell(sample.cell, "failed")
                 continue
+            trajectory = None
+            if trajectories[i]:
+                trajectory = self._trajectory(backbone, sample, trajectories[i], reference,
+                                              metrics)
             image_path = self.store.save_image(sample.key, images[i]) \
                 if self.spec.save_images else None
             self.store.record_cell(sample.key, config, status="done", scores=scores[i],
-                                   image=image_path, timings=timings[i])
+                                   image=image_path, timings=timings[i], trajectory=trajectory)
             done += 1
             self.on_cell(sample.cell, "done")
         return done, failed
+
+    def _trajectory(self, backbone: Any, sample: _Sample, x0s: list[Any], reference: Any,
+                    metrics: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Decode every step's predicted clean latent (batched) and score it."""
+        import torch
+        from PIL import Image
+
+        cell = sample.cell
+        previews: list[Any] = []
+        device = backbone.device or "cpu"
+        stacked = torch.cat(x0s)
+        for i in range(0, len(stacked), self.spec.max_batch):
+            part = stacked[i:i + self.spec.max_batch].to(device)
+            previews += backbone.decode(part, height=cell.height, width=cell.width,
+                                        output_type="pil")
+        per_image = self._score(previews, [cell] * len(previews), reference,
+                                [{} for _ in previews],
+                                {n: m for n, m in metrics.items() if "timing" not in m.needs})
+        thumb = min(128, cell.width)
+        strip = Image.new("RGB", (thumb * len(previews), thumb), "white")
+        for k, preview in enumerate(previews):
+            strip.paste(preview.resize((thumb, thumb)), (k * thumb, 0))
+        self.store.save_image(f"{sample.key}-trajectory", strip)
+        return {step: values for step, values in enumerate(per_image)}
 
 
 def run_sweep(spec: SweepSpec, *, on_cell: Callable[[Cell, str], None] | None = None,

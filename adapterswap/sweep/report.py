@@ -49,16 +49,29 @@ def _data_uri(png: bytes) -> str:
 
 
 def plot_curves(analysis: Analysis) -> dict[str, bytes]:
-    """One PNG per metric: mean vs steps per backbone, 95% CI band, regime and knee marked."""
+    """PNGs: per metric, mean vs steps per backbone and setting (95% CI band, regime and knee
+    marked); the latency-fidelity Pareto plot; per metric, the trajectory of the predicted
+    clean image along long runs."""
+    plots = _metric_plots(analysis.curves, prefix="metric", xlabel="denoising steps",
+                          title="{metric} vs steps (mean, 95% bootstrap CI)")
+    plots.update(_metric_plots(analysis.trajectories, prefix="trajectory",
+                               xlabel="step of the run (predicted clean image)",
+                               title="{metric} along the run (x0 preview, mean, 95% CI)"))
+    plots.update(_pareto_plot(analysis))
+    return plots
+
+
+def _metric_plots(curves: Sequence[Any], *, prefix: str, xlabel: str,
+                  title: str) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plots = {}
-    for metric in sorted({c.metric for c in analysis.curves}):
+    for metric in sorted({c.metric for c in curves}):
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for curve in [c for c in analysis.curves if c.metric == metric]:
+        for curve in [c for c in curves if c.metric == metric]:
             label = f"{curve.backbone} + {curve.adapter}"
             line = ax.plot(curve.steps, curve.mean, marker="o", label=label)[0]
             low = [v if math.isfinite(v) else m for v, m in zip(curve.ci_low, curve.mean)]
@@ -72,16 +85,24 @@ def plot_curves(analysis: Analysis) -> dict[str, bytes]:
                 ax.plot([curve.knee], [y], marker="*", markersize=14, color=line.get_color(),
                         linestyle="none", label=f"knee ({curve.knee})")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("denoising steps")
-        arrow = "higher is better" if analysis.curves and next(
-            c for c in analysis.curves if c.metric == metric).higher_is_better else \
-            "lower is better"
-        ax.set_ylabel(f"{metric} ({arrow})")
-        ax.set_title(f"{metric} vs steps (mean, 95% bootstrap CI)")
+        ax.set_xlabel(xlabel)
+        higher = next(c for c in curves if c.metric == metric).higher_is_better
+        ax.set_ylabel(f"{metric} ({'higher' if higher else 'lower'} is better)")
+        ax.set_title(title.format(metric=metric))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        plots[f"metric-{safe_name(metric)}"] = _png(fig)
+        plots[f"{prefix}-{safe_name(metric)}"] = _png(fig)
         plt.close(fig)
+    return plots
+
+
+def _pareto_plot(analysis: Analysis) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
     if analysis.pareto:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for label, front in analysis.pareto.items():
@@ -107,6 +128,23 @@ def plot_curves(analysis: Analysis) -> dict[str, bytes]:
         plots["pareto"] = _png(fig)
         plt.close(fig)
     return plots
+
+
+def _trajectory_strips(store: RunStore, rows: Sequence[Mapping[str, Any]]) -> list[
+        tuple[str, bytes]]:
+    """The x0 preview strips of trajectory cells (first seed of each group only)."""
+    strips = []
+    seen = set()
+    for row in rows:
+        path = store.out / "images" / f"{row['key']}-trajectory.png"
+        group = (row["backbone"], row["adapter"], row["reference"], row["prompt"], row["steps"])
+        if row["status"] != "done" or group in seen or not path.is_file():
+            continue
+        seen.add(group)
+        title = (f"{row['backbone']} + {row['adapter']} | {row['steps']} steps | seed "
+                 f"{row['seed']} | {row['prompt']}")
+        strips.append((title, path.read_bytes()))
+    return strips
 
 
 def image_grids(store: RunStore, rows: Sequence[Mapping[str, Any]],
@@ -178,15 +216,16 @@ def build_report(out: str | Path, *, fraction: float = 0.95,
         raise InvalidArgumentError("DIR", str(out), "has no results.sqlite (run a sweep first)")
     with RunStore(out, lock=False) as store:
         rows = store.rows()
-        latency_rows = [dict(zip(("backbone", "adapter", "steps", "height", "width", "total_s",
-                                  "denoise_s", "repeats", "device"), r))
-                        for r in store.db.execute("SELECT * FROM latency")]
+        latency_rows = store.latency_rows()
         status = store.metric_status()
         spec = store.meta("spec", {})
         versions = store.meta("versions", {})
         notes = store.meta("metric_notes", [])
         swap_meta = store.meta("swap")
-        analysis = analyse(rows, latency_rows, fraction=fraction, latency_budget=latency_budget)
+        trajectory_rows = store.trajectory_rows()
+        analysis = analyse(rows, latency_rows, fraction=fraction, latency_budget=latency_budget,
+                           trajectory_rows=trajectory_rows)
+        strips = _trajectory_strips(store, rows)
         store_swap = None
         if swap_meta:
             store_swap = swap_comparison(rows, latency_rows, source=swap_meta["from"],
@@ -204,6 +243,8 @@ def build_report(out: str | Path, *, fraction: float = 0.95,
         (plot_dir / f"{name}.png").write_bytes(png)
     for i, (_, png) in enumerate(grids):
         (plot_dir / f"grid-{i:03d}.png").write_bytes(png)
+    for i, (_, png) in enumerate(strips):
+        (plot_dir / f"trajectory-strip-{i:03d}.png").write_bytes(png)
 
     parts = [f"<h1>adapterswap sweep report</h1><p>{len(rows)} cells "
              f"({sum(r['status'] == 'done' for r in rows)} done, "
@@ -252,6 +293,30 @@ def build_report(out: str | Path, *, fraction: float = 0.95,
     if "pareto" in plots:
         parts.append("<h2>Latency-fidelity Pareto front</h2>")
         parts.append(f'<figure><img alt="pareto" src="{_data_uri(plots["pareto"])}"></figure>')
+    if analysis.ablations:
+        parts.append("<h2>Adapter ablation: setting minus adapter off</h2>")
+        parts.append("<p>Paired over backbone, reference, prompt, seed and steps. "
+                     "<b>from adapter</b>: the 95% CI excludes zero in the metric's better "
+                     "direction.</p>")
+        parts.append(_table(
+            ["backbone", "setting", "metric", "delta", "95% CI low", "95% CI high", "pairs",
+             "from adapter"],
+            [[a["backbone"], a["setting"], a["metric"], a["mean"], a["ci_low"], a["ci_high"],
+              a["n"], "yes" if a["from_adapter"] else "no"] for a in analysis.ablations]))
+    if analysis.trajectories:
+        parts.append("<h2>Trajectories: the predicted clean image at every step</h2>")
+        parts.append(_table(
+            ["backbone", "run", "metric", "effective regime (step)", "knee (step)"],
+            [[c.backbone, c.adapter, c.metric, c.effective_regime, c.knee]
+             for c in analysis.trajectories]))
+        for name, png in plots.items():
+            if name.startswith("trajectory-"):
+                parts.append(f'<figure><img alt="{html.escape(name)}" src="{_data_uri(png)}">'
+                             "</figure>")
+        for title, png in strips:
+            parts.append(f'<figure><img alt="x0 strip" src="{_data_uri(png)}"><figcaption>'
+                         f"x0 previews, step 1 to the last: {html.escape(title)}</figcaption>"
+                         "</figure>")
     parts.append("<h2>Per-step tables</h2>")
     for curve in analysis.curves:
         parts.append(f"<h3>{html.escape(curve.backbone)} + {html.escape(curve.adapter)}: "

@@ -42,6 +42,8 @@ DEFAULT_METRICS = {
     "object": ["clip-i", "dino", "clip-t", "sharpness", "contrast", "latency"],
     None: ["clip-t", "sharpness", "contrast", "latency"],
 }
+#: Metrics that need no model weights (the tiny preset's default).
+MODEL_FREE_METRICS = ("sharpness", "contrast", "latency")
 SYNTHETIC_REFERENCE = "synthetic:0"
 #: Prompts used when none are given (the tiny preset uses the first only).
 DEFAULT_PROMPTS = [
@@ -61,6 +63,11 @@ class SweepSpec:
     :ivar references: image paths; ``synthetic:N`` is the adapter's synthetic reference N
         (the default with ``preset="tiny"``).
     :ivar steps: the step grid; empty uses each backbone's own grid.
+    :ivar scales: adapter scale grid (ablation); empty uses ``scale``.
+    :ivar windows: adapter windows ``[[start, end], ...]`` (ablation); empty uses
+        ``[[start, end]]``.
+    :ivar adapter_off: also run every cell with the adapter detached (ablation baseline).
+    :ivar trajectory: decode and score the predicted clean image at every step.
     :ivar only_default_steps: run each backbone at its own default step count only (the
         ``swap`` comparison).
     :ivar step_parallel: advance runs with different step counts together in one forward.
@@ -88,6 +95,10 @@ class SweepSpec:
     adapter_source: str | None = None
     adapter_options: dict[str, Any] = field(default_factory=dict)
     only_default_steps: bool = False
+    scales: list[float] = field(default_factory=list)
+    windows: list[list[float]] = field(default_factory=list)
+    adapter_off: bool = False
+    trajectory: bool = False
     step_parallel: bool = True
     max_batch: int = 16
     timing_repeats: int = 1
@@ -165,6 +176,22 @@ class SweepSpec:
         if len(adapter_names) > 1 and self.adapter is not None:
             raise InvalidArgumentError("adapter", self.adapter, "one adapter per sweep")
 
+        self.scales = _float_list("scales", self.scales)
+        for scale in self.scales:
+            if scale < 0:
+                raise InvalidArgumentError("scales", scale, "must be >= 0")
+        windows = []
+        for window in self.windows or []:
+            if not (isinstance(window, (list, tuple)) and len(window) == 2
+                    and all(_finite(v) for v in window)
+                    and 0 <= window[0] < window[1] <= 1):
+                raise InvalidArgumentError("windows", window,
+                                           "each window is [start, end] with 0 <= start < end <= 1")
+            windows.append([float(window[0]), float(window[1])])
+        self.windows = windows
+        if (self.scales or self.windows or self.adapter_off) and not adapter_names:
+            raise InvalidArgumentError("adapter", self.adapter,
+                                       "scale/window grids and adapter_off need an adapter")
         self.seeds = _int_list("seeds", self.seeds, minimum=0)
         if not self.seeds:
             raise InvalidArgumentError("seeds", self.seeds, "give at least one seed")
@@ -214,6 +241,11 @@ class SweepSpec:
         registry = metrics()
         if not self.metrics:
             self.metrics = [m for m in DEFAULT_METRICS[kind] if m in registry]
+            if self.preset == "tiny":
+                self.metrics = [m for m in self.metrics if m in MODEL_FREE_METRICS]
+                self.defaults_used.append(
+                    "tiny preset: model-based metrics are off by default (their weights would "
+                    "be downloaded); name them with --metrics to use them")
         for name in self.metrics:
             metric_cls = get_metric_cls(name)
             if "reference" in metric_cls.needs and not adapter_names:
@@ -251,24 +283,43 @@ class SweepSpec:
             adapter = self.adapter_for(cls)
             refs = self.references if adapter else [""]
             for ref in refs:
-                for prompt in self.prompts:
-                    for seed in self.seeds:
-                        for steps in self.step_grid(cls):
-                            out.append(Cell(
-                                backbone=backbone, adapter=adapter or "none",
-                                scale=self.scale, start=self.start, end=self.end,
-                                reference=ref, prompt=prompt, seed=seed, steps=steps,
-                                height=self.height or _tiny_or_default(self, cls, "height"),
-                                width=self.width or _tiny_or_default(self, cls, "width"),
-                                guidance_scale=self.guidance_scale,
-                                source=self.sources.get(backbone, "tiny" if self.preset else ""),
-                                adapter_source=(self.adapter_source or
-                                                ("tiny" if self.preset else "")),
-                                dtype=self.dtype or "",
-                                adapter_options=json.dumps(self.adapter_options,
-                                                           sort_keys=True),
-                            ))
+                for adapter_name, scale, start, end in self.adapter_settings(adapter):
+                    for prompt in self.prompts:
+                        for seed in self.seeds:
+                            for steps in self.step_grid(cls):
+                                out.append(self._cell(
+                                    cls, backbone, adapter_name, scale, start, end, ref,
+                                    prompt, seed, steps))
         return out
+
+    def adapter_settings(self, adapter: str | None) -> list[tuple[str, float | None, float,
+                                                                  float]]:
+        """(adapter, scale, start, end) variants: the scale x window grid, plus 'none'."""
+        if adapter is None:
+            return [("none", None, 0.0, 1.0)]
+        scales = self.scales or [self.scale]
+        windows = self.windows or [[self.start, self.end]]
+        settings = [(adapter, s, w[0], w[1]) for s in scales for w in windows]
+        if self.adapter_off:
+            settings.append(("none", None, 0.0, 1.0))
+        return settings
+
+    def _cell(self, cls: Any, backbone: str, adapter: str, scale: float | None, start: float,
+              end: float, ref: str, prompt: str, seed: int, steps: int) -> Cell:
+        on = adapter != "none"
+        tiny = "tiny" if self.preset else ""
+        return Cell(
+            backbone=backbone, adapter=adapter, scale=scale, start=start, end=end,
+            reference=ref, prompt=prompt, seed=seed, steps=steps,
+            height=self.height or _tiny_or_default(self, cls, "height"),
+            width=self.width or _tiny_or_default(self, cls, "width"),
+            guidance_scale=self.guidance_scale,
+            source=self.sources.get(backbone, tiny),
+            adapter_source=(self.adapter_source or tiny) if on else "",
+            dtype=self.dtype or "",
+            adapter_options=json.dumps(self.adapter_options, sort_keys=True) if on else "{}",
+            trajectory=self.trajectory,
+        )
 
 
 def _tiny_or_default(spec: SweepSpec, cls: Any, attr: str) -> int:
@@ -307,6 +358,7 @@ class Cell:
     adapter_source: str
     dtype: str
     adapter_options: str = "{}"
+    trajectory: bool = False
 
     def config(self) -> dict[str, Any]:
         return asdict(self)
@@ -320,6 +372,10 @@ class Cell:
         """Cells that share a loaded backbone, adapter setting, reference and prompt."""
         return (self.backbone, self.adapter, self.scale, self.start, self.end, self.reference,
                 self.prompt, self.height, self.width, self.guidance_scale)
+
+    def setting(self) -> tuple[str, float | None, float, float]:
+        """The adapter setting: name, scale, start, end."""
+        return (self.adapter, self.scale, self.start, self.end)
 
 
 # ---------------------------------------------------------------------- parsing helpers
@@ -356,6 +412,49 @@ def _int_list(name: str, value: Any, *, minimum: int) -> list[int]:
             raise InvalidArgumentError(name, item, f"must be an integer >= {minimum}")
         out.append(item)
     return out
+
+
+def _float_list(name: str, value: Any) -> list[float]:
+    if value is None:
+        return []
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise InvalidArgumentError(name, value, "must be a list of numbers")
+    for item in value:
+        if not _finite(item):
+            raise InvalidArgumentError(name, item, "must be a finite number")
+    return [float(v) for v in value]
+
+
+def parse_float_list(name: str, text: str | None) -> list[float] | None:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]`` (flags)."""
+    if text is None:
+        return None
+    items = []
+    for part in text.split(","):
+        try:
+            items.append(float(part.strip()))
+        except ValueError:
+            raise InvalidArgumentError(name, part.strip(), "must be a number") from None
+    return items
+
+
+def parse_windows(name: str, text: str | None) -> list[list[float]] | None:
+    """``"0-1,0-0.25,0.5-1"`` -> ``[[0, 1], [0, 0.25], [0.5, 1]]`` (flags)."""
+    if text is None:
+        return None
+    windows = []
+    for part in text.split(","):
+        start, sep, end = part.strip().partition("-")
+        try:
+            if not sep:
+                raise ValueError
+            windows.append([float(start), float(end)])
+        except ValueError:
+            raise InvalidArgumentError(name, part.strip(), "expected START-END, e.g. 0-0.5") \
+                from None
+    return windows
 
 
 def parse_int_list(name: str, text: str | None) -> list[int] | None:

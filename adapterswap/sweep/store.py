@@ -40,7 +40,12 @@ CREATE TABLE IF NOT EXISTS latency (
     backbone TEXT NOT NULL, adapter TEXT NOT NULL, steps INTEGER NOT NULL,
     height INTEGER NOT NULL, width INTEGER NOT NULL, total_s REAL NOT NULL,
     denoise_s REAL NOT NULL, repeats INTEGER NOT NULL, device TEXT,
-    PRIMARY KEY (backbone, adapter, steps, height, width)
+    start REAL NOT NULL DEFAULT 0, "end" REAL NOT NULL DEFAULT 1,
+    PRIMARY KEY (backbone, adapter, steps, height, width, start, "end")
+);
+CREATE TABLE IF NOT EXISTS trajectory (
+    cell TEXT NOT NULL REFERENCES cells(key), step INTEGER NOT NULL, metric TEXT NOT NULL,
+    value REAL, PRIMARY KEY (cell, step, metric)
 );
 """
 
@@ -137,8 +142,10 @@ class RunStore:
     def record_cell(self, key: str, config: Mapping[str, Any], *, status: str,
                     scores: Mapping[str, float | None], image: str | None = None,
                     timings: Mapping[str, float] | None = None,
-                    error: str | None = None) -> None:
-        """Commit a finished (or failed) cell and its scores in one transaction."""
+                    error: str | None = None,
+                    trajectory: Mapping[int, Mapping[str, float | None]] | None = None) -> None:
+        """Commit a finished (or failed) cell, its scores and its per-step trajectory scores
+        in one transaction."""
         values = [config[c] for c in CELL_COLUMNS]
         with self.transaction() as db:
             db.execute("DELETE FROM scores WHERE cell = ?", (key,))
@@ -152,6 +159,11 @@ class RunStore:
             )
             db.executemany("INSERT INTO scores VALUES (?, ?, ?)",
                            [(key, m, _finite_or_none(v)) for m, v in scores.items()])
+            db.execute("DELETE FROM trajectory WHERE cell = ?", (key,))
+            db.executemany("INSERT INTO trajectory VALUES (?, ?, ?, ?)",
+                           [(key, step, m, _finite_or_none(v))
+                            for step, values in (trajectory or {}).items()
+                            for m, v in values.items()])
 
     def set_metric_status(self, metric: str, available: bool, reason: str | None) -> None:
         with self.transaction() as db:
@@ -159,18 +171,32 @@ class RunStore:
                        (metric, int(available), reason))
 
     def record_latency(self, backbone: str, adapter: str, steps: int, height: int, width: int,
-                       total_s: float, denoise_s: float, repeats: int, device: str) -> None:
+                       total_s: float, denoise_s: float, repeats: int, device: str,
+                       start: float = 0.0, end: float = 1.0) -> None:
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO latency VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT OR REPLACE INTO latency VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (backbone, adapter, steps, height, width, total_s, denoise_s, repeats,
-                        device))
+                        device, start, end))
 
-    def latency(self, backbone: str, adapter: str, steps: int, height: int,
-                width: int) -> dict[str, float] | None:
+    def latency(self, backbone: str, adapter: str, steps: int, height: int, width: int,
+                start: float = 0.0, end: float = 1.0) -> dict[str, float] | None:
         row = self.db.execute(
             "SELECT total_s, denoise_s FROM latency WHERE backbone=? AND adapter=? AND steps=? "
-            "AND height=? AND width=?", (backbone, adapter, steps, height, width)).fetchone()
+            "AND height=? AND width=? AND start=? AND \"end\"=?",
+            (backbone, adapter, steps, height, width, start, end)).fetchone()
         return None if row is None else {"total_s": row[0], "denoise_s": row[1]}
+
+    def latency_rows(self) -> list[dict[str, Any]]:
+        columns = ("backbone", "adapter", "steps", "height", "width", "total_s", "denoise_s",
+                   "repeats", "device", "start", "end")
+        return [dict(zip(columns, r)) for r in self.db.execute(
+            "SELECT backbone, adapter, steps, height, width, total_s, denoise_s, repeats, "
+            "device, start, \"end\" FROM latency")]
+
+    def trajectory_rows(self) -> list[dict[str, Any]]:
+        return [{"cell": c, "step": s, "metric": m, "value": v} for c, s, m, v in
+                self.db.execute("SELECT cell, step, metric, value FROM trajectory "
+                                "ORDER BY cell, step")]
 
     # ------------------------------------------------------------------ reading
     def rows(self, keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
