@@ -331,3 +331,62 @@ def _has_playwright() -> bool:
     except ImportError:
         return False
     return True
+
+
+# -- ablations and trajectories ------------------------------------------------------------------
+def test_adapter_off_cells_equal_the_detached_backbone_exactly(tmp_path):
+    from adapterswap.denoise import denoise
+    from adapterswap.plugins import get_backbone
+
+    spec = tiny_spec(tmp_path, backbones=["toy-dev"], seeds=[0, 1], steps=[4],
+                     scales=[0.5, 1.0], windows=[[0.0, 1.0], [0.0, 0.5]], adapter_off=True,
+                     step_parallel=False)
+    summary = run_sweep(spec)
+    assert summary.done == 2 * (2 * 2 + 1)
+    with RunStore(tmp_path, lock=False) as store:
+        rows = store.rows()
+    off = [r for r in rows if r["adapter"] == "none"]
+    assert len(off) == 2 and all(r["reference"] == "synthetic:0" for r in off)
+    backbone = get_backbone("toy-dev").tiny()
+    for row in off:
+        plain = denoise(backbone, DEFAULT_PROMPTS[0], num_inference_steps=4,
+                        seeds=[row["seed"]]).images[0]
+        assert np.array_equal(np.asarray(plain), np.asarray(Image.open(tmp_path / row["image"])))
+    settings = {(r["scale"], r["start"], r["end"]) for r in rows if r["adapter"] != "none"}
+    assert settings == {(0.5, 0.0, 1.0), (0.5, 0.0, 0.5), (1.0, 0.0, 1.0), (1.0, 0.0, 0.5)}
+
+
+def test_ablation_deltas_are_paired_against_adapter_off(tmp_path):
+    from adapterswap.sweep.analysis import ablation_deltas
+
+    run_sweep(tiny_spec(tmp_path, backbones=["toy-fast"], seeds=[0, 1, 2], steps=[2],
+                        adapter_off=True, metrics=["toy-colour-match", "sharpness"]))
+    with RunStore(tmp_path, lock=False) as store:
+        rows = store.rows()
+    deltas = {d["metric"]: d for d in ablation_deltas(rows)}
+    on = {r["seed"]: r["scores"]["toy-colour-match"] for r in rows if r["adapter"] != "none"}
+    off = {r["seed"]: r["scores"]["toy-colour-match"] for r in rows if r["adapter"] == "none"}
+    delta = deltas["toy-colour-match"]
+    assert delta["n"] == 3
+    assert delta["mean"] == pytest.approx(np.mean([on[s] - off[s] for s in on]))
+    assert delta["from_adapter"] == bool(delta["ci_low"] > 0)
+    build_report(tmp_path)
+    assert "Adapter ablation" in (tmp_path / "report.html").read_text()
+
+
+def test_trajectory_scores_every_step_and_ends_at_the_final_image(tmp_path):
+    run_sweep(tiny_spec(tmp_path, backbones=["toy-dev"], seeds=[0, 1], steps=[4],
+                        trajectory=True, metrics=["sharpness", "toy-colour-match"]))
+    with RunStore(tmp_path, lock=False) as store:
+        rows = store.rows()
+        trajectory = store.trajectory_rows()
+    for row in rows:
+        mine = [t for t in trajectory if t["cell"] == row["key"]]
+        assert sorted({t["step"] for t in mine}) == [0, 1, 2, 3]
+        last = {t["metric"]: t["value"] for t in mine if t["step"] == 3}
+        # flow matching: x0 predicted at the last step is the final latent
+        assert last["sharpness"] == pytest.approx(row["scores"]["sharpness"], rel=1e-6)
+        assert (tmp_path / "images" / f"{row['key']}-trajectory.png").is_file()
+    report = build_report(tmp_path).read_text()
+    assert "Trajectories" in report
+    assert (tmp_path / "plots" / "trajectory-sharpness.png").is_file()

@@ -87,7 +87,10 @@ class Metric(ABC):
         return None
 
     def load(self) -> Metric:
-        """Load models; raise :class:`MetricUnavailableError` with the reason if impossible."""
+        """Load models once; raise :class:`MetricUnavailableError` with the reason if
+        impossible."""
+        if self.loaded:
+            return self
         reason = self.availability()
         if reason is not None:
             raise MetricUnavailableError(f"metric {self.name!r} is unavailable: {reason}")
