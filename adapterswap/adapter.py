@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterswap.errors import IncompatibleAdapterError, InvalidArgumentError, UsageError
 from adapterswap.hub import WeightsStatus, weights_status
+from adapterswap.probes import Probed
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +57,7 @@ def load_image(image: Any, *, argument: str = "reference") -> Image.Image:
     raise InvalidArgumentError(argument, type(image).__name__, "expected a PIL image or a path")
 
 
-class Adapter(ABC):
+class Adapter(Probed, ABC):
     """A conditioning module trained on one backbone and usable on others of its family.
 
     Class attributes (set them in your subclass):
@@ -69,6 +70,10 @@ class Adapter(ABC):
     :cvar required_files: relative paths a complete weights directory has (``a|b``: either).
     :cvar how_to_get: one sentence on obtaining the weights (licence included).
     :cvar description: one line for ``adapterswap list``.
+    :cvar supports_probes: set True if :meth:`set_probe` measures the adapter's stream against
+        the base stream per block (see :mod:`adapterswap.probes`).
+    :cvar probe_quantity: the quantity name its probes record for its own contribution
+        (e.g. ``"residual/hidden"``); probe-guided exit reads it.
     """
 
     name: ClassVar[str]
@@ -79,6 +84,7 @@ class Adapter(ABC):
     required_files: ClassVar[tuple[str, ...]] = ()
     how_to_get: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    probe_quantity: ClassVar[str] = ""
 
     @classmethod
     def class_problems(cls, klass: type) -> list[str]:

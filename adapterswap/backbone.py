@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterswap.errors import InvalidArgumentError, UsageError
 from adapterswap.hub import WeightsStatus, resolve_source, weights_status
+from adapterswap.probes import Probed
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +77,7 @@ def parse_dtype(value: Any) -> Any:
         raise InvalidArgumentError("dtype", value, f"choose one of {', '.join(table)}") from None
 
 
-class Backbone(ABC):
+class Backbone(Probed, ABC):
     """A diffusion model variant (``flux-dev``, ``flux-schnell``, ``sdxl``, ``sd15`` ...).
 
     Class attributes (set them in your subclass):
@@ -94,6 +95,8 @@ class Backbone(ABC):
     :cvar default_adapter: the adapter used when a sweep names none (the family's built-in).
     :cvar how_to_get: one sentence on obtaining the weights (licence, download command).
     :cvar description: one line for ``adapterswap list``.
+    :cvar supports_probes: set True if :meth:`set_probe` measures backbone-level streams
+        (e.g. FLUX joint attention text vs image tokens); see :mod:`adapterswap.probes`.
     """
 
     name: ClassVar[str]

@@ -388,7 +388,29 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
 
 
 def _run_spec(spec: Any) -> Any:
-    """Validate, run with a progress bar, rebuild the report; return (summary, report path)."""
+    """Validate, run with a progress bar, rebuild the report; return (summary, report path).
+    With ``spec.probe_exit`` set, run the probe-guided exit (two passes) instead."""
+    from adapterswap.sweep.report import build_report
+
+    threshold = getattr(spec, "_probe_exit", None)
+    if threshold is None:
+        summary = _execute(spec)
+    else:
+        from adapterswap.sweep.exit import run_probe_exit
+
+        runs = run_probe_exit(spec, threshold, run=_execute)["runs"]
+        summary = runs[0]
+        for extra in runs[1:]:
+            summary.done += extra.done
+            summary.failed += extra.failed
+            summary.total += extra.total
+            summary.skipped += extra.skipped
+            summary.seconds += extra.seconds
+    return summary, build_report(spec.out)
+
+
+def _execute(spec: Any) -> Any:
+    """Validate and run one spec with a progress bar; return its summary."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -400,7 +422,6 @@ def _run_spec(spec: Any) -> Any:
 
     from adapterswap.errors import WeightsNotFoundError
     from adapterswap.sweep.engine import SweepEngine
-    from adapterswap.sweep.report import build_report
     from adapterswap.sweep.store import RunStore
 
     spec.validate()
@@ -425,8 +446,7 @@ def _run_spec(spec: Any) -> Any:
                 f"{exc} To try the tool without weights: adapterswap sweep --backbone "
                 f"{spec.backbones[0]} --preset tiny") from None
         progress.update(task, completed=total)
-    report = build_report(spec.out)
-    return summary, report
+    return summary
 
 
 @main.command("sweep", epilog="""Examples:
@@ -452,24 +472,30 @@ def _run_spec(spec: Any) -> Any:
               help="Ablation: adapter windows START-END, e.g. 0-1,0-0.25,0-0.5.")
 @click.option("--adapter-off", is_flag=True,
               help="Ablation: also run every cell with the adapter detached.")
+@click.option("--probes", is_flag=True,
+              help="Record attention-stream norm probes per step and block.")
+@click.option("--probe-exit", default=None, type=float, metavar="THRESHOLD",
+              help="Probe-guided exit: end the adapter's window where its relative "
+                   "contribution falls below THRESHOLD, re-run, and compare.")
 @_common_sweep_options
 def sweep_command(backbones: tuple[str, ...], adapter: str | None, steps: str | None,
                   sequential: bool, trajectory: bool, scales: str | None,
-                  windows: str | None, adapter_off: bool, config: str | None,
-                  **flags: Any) -> None:
+                  windows: str | None, adapter_off: bool, probes: bool,
+                  probe_exit: float | None, config: str | None, **flags: Any) -> None:
     """Run a step sweep (backbones x references x prompts x seeds x steps), score every cell,
     and write results.sqlite, results.csv and report.html. Re-running resumes."""
     _run_sweep_command("sweep", backbones, adapter, steps, config, flags, {
         "step_parallel": False if sequential else None,
         "trajectory": True if trajectory else None,
         "adapter_off": True if adapter_off else None,
-    }, scales, windows)
+        "probes": True if probes else None,
+    }, scales, windows, probe_exit=probe_exit)
 
 
 def _run_sweep_command(kind: str, backbones: tuple[str, ...], adapter: str | None,
                        steps: str | None, config: str | None, flags: dict[str, Any],
                        extra: dict[str, Any], scales: str | None = None,
-                       windows: str | None = None) -> None:
+                       windows: str | None = None, probe_exit: float | None = None) -> None:
     from adapterswap.sweep.spec import (
         SweepSpec,
         parse_float_list,
@@ -490,6 +516,7 @@ def _run_sweep_command(kind: str, backbones: tuple[str, ...], adapter: str | Non
         values["out"] = (f"runs/{'-'.join(names)}{suffix}"
                          f"{'-tiny' if values.get('preset') else ''}")
     spec = SweepSpec.merged(base, values)
+    spec._probe_exit = probe_exit
     summary, report = _run_spec(spec)
     _print_summary(summary, report)
 

@@ -186,6 +186,24 @@ class BackboneContract:
         assert torch.isfinite(x0).all() and torch.isfinite(nxt).all()
 
     # -- validation and loading errors -----------------------------------------------------
+    def test_backbone_probes_do_not_change_outputs(self, backbone: Backbone) -> None:
+        import numpy as np
+
+        from adapterswap.probes import ProbeRecorder
+
+        if not type(backbone).supports_probes:
+            pytest.skip(f"{self.backbone_name} has no backbone-level probes")
+        plain = _np(self._run(backbone).images)
+        recorder = ProbeRecorder()
+        backbone.set_probe(recorder)
+        try:
+            probed = _np(self._run(backbone).images)
+        finally:
+            backbone.set_probe(None)
+        assert np.array_equal(plain, probed)
+        records = recorder.drain()
+        assert records and all(len(values) == 1 for _, _, values in records)
+
     def test_bad_inputs_name_argument_and_value(self, backbone: Backbone) -> None:
         h, w = backbone.default_height, backbone.default_width
         with pytest.raises(InvalidArgumentError, match="num_inference_steps=0"):
@@ -358,6 +376,28 @@ class AdapterContract:
         adapter.set_window(0.9, 1.0)
         np.testing.assert_allclose(self._run(backbone, adapter), base, atol=self.atol)
         adapter.set_window(0.0, 1.0)
+
+    def test_probes_record_per_sample_and_do_not_change_outputs(
+            self, adapter: Adapter, backbones: dict[str, Backbone]) -> None:
+        import numpy as np
+
+        from adapterswap.probes import ProbeRecorder
+
+        if not type(adapter).supports_probes:
+            pytest.skip(f"{self.adapter_name} has no probes")
+        backbone = backbones[self.backbone_names[0]]
+        plain = self._run(backbone, adapter)
+        recorder = ProbeRecorder()
+        adapter.set_probe(recorder)
+        try:
+            probed = self._run(backbone, adapter)
+        finally:
+            adapter.set_probe(None)
+        records = recorder.drain()
+        assert np.array_equal(plain, probed), "probes changed the output"
+        assert records, "probes recorded nothing"
+        assert all(len(values) == 1 for _, _, values in records)  # one value per sample
+        assert all(np.isfinite(values).all() for _, _, values in records)
 
     def test_swap_between_backbones_without_reload(self, adapter: Adapter,
                                                     backbones: dict[str, Backbone]) -> None:

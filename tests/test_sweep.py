@@ -390,3 +390,51 @@ def test_trajectory_scores_every_step_and_ends_at_the_final_image(tmp_path):
     report = build_report(tmp_path).read_text()
     assert "Trajectories" in report
     assert (tmp_path / "plots" / "trajectory-sharpness.png").is_file()
+
+
+def test_probes_are_stored_per_cell_step_and_block_without_changing_images(tmp_path):
+    run_sweep(tiny_spec(tmp_path / "plain", backbones=["toy-dev"], seeds=[0, 1],
+                        steps=[2, 4]))
+    run_sweep(tiny_spec(tmp_path / "probed", backbones=["toy-dev"], seeds=[0, 1],
+                        steps=[2, 4], probes=True))
+    with RunStore(tmp_path / "probed", lock=False) as store:
+        rows = store.rows()
+        probes = store.probe_rows()
+    for row in rows:
+        mine = [p for p in probes if p["cell"] == row["key"]]
+        assert sorted({p["step"] for p in mine}) == list(range(row["steps"]))
+        assert {(p["block"], p["quantity"]) for p in mine} == {
+            ("text", "text/latent"), ("out", "residual/velocity")}
+    plain = scores_by_cell(tmp_path / "plain")
+    probed = scores_by_cell(tmp_path / "probed")
+    assert plain == probed
+    report = build_report(tmp_path / "probed").read_text()
+    assert "Attention-stream probes" in report
+
+
+def test_probe_guided_exit_picks_the_window_and_compares_on_the_same_inputs(tmp_path):
+    from adapterswap.sweep.exit import exit_comparison, exit_steps
+
+    out = tmp_path / "exit"
+    proc = cli("sweep", "--backbone", "toy-dev", "--preset", "tiny", "--seeds", "0,1,2",
+               "--steps", "4,8", "--probe-exit", "8", "--out", str(out),
+               "--metrics", "sharpness,toy-colour-match,latency")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    with RunStore(out, lock=False) as store:
+        rows, probes = store.rows(), store.probe_rows()
+        plan = store.meta("probe_exit")
+        latency = store.latency_rows()
+    # the plan is the first step whose mean residual/velocity ratio is below the threshold
+    recomputed = exit_steps(rows, probes, "residual/velocity", 8.0)
+    for entry in plan["plan"]:
+        curve = recomputed[(entry["backbone"], entry["steps"])]["curve"]
+        expected = next((i for i, v in enumerate(curve) if i > 0 and v < 8.0), None)
+        assert entry["exit_step"] == expected
+    windows = {(r["steps"], r["end"]) for r in rows}
+    for entry in plan["plan"]:
+        if entry["exit_step"] is not None:
+            assert (entry["steps"], entry["end"]) in windows
+    comparison = exit_comparison(rows, latency, plan, {"toy-dev|toy-adapter": "sharpness"})
+    assert comparison and all(c["deltas"]["toy-colour-match"]["n"] == 3 for c in comparison)
+    assert "Probe-guided adapter exit" in (out / "report.html").read_text()

@@ -119,8 +119,20 @@ class ToyBackbone(Backbone):
                        ctx.timesteps.reshape(b, 1) / 1000, guidance], dim=1)
         with torch.no_grad():
             v = self.pipe.components["denoiser"](x).reshape(latents.shape)
+        if self.probe is not None:
+            from adapterswap.probes import relative_norm
+
+            self.probe.record("text", "text/latent", relative_norm(prompt["prompt_embeds"],
+                                                                   latents))
         if adapter_inputs and "residual" in adapter_inputs:
-            v = v + adapter_inputs["residual"]
+            residual = adapter_inputs["residual"]
+            probe = adapter_inputs.get("probe")
+            if probe is not None:
+                from adapterswap.probes import relative_norm
+
+                probe.record("out", "residual/velocity",
+                             relative_norm(residual.expand_as(v), v))
+            v = v + residual
         return v
 
     def step(self, model_output, latents, schedule, step_index):  # noqa: ANN001
@@ -143,6 +155,9 @@ class ToyBackbone(Backbone):
         if output_type == "np":
             return array
         return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+
+ToyBackbone.supports_probes = True
 
 
 class ToyDev(ToyBackbone):
@@ -169,6 +184,8 @@ class ToyAdapter(Adapter):
     default_source = "adapterswap-test/toy-adapter"
     required_files = ("toy_adapter.safetensors",)
     description = "Adds a colour-derived residual to the velocity (tests only)"
+    supports_probes = True
+    probe_quantity = "residual/velocity"
 
     @staticmethod
     def save_random(path: Path, seed: int = 0) -> Path:
@@ -223,7 +240,10 @@ class ToyAdapter(Adapter):
         mask = torch.tensor(self.active_mask(ctx), dtype=latents.dtype).reshape(-1, 1, 1, 1)
         with torch.no_grad():
             residual = backbone.pipe.adapter_projection(conditioning["colour"])
-        return {"residual": residual.reshape(-1, LATENT[0], 1, 1) * self.scale * mask}
+        inputs = {"residual": residual.reshape(-1, LATENT[0], 1, 1) * self.scale * mask}
+        if self.probe is not None:
+            inputs["probe"] = self.probe
+        return inputs
 
 
 class ToyOtherFamilyAdapter(ToyAdapter):

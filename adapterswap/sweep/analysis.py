@@ -154,6 +154,7 @@ class Analysis:
     fidelity_metric: dict[str, str] = field(default_factory=dict)
     ablations: list[dict[str, Any]] = field(default_factory=list)
     trajectories: list[Curve] = field(default_factory=list)
+    probes: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,7 +209,8 @@ def row_label(row: Mapping[str, Any]) -> str:
 
 def analyse(rows: Sequence[Mapping[str, Any]], latency_rows: Sequence[Mapping[str, Any]] = (),
             *, fraction: float = 0.95, latency_budget: float | None = None,
-            trajectory_rows: Sequence[Mapping[str, Any]] = ()) -> Analysis:
+            trajectory_rows: Sequence[Mapping[str, Any]] = (),
+            probe_rows: Sequence[Mapping[str, Any]] = ()) -> Analysis:
     """Aggregate finished cells into curves, regimes, knees, Pareto fronts and
     recommendations. Cells are grouped by backbone and adapter setting (its label)."""
     done = [r for r in rows if r["status"] == "done"]
@@ -261,6 +263,7 @@ def analyse(rows: Sequence[Mapping[str, Any]], latency_rows: Sequence[Mapping[st
             recommend(curve, latency, fraction=fraction, latency_budget=latency_budget))
     result.ablations = ablation_deltas(rows)
     result.trajectories = trajectory_curves(rows, trajectory_rows, fraction=fraction)
+    result.probes = probe_maps(rows, probe_rows)
     return result
 
 
@@ -387,3 +390,49 @@ def trajectory_curves(rows: Sequence[Mapping[str, Any]],
         curve.knee = knee(steps, means, higher_is_better=higher)
         curves.append(curve)
     return curves
+
+
+@dataclass
+class ProbeMap:
+    """Mean probe values over cells: a blocks x steps matrix for one run length."""
+
+    backbone: str
+    setting: str
+    quantity: str
+    num_steps: int
+    blocks: list[str]
+    matrix: list[list[float]]  # [block][step]
+    mean_curve: list[float]  # mean over blocks, per step
+    cells: int
+
+
+def _block_order(name: str) -> tuple[Any, ...]:
+    import re
+
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def probe_maps(rows: Sequence[Mapping[str, Any]],
+               probe_rows: Sequence[Mapping[str, Any]]) -> list[ProbeMap]:
+    """Aggregate stored probes per backbone, adapter setting, quantity and run length."""
+    by_cell = {r["key"]: r for r in rows if r["status"] == "done"}
+    acc: dict[tuple[str, str, str, int], dict[tuple[str, int], list[float]]] = {}
+    cells: dict[tuple[str, str, str, int], set[str]] = {}
+    for p in probe_rows:
+        row = by_cell.get(p["cell"])
+        if row is None or p["value"] is None:
+            continue
+        key = (row["backbone"], row_label(row), p["quantity"], row["steps"])
+        acc.setdefault(key, {}).setdefault((p["block"], p["step"]), []).append(p["value"])
+        cells.setdefault(key, set()).add(p["cell"])
+    maps = []
+    for key, values in sorted(acc.items()):
+        backbone, setting, quantity, steps = key
+        blocks = sorted({b for b, _ in values}, key=_block_order)
+        matrix = [[float(np.mean(values[(b, s)])) if (b, s) in values else math.nan
+                   for s in range(steps)] for b in blocks]
+        mean_curve = [float(np.nanmean([matrix[i][s] for i in range(len(blocks))]))
+                      for s in range(steps)]
+        maps.append(ProbeMap(backbone, setting, quantity, steps, blocks, matrix, mean_curve,
+                             len(cells[key])))
+    return maps

@@ -301,6 +301,9 @@ class SweepEngine:
         schedules = {n: backbone.schedule(n, height=h, width=w) for n in {s.steps for s in chunk}}
         trajectories: dict[int, list[Any]] = {j: [] for j, s in enumerate(chunk)
                                               if s.cell.trajectory}
+        probes: dict[int, list[tuple[int, str, str, float]]] = {j: [] for j in
+                                                                range(len(chunk))}
+        recorder = self._install_probes(backbone, adapter) if first.probes else None
         active = list(range(len(chunk)))
         done = failed = 0
         tick = 0
@@ -321,6 +324,14 @@ class SweepEngine:
                     backbone, conditioning.repeat(len(active)), current, ctx, batch_prompt)
             output = backbone.predict(current, ctx, batch_prompt, guidance_scale=guidance,
                                       adapter_inputs=adapter_inputs)
+            if recorder is not None:
+                for block, quantity, values in recorder.drain():
+                    if len(values) != len(active):
+                        self.log(f"probe {block}/{quantity} gave {len(values)} values for a "
+                                 f"batch of {len(active)}; ignored")
+                        continue
+                    for r, value in enumerate(values):
+                        probes[active[r]].append((tick, block, quantity, value))
             updated = torch.empty_like(current)
             for n in sorted(set(steps_of)):
                 rows = [r for r, s in enumerate(steps_of) if s == n]
@@ -340,11 +351,34 @@ class SweepEngine:
                 sel = torch.as_tensor(finishing, device=latents.device)
                 d, f = self._finish(backbone, [chunk[j] for j in finishing],
                                     latents.index_select(0, sel), reference, metrics,
-                                    [trajectories.get(j) for j in finishing])
+                                    [trajectories.get(j) for j in finishing],
+                                    [probes[j] for j in finishing])
                 done += d
                 failed += f
             active = [j for j in active if chunk[j].steps > tick]
+        if recorder is not None:
+            self._remove_probes(backbone, adapter)
         return done, failed
+
+    def _install_probes(self, backbone: Any, adapter: Any) -> Any:
+        from adapterswap.probes import ProbeRecorder
+
+        recorder = ProbeRecorder()
+        installed = False
+        for part in (backbone, adapter):
+            if part is not None and part.supports_probes:
+                part.set_probe(recorder)
+                installed = True
+        if not installed:
+            self.log(f"no probes: neither {backbone.name!r} nor the adapter supports them")
+            return None
+        return recorder
+
+    @staticmethod
+    def _remove_probes(backbone: Any, adapter: Any) -> None:
+        for part in (backbone, adapter):
+            if part is not None and part.supports_probes:
+                part.set_probe(None)
 
     def _score(self, images: list[Any], cells: list[Cell], reference: Any,
                timings: list[dict[str, float]], metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -373,7 +407,8 @@ class SweepEngine:
         return scores
 
     def _finish(self, backbone: Any, samples: list[_Sample], latents: Any, reference: Any,
-                metrics: dict[str, Any], trajectories: list[list[Any] | None]) -> tuple[int, int]:
+                metrics: dict[str, Any], trajectories: list[list[Any] | None],
+                probes: list[list[tuple[int, str, str, float]]]) -> tuple[int, int]:
         """Decode, score and commit finished samples (one transaction per cell)."""
         import torch
 
@@ -413,7 +448,8 @@ class SweepEngine:
             image_path = self.store.save_image(sample.key, images[i]) \
                 if self.spec.save_images else None
             self.store.record_cell(sample.key, config, status="done", scores=scores[i],
-                                   image=image_path, timings=timings[i], trajectory=trajectory)
+                                   image=image_path, timings=timings[i], trajectory=trajectory,
+                                   probes=probes[i])
             done += 1
             self.on_cell(sample.cell, "done")
         return done, failed

@@ -58,6 +58,45 @@ def plot_curves(analysis: Analysis) -> dict[str, bytes]:
                                xlabel="step of the run (predicted clean image)",
                                title="{metric} along the run (x0 preview, mean, 95% CI)"))
     plots.update(_pareto_plot(analysis))
+    plots.update(_probe_plots(analysis))
+    return plots
+
+
+def _probe_plots(analysis: Analysis) -> dict[str, bytes]:
+    """Per probe quantity: a step x block heatmap (longest run) and the mean over blocks
+    against the fraction of the schedule for every run length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    plots = {}
+    groups: dict[tuple[str, str, str], list[Any]] = {}
+    for probe_map in analysis.probes:
+        groups.setdefault((probe_map.backbone, probe_map.setting, probe_map.quantity),
+                          []).append(probe_map)
+    for i, ((backbone, setting, quantity), maps) in enumerate(sorted(groups.items())):
+        longest = max(maps, key=lambda m: m.num_steps)
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, max(3.0, 0.18 * len(longest.blocks)
+                                                             + 1.5)))
+        image = ax1.imshow(np.array(longest.matrix), aspect="auto", cmap="viridis",
+                           interpolation="nearest")
+        ax1.set_yticks(range(len(longest.blocks)))
+        ax1.set_yticklabels(longest.blocks, fontsize=6)
+        ax1.set_xlabel(f"step (of {longest.num_steps})")
+        ax1.set_title(f"{quantity} per block", fontsize=9)
+        fig.colorbar(image, ax=ax1)
+        for probe_map in sorted(maps, key=lambda m: m.num_steps):
+            x = [(s + 1) / probe_map.num_steps for s in range(probe_map.num_steps)]
+            ax2.plot(x, probe_map.mean_curve, marker="o", label=f"{probe_map.num_steps} steps")
+        ax2.set_xlabel("fraction of the schedule")
+        ax2.set_ylabel(f"mean {quantity} over blocks")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=7)
+        fig.suptitle(f"{backbone} + {setting}: {quantity}", fontsize=10)
+        plots[f"probes-{i:02d}-{safe_name(backbone)}-{safe_name(quantity)}"] = _png(fig)
+        plt.close(fig)
     return plots
 
 
@@ -222,10 +261,18 @@ def build_report(out: str | Path, *, fraction: float = 0.95,
         versions = store.meta("versions", {})
         notes = store.meta("metric_notes", [])
         swap_meta = store.meta("swap")
+        exit_meta = store.meta("probe_exit")
         trajectory_rows = store.trajectory_rows()
         analysis = analyse(rows, latency_rows, fraction=fraction, latency_budget=latency_budget,
-                           trajectory_rows=trajectory_rows)
+                           trajectory_rows=trajectory_rows, probe_rows=store.probe_rows())
         strips = _trajectory_strips(store, rows)
+        exits = []
+        if exit_meta:
+            from adapterswap.sweep.exit import exit_comparison
+
+            exits = exit_comparison(rows, latency_rows, exit_meta, analysis.fidelity_metric)
+            (out / "probe_exit.json").write_text(json.dumps(
+                {"plan": exit_meta, "comparison": exits}, indent=2, default=str))
         store_swap = None
         if swap_meta:
             store_swap = swap_comparison(rows, latency_rows, source=swap_meta["from"],
@@ -317,6 +364,40 @@ def build_report(out: str | Path, *, fraction: float = 0.95,
             parts.append(f'<figure><img alt="x0 strip" src="{_data_uri(png)}"><figcaption>'
                          f"x0 previews, step 1 to the last: {html.escape(title)}</figcaption>"
                          "</figure>")
+    if exit_meta:
+        parts.append("<h2>Probe-guided adapter exit</h2>")
+        parts.append(f"<p>The adapter's window ends at the first step where its relative "
+                     f"contribution ({html.escape(exit_meta['quantity'])}, mean over blocks) "
+                     f"falls below {exit_meta['threshold']:g}; the same cells ran with that "
+                     "window. Deltas are exit minus full window, paired by reference, prompt "
+                     "and seed.</p>")
+        body = []
+        for e in exits:
+            for metric, d in e["deltas"].items():
+                body.append([e["backbone"], e["steps"], e["exit_step"],
+                             f"{e['adapter_compute_saved']:.0%}", e["latency_full_s"],
+                             e["latency_exit_s"], metric, d["mean"], d["ci_low"], d["ci_high"],
+                             d["n"]])
+        parts.append(_table(["backbone", "steps", "exit at step", "adapter steps saved",
+                             "latency full (s)", "latency exit (s)", "metric", "delta",
+                             "95% CI low", "95% CI high", "pairs"], body))
+        never = [p for p in exit_meta["plan"] if p["exit_step"] is None]
+        for p in never:
+            parts.append(f"<p>{html.escape(p['backbone'])}, {p['steps']} steps: the "
+                         "contribution never fell below the threshold; full window kept.</p>")
+    if analysis.probes:
+        parts.append("<h2>Attention-stream probes</h2>")
+        parts.append("<p>Norm of the adapter's (or text) stream relative to the base stream, "
+                     "per block and step, averaged over cells.</p>")
+        parts.append(_table(
+            ["backbone", "setting", "quantity", "steps", "cells", "first step (mean)",
+             "last step (mean)"],
+            [[m.backbone, m.setting, m.quantity, m.num_steps, m.cells, m.mean_curve[0],
+              m.mean_curve[-1]] for m in analysis.probes]))
+        for name, png in plots.items():
+            if name.startswith("probes-"):
+                parts.append(f'<figure><img alt="{html.escape(name)}" src="{_data_uri(png)}">'
+                             "</figure>")
     parts.append("<h2>Per-step tables</h2>")
     for curve in analysis.curves:
         parts.append(f"<h3>{html.escape(curve.backbone)} + {html.escape(curve.adapter)}: "

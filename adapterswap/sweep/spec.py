@@ -68,6 +68,8 @@ class SweepSpec:
         ``[[start, end]]``.
     :ivar adapter_off: also run every cell with the adapter detached (ablation baseline).
     :ivar trajectory: decode and score the predicted clean image at every step.
+    :ivar probes: record attention-stream norm probes (adapter vs base stream) per step and
+        block.
     :ivar only_default_steps: run each backbone at its own default step count only (the
         ``swap`` comparison).
     :ivar step_parallel: advance runs with different step counts together in one forward.
@@ -99,6 +101,7 @@ class SweepSpec:
     windows: list[list[float]] = field(default_factory=list)
     adapter_off: bool = False
     trajectory: bool = False
+    probes: bool = False
     step_parallel: bool = True
     max_batch: int = 16
     timing_repeats: int = 1
@@ -319,6 +322,7 @@ class SweepSpec:
             dtype=self.dtype or "",
             adapter_options=json.dumps(self.adapter_options, sort_keys=True) if on else "{}",
             trajectory=self.trajectory,
+            probes=self.probes,
         )
 
 
@@ -359,6 +363,7 @@ class Cell:
     dtype: str
     adapter_options: str = "{}"
     trajectory: bool = False
+    probes: bool = False
 
     def config(self) -> dict[str, Any]:
         return asdict(self)

@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS latency (
     start REAL NOT NULL DEFAULT 0, "end" REAL NOT NULL DEFAULT 1,
     PRIMARY KEY (backbone, adapter, steps, height, width, start, "end")
 );
+CREATE TABLE IF NOT EXISTS probes (
+    cell TEXT NOT NULL REFERENCES cells(key), step INTEGER NOT NULL, block TEXT NOT NULL,
+    quantity TEXT NOT NULL, value REAL, PRIMARY KEY (cell, step, block, quantity)
+);
 CREATE TABLE IF NOT EXISTS trajectory (
     cell TEXT NOT NULL REFERENCES cells(key), step INTEGER NOT NULL, metric TEXT NOT NULL,
     value REAL, PRIMARY KEY (cell, step, metric)
@@ -143,7 +147,8 @@ class RunStore:
                     scores: Mapping[str, float | None], image: str | None = None,
                     timings: Mapping[str, float] | None = None,
                     error: str | None = None,
-                    trajectory: Mapping[int, Mapping[str, float | None]] | None = None) -> None:
+                    trajectory: Mapping[int, Mapping[str, float | None]] | None = None,
+                    probes: Sequence[tuple[int, str, str, float]] | None = None) -> None:
         """Commit a finished (or failed) cell, its scores and its per-step trajectory scores
         in one transaction."""
         values = [config[c] for c in CELL_COLUMNS]
@@ -164,6 +169,10 @@ class RunStore:
                            [(key, step, m, _finite_or_none(v))
                             for step, values in (trajectory or {}).items()
                             for m, v in values.items()])
+            db.execute("DELETE FROM probes WHERE cell = ?", (key,))
+            db.executemany("INSERT OR REPLACE INTO probes VALUES (?, ?, ?, ?, ?)",
+                           [(key, step, block, quantity, _finite_or_none(v))
+                            for step, block, quantity, v in (probes or [])])
 
     def set_metric_status(self, metric: str, available: bool, reason: str | None) -> None:
         with self.transaction() as db:
@@ -192,6 +201,11 @@ class RunStore:
         return [dict(zip(columns, r)) for r in self.db.execute(
             "SELECT backbone, adapter, steps, height, width, total_s, denoise_s, repeats, "
             "device, start, \"end\" FROM latency")]
+
+    def probe_rows(self) -> list[dict[str, Any]]:
+        return [{"cell": c, "step": s, "block": b, "quantity": q, "value": v}
+                for c, s, b, q, v in self.db.execute(
+                    "SELECT cell, step, block, quantity, value FROM probes ORDER BY cell, step")]
 
     def trajectory_rows(self) -> list[dict[str, Any]]:
         return [{"cell": c, "step": s, "metric": m, "value": v} for c, s, m, v in
