@@ -390,9 +390,16 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
 def _run_spec(spec: Any) -> Any:
     """Validate, run with a progress bar, rebuild the report; return (summary, report path).
     With ``spec.probe_exit`` set, run the probe-guided exit (two passes) instead."""
+    from adapterswap.sweep.distributed import dist_env
     from adapterswap.sweep.report import build_report
 
     threshold = getattr(spec, "_probe_exit", None)
+    if dist_env() is not None:
+        if threshold is not None:
+            from adapterswap.errors import UsageError
+
+            raise UsageError("--probe-exit runs on one process; start it without torchrun")
+        return _execute_distributed(spec)
     if threshold is None:
         summary = _execute(spec)
     else:
@@ -407,6 +414,63 @@ def _run_spec(spec: Any) -> Any:
             summary.skipped += extra.skipped
             summary.seconds += extra.seconds
     return summary, build_report(spec.out)
+
+
+def _execute_distributed(spec: Any) -> Any:
+    """One rank of a torchrun job: run this rank's share into its shard; rank 0 merges the
+    shards and writes the report. Returns (summary of the whole job on rank 0, report)."""
+    import torch
+    import torch.distributed as dist
+
+    from adapterswap.sweep.distributed import (
+        assign,
+        barrier,
+        destroy,
+        dist_env,
+        finished_everywhere,
+        init_process_group,
+        merge,
+        shard_dir,
+    )
+    from adapterswap.sweep.engine import SweepEngine, SweepSummary
+    from adapterswap.sweep.report import build_report
+    from adapterswap.sweep.store import RunStore
+
+    env = dist_env()
+    assert env is not None
+    init_process_group(env)
+    try:
+        spec.validate()
+        if spec.device is None and torch.cuda.is_available():
+            spec.device = f"cuda:{env.local_rank}"
+        finished = finished_everywhere(spec.out)
+        with RunStore(shard_dir(spec.out, env.rank)) as store:
+            engine = SweepEngine(spec, store, log=lambda m: click.echo(
+                f"rank {env.rank}: {m}", err=True))
+            keyed = engine.keyed_cells()
+            owner = assign([(c, k) for c, k in keyed if k not in finished], env.world_size)
+            mine = {k for k, r in owner.items() if r == env.rank}
+            summary = engine.run(only_keys=mine, finished_elsewhere=finished)
+            summary.skipped = len([k for _, k in keyed if k in finished])
+        click.echo(f"rank {env.rank}/{env.world_size}: {summary.done} cells done, "
+                   f"{summary.failed} failed", err=True)
+        summaries: list[Any] = [None] * env.world_size
+        dist.all_gather_object(summaries, summary)
+        barrier()
+        report = None
+        total = SweepSummary(total=len(keyed), skipped=summary.skipped)
+        for part in summaries:
+            total.done += part.done
+            total.failed += part.failed
+            total.seconds = max(total.seconds, part.seconds)
+            total.unavailable_metrics.update(part.unavailable_metrics)
+        if env.rank == 0:
+            merge(spec.out)
+            report = build_report(spec.out)
+        barrier()
+        return total, report
+    finally:
+        destroy()
 
 
 def _execute(spec: Any) -> Any:
@@ -477,19 +541,59 @@ def _execute(spec: Any) -> Any:
 @click.option("--probe-exit", default=None, type=float, metavar="THRESHOLD",
               help="Probe-guided exit: end the adapter's window where its relative "
                    "contribution falls below THRESHOLD, re-run, and compare.")
+@click.option("--launcher", type=click.Choice(["torchrun"]), default=None,
+              help="Start the sweep on several processes with torchrun (one per GPU).")
+@click.option("--nproc", default=None, type=int,
+              help="Processes for --launcher torchrun (default: the number of GPUs, else 2).")
 @_common_sweep_options
 def sweep_command(backbones: tuple[str, ...], adapter: str | None, steps: str | None,
                   sequential: bool, trajectory: bool, scales: str | None,
                   windows: str | None, adapter_off: bool, probes: bool,
-                  probe_exit: float | None, config: str | None, **flags: Any) -> None:
+                  probe_exit: float | None, launcher: str | None, nproc: int | None,
+                  config: str | None, **flags: Any) -> None:
     """Run a step sweep (backbones x references x prompts x seeds x steps), score every cell,
-    and write results.sqlite, results.csv and report.html. Re-running resumes."""
+    and write results.sqlite, results.csv and report.html. Re-running resumes.
+
+    On several GPUs: torchrun --nproc-per-node N -m adapterswap sweep ... (or --launcher
+    torchrun): each rank runs a balanced share into its shard; rank 0 merges and reports."""
+    if launcher == "torchrun":
+        _relaunch_with_torchrun(nproc)
     _run_sweep_command("sweep", backbones, adapter, steps, config, flags, {
         "step_parallel": False if sequential else None,
         "trajectory": True if trajectory else None,
         "adapter_off": True if adapter_off else None,
         "probes": True if probes else None,
     }, scales, windows, probe_exit=probe_exit)
+
+
+def _relaunch_with_torchrun(nproc: int | None) -> None:
+    """Re-run this command under torchrun (without --launcher/--nproc) and exit with its
+    status."""
+    import os
+    import subprocess
+
+    from adapterswap.errors import InvalidArgumentError
+
+    if nproc is None:
+        import torch
+
+        nproc = torch.cuda.device_count() or 2
+    if nproc < 1:
+        raise InvalidArgumentError("--nproc", nproc, "must be >= 1")
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--launcher", "--nproc"):
+            skip = True
+            continue
+        if arg.startswith(("--launcher=", "--nproc=")):
+            continue
+        args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "adapterswap", *args]
+    raise SystemExit(subprocess.call(command, env=dict(os.environ)))
 
 
 def _run_sweep_command(kind: str, backbones: tuple[str, ...], adapter: str | None,
@@ -564,6 +668,8 @@ def ablate_command(backbones: tuple[str, ...], adapter: str | None, steps: str |
 
 
 def _print_summary(summary: Any, report: Any) -> None:
+    if report is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     for metric, reason in sorted(summary.unavailable_metrics.items()):
         click.echo(f"warning: metric {metric!r} unavailable: {reason}", err=True)
     click.echo(f"{summary.done} cells done, {summary.skipped} already finished, "
@@ -615,6 +721,20 @@ def swap_command(adapter: str | None, source: str, target: str, config: str | No
                    f"{d['mean']:+.4g} (95% CI {d['ci_low']:+.4g} .. {d['ci_high']:+.4g}, "
                    f"n={d['n']})")
     _print_summary(summary, report)
+
+
+@main.command("merge", epilog="Examples:\n\n\b\n  adapterswap merge runs/big-study")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+def merge_command(directory: str) -> None:
+    """Merge the per-rank store shards of a distributed sweep into DIR/results.sqlite (every
+    cell exactly once) and rebuild the report."""
+    from adapterswap.sweep.distributed import merge
+    from adapterswap.sweep.report import build_report
+
+    counts = merge(directory)
+    report = build_report(directory)
+    click.echo(f"merged {counts['shards']} shards ({counts['cells_added']} new cells); "
+               f"report: {report}")
 
 
 @main.command("report", epilog="Examples:\n\n\b\n  adapterswap report runs/sdxl-tiny")

@@ -180,17 +180,27 @@ class SweepEngine:
             image.save(folder / name)
 
     # ------------------------------------------------------------------ run
-    def run(self) -> SweepSummary:
-        start = time.perf_counter()
-        cells = self.spec.cells()
+    def keyed_cells(self) -> list[tuple[Cell, str]]:
+        """Every cell of the spec with its key."""
         versions = self.versions()
-        keyed = [(cell, cell.key(versions)) for cell in cells]
-        finished = self.store.finished_keys()
-        todo = [(c, k) for c, k in keyed if k not in finished]
-        summary = SweepSummary(total=len(cells), skipped=len(cells) - len(todo))
+        return [(cell, cell.key(versions)) for cell in self.spec.cells()]
+
+    def run(self, *, only_keys: set[str] | None = None,
+            finished_elsewhere: set[str] | None = None) -> SweepSummary:
+        """Run every unfinished cell (or, for a distributed shard, those in ``only_keys``);
+        cells in ``finished_elsewhere`` (other shards, the merged store) are skipped too."""
+        start = time.perf_counter()
+        keyed = self.keyed_cells()
+        versions = self.versions()
+        cells = [c for c, _ in keyed]
+        finished = self.store.finished_keys() | (finished_elsewhere or set())
+        mine = [(c, k) for c, k in keyed if only_keys is None or k in only_keys]
+        todo = [(c, k) for c, k in mine if k not in finished]
+        summary = SweepSummary(total=len(mine), skipped=len(mine) - len(todo))
         self.store.set_meta("spec", self.spec.to_dict())
         self.store.set_meta("versions", versions)
         self.store.set_meta("cell_keys", [k for _, k in keyed])
+        del cells
         metrics = self.load_metrics()
         summary.unavailable_metrics = {m: r for m, (ok, r) in self.store.metric_status().items()
                                        if not ok and m in self.spec.metrics}

@@ -163,7 +163,8 @@ def _pareto_plot(analysis: Analysis) -> dict[str, bytes]:
         ax.set_ylabel("fidelity")
         ax.set_title("latency-fidelity Pareto front (labels: steps)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         plots["pareto"] = _png(fig)
         plt.close(fig)
     return plots
