@@ -348,6 +348,8 @@ def _common_sweep_options(func: Any) -> Any:
         click.option("--adapter-option", "adapter_options", multiple=True, metavar="KEY=VALUE"),
         click.option("--max-batch", default=None, type=int,
                      help="Most samples per denoiser forward (default 16)."),
+        click.option("--dry-run", is_flag=True,
+                     help="Validate the spec and print what would run; run nothing."),
         click.option("--config", "config", default=None, type=click.Path(),
                      help="TOML sweep spec; flags override it."),
     ]
@@ -361,7 +363,8 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
                 height: int | None, width: int | None, guidance_scale: float | None,
                 metrics: str | None, out: str | None, preset: str | None, device: str | None,
                 dtype: str | None, sources: tuple[str, ...], adapter_source: str | None,
-                adapter_options: tuple[str, ...], max_batch: int | None) -> dict[str, Any]:
+                adapter_options: tuple[str, ...], max_batch: int | None,
+                dry_run: bool = False) -> dict[str, Any]:
     from adapterswap.sweep.spec import parse_int_list, read_prompts_file
 
     prompt_list = list(prompts)
@@ -608,6 +611,7 @@ def _run_sweep_command(kind: str, backbones: tuple[str, ...], adapter: str | Non
     )
 
     _warn_plugin_failures()
+    dry_run = flags.pop("dry_run", False)
     values = _spec_flags(**flags)
     values.update({"backbones": list(backbones) or None, "adapter": adapter,
                    "steps": parse_int_list("--steps", steps),
@@ -621,6 +625,9 @@ def _run_sweep_command(kind: str, backbones: tuple[str, ...], adapter: str | Non
                          f"{'-tiny' if values.get('preset') else ''}")
     spec = SweepSpec.merged(base, values)
     spec._probe_exit = probe_exit
+    if dry_run:
+        _dry_run(spec)
+        return
     summary, report = _run_spec(spec)
     _print_summary(summary, report)
 
@@ -667,6 +674,20 @@ def ablate_command(backbones: tuple[str, ...], adapter: str | None, steps: str |
         "adapter_off": True, "only_default_steps": None if steps else True}, scales, windows)
 
 
+def _dry_run(spec: Any) -> None:
+    """Print what a spec would run (after validation)."""
+    spec.validate()
+    cells = spec.cells()
+    for note in spec.defaults_used:
+        click.echo(f"note: {note}", err=True)
+    steps = sorted({c.steps for c in cells})
+    click.echo(f"{len(cells)} cells: backbones {', '.join(spec.backbones)}; "
+               f"adapter settings {len({c.setting() for c in cells})}; "
+               f"{len(spec.references) or 0} reference(s) x {len(spec.prompts)} prompt(s) x "
+               f"{len(spec.seeds)} seed(s); steps {','.join(map(str, steps))}; "
+               f"metrics {', '.join(spec.metrics) or '-'}; out {spec.out}")
+
+
 def _print_summary(summary: Any, report: Any) -> None:
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return
@@ -700,6 +721,7 @@ def swap_command(adapter: str | None, source: str, target: str, config: str | No
     from adapterswap.sweep.store import RunStore
 
     _warn_plugin_failures()
+    dry_run = flags.pop("dry_run", False)
     values = _spec_flags(**flags)
     values.update({"backbones": [source, target], "adapter": adapter,
                    "only_default_steps": True})
@@ -708,6 +730,9 @@ def swap_command(adapter: str | None, source: str, target: str, config: str | No
     base = SweepSpec.from_toml(config) if config else {}
     spec = SweepSpec.merged(base, values)
     spec.validate()
+    if dry_run:
+        _dry_run(spec)
+        return
     with RunStore(spec.out) as store:
         store.set_meta("swap", {"from": source, "to": target})
     summary, report = _run_spec(spec)

@@ -98,3 +98,8 @@ class MetricUnavailableError(AdapterswapError):
 
 class PluginLoadError(AdapterswapError):
     """A plugin distribution failed to import or register."""
+
+
+class StoreWriteError(AdapterswapError):
+    """The run store or an image could not be written (disk full, read-only, ...). Cells
+    committed before stay; re-running resumes."""

@@ -39,6 +39,31 @@ def software_versions(plugin_names: Sequence[str] = ()) -> dict[str, str]:
     return versions
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA (or other accelerator) out-of-memory errors, which a smaller batch may avoid."""
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 @dataclass
 class SweepSummary:
     """What a run did: counts, where things are, and unavailable metrics."""
@@ -70,6 +95,7 @@ class SweepEngine:
         self.log = log or (lambda message: None)
         self._adapters: dict[str, Any] = {}
         self._references: dict[str, Any] = {}
+        self._oom_retries = 0
 
     # ------------------------------------------------------------------ setup
     def versions(self) -> dict[str, str]:
@@ -279,9 +305,33 @@ class SweepEngine:
         if not self.spec.step_parallel:
             samples.sort(key=lambda s: s.steps)
         done = failed = 0
-        for chunk in self._chunks(samples):
-            d, f = self._run_chunk(backbone, adapter, chunk, prompt, conditioning, reference,
-                                   guidance, metrics)
+        pending = self._chunks(samples)
+        while pending:
+            chunk = pending.pop(0)
+            try:
+                d, f = self._run_chunk(backbone, adapter, chunk, prompt, conditioning,
+                                       reference, guidance, metrics)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                free_device_memory()
+                finished = self.store.finished_keys()
+                rest = [s for s in chunk if s.key not in finished]
+                done += len(chunk) - len(rest)
+                if len(rest) > 1:
+                    half = (len(rest) + 1) // 2
+                    self.log(f"out of memory at batch {len(chunk)}; retrying as "
+                             f"{half} + {len(rest) - half}")
+                    self._oom_retries += 1
+                    self.store.set_meta("oom_retries", self._oom_retries)
+                    pending[:0] = [rest[:half], rest[half:]]
+                    continue
+                for sample in rest:
+                    self.store.record_cell(sample.key, sample.cell.config(), status="failed",
+                                           scores={}, error=f"out of memory at batch 1: {exc}")
+                    self.on_cell(sample.cell, "failed")
+                failed += len(rest)
+                continue
             done += d
             failed += f
         return done, failed

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from adapterswap.errors import UsageError
+from adapterswap.errors import StoreWriteError, UsageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,16 +66,22 @@ class RunStore:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "images").mkdir(exist_ok=True)
         except OSError as exc:
-            raise UsageError(f"cannot create the output directory {str(self.out)!r}: "
-                             f"{exc.strerror or exc}") from None
+            raise UsageError(f"invalid --out={str(self.out)!r}: cannot create the output "
+                             f"directory ({exc.strerror or exc})") from None
         self.path = self.out / "results.sqlite"
         self._lock_handle: Any = None
         if lock:
             self._acquire_lock()
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            if self._lock_handle is not None:
+                self._lock_handle.close()
+            raise UsageError(f"invalid --out={str(self.out)!r}: cannot open the run store "
+                             f"{str(self.path)!r} ({exc})") from None
 
     # ------------------------------------------------------------------ locking
     def _acquire_lock(self) -> None:
@@ -111,13 +117,28 @@ class RunStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise self._write_error(exc) from None
         try:
             yield self.db
+        except sqlite3.OperationalError as exc:
+            self.db.execute("ROLLBACK")
+            raise self._write_error(exc) from None
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            raise self._write_error(exc) from None
+
+    def _write_error(self, exc: BaseException) -> StoreWriteError:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return StoreWriteError(
+            f"cannot write results to {str(self.out)!r}: {reason}. Cells finished before are "
+            "kept; fix the problem (free space, permissions) and re-run to resume")
 
     # ------------------------------------------------------------------ meta
     def set_meta(self, key: str, value: Any) -> None:
@@ -139,8 +160,12 @@ class RunStore:
         """Write the image atomically (temp file + rename); return its path relative to out."""
         final = self.image_path(key)
         tmp = final.with_suffix(".tmp.png")
-        image.save(tmp)
-        os.replace(tmp, final)
+        try:
+            image.save(tmp)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._write_error(exc) from None
         return str(final.relative_to(self.out))
 
     def record_cell(self, key: str, config: Mapping[str, Any], *, status: str,
