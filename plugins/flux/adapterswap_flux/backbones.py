@@ -1,0 +1,459 @@
+"""FLUX.1 backbones: ``flux-dev`` (embedded guidance) and ``flux-schnell`` (no guidance).
+
+Both wrap a diffusers ``FluxPipeline`` and expose its steps to the engine, so that
+:func:`adapterswap.denoise.denoise` gives, for the same weights, seed and settings, the image
+``FluxPipeline.__call__`` gives:
+
+- ``encode_prompt``: CLIP pooled + T5 sequence (``max_sequence_length`` 512 for dev, 256 for
+  schnell), ``text_ids`` zeros;
+- ``prepare_latents``: one ``randn`` draw of ``(1, C, H/8, W/8)`` per generator, packed into 2x2
+  patches;
+- ``schedule``: a scheduler instance of its own per run; sigmas ``linspace(1, 1/N, N)``, then
+  FLUX.1-dev's resolution-dependent shift ``mu`` (from the packed image sequence length, as
+  ``FluxPipeline`` computes it) or FLUX.1-schnell's plain shift 1.0;
+- ``predict``: one transformer call with per-sample timesteps ``(B,)`` / 1000, the guidance
+  embedding for dev, and optional ControlNet residuals from an adapter;
+- ``step``: flow-matching Euler ``x + (sigma_next - sigma) * v`` in float32;
+  ``predict_x0``: ``x - sigma * v``;
+- ``decode``: unpack, undo the VAE's scaling and shift, decode, post-process.
+
+Adapter inputs ``predict`` understands (``Adapter.denoiser_inputs`` returns them):
+``controlnet_block_samples``, ``controlnet_single_block_samples`` (lists of ``(B, L, D)``
+residuals, already scaled), ``controlnet_blocks_repeat`` (bool) and ``joint_attention_kwargs``.
+
+torch and diffusers are imported inside methods so ``adapterswap list`` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from adapterswap.backbone import Backbone
+from adapterswap.errors import InvalidArgumentError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from adapterswap.denoise import Schedule, StepContext, TensorBundle
+
+#: Files a complete FLUX.1 diffusers directory has (``a|b``: either; sharded weights have an
+#: index file). Checked before loading and by ``adapterswap doctor``.
+FLUX_REQUIRED_FILES: tuple[str, ...] = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors"
+    "|transformer/diffusion_pytorch_model.safetensors.index.json",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors|text_encoder_2/model.safetensors.index.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer_2/tokenizer_config.json",
+)
+
+#: Keys of ``adapter_inputs`` that :meth:`FluxBackbone.predict` passes to the transformer.
+ADAPTER_INPUT_KEYS = frozenset({
+    "controlnet_block_samples", "controlnet_single_block_samples", "controlnet_blocks_repeat",
+    "joint_attention_kwargs",
+})
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+class FluxBackbone(Backbone):
+    """Shared implementation of the FLUX.1 backbones (not registered itself).
+
+    Options (``FluxDev(source, device=..., dtype=..., **options)``):
+
+    :param cpu_offload: diffusers' model CPU offload (each model moves to the GPU only while it
+        runs); needs a CUDA device. InfiniteYou's ``--cpu_offload``.
+    :param quantize_8bit: quantize the transformer and the T5 encoder to 8-bit weights with
+        optimum-quanto (``qint8``), as InfiniteYou's ``--quantize_8bit``; needs
+        ``pip install 'adapterswap-flux[quantize]'``.
+    :param max_sequence_length: T5 tokens (default 512 for dev, 256 for schnell; at most 512).
+    """
+
+    family = "flux"
+    required_files = FLUX_REQUIRED_FILES
+    default_adapter = "infusenet"
+    default_height = 1024
+    default_width = 1024
+    #: T5 sequence length the checkpoint is run with.
+    max_sequence_length: ClassVar[int] = 512
+    #: Whether the transformer must have a guidance embedding (dev) or must not (schnell).
+    expects_guidance_embeds: ClassVar[bool] = True
+    #: The diffusers family :func:`adapterswap.tiny.save_tiny_pipeline` builds for ``tiny()``.
+    tiny_family: ClassVar[str] = "flux-dev"
+    options_known: ClassVar[tuple[str, ...]] = ("cpu_offload", "quantize_8bit",
+                                               "max_sequence_length")
+    #: Probes: the text/image stream RMS ratio after every block (``adapterswap_flux.probes``).
+    supports_probes = True
+
+    def __init__(self, source: str | None = None, *, device: str | None = None,
+                 dtype: Any = None, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.options_known))
+        if unknown:
+            raise InvalidArgumentError(
+                "option", unknown[0],
+                f"backbone {self.name!r} knows only {', '.join(self.options_known)}")
+        for flag in ("cpu_offload", "quantize_8bit"):
+            if flag in options and not isinstance(options[flag], bool):
+                raise InvalidArgumentError(flag, options[flag], "must be True or False")
+        length = options.get("max_sequence_length", type(self).max_sequence_length)
+        if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= 512:
+            raise InvalidArgumentError("max_sequence_length", length,
+                                       "must be an integer in [1, 512]")
+        super().__init__(source, device=device, dtype=dtype, **options)
+        self.max_sequence_length = length
+        self.cpu_offload = bool(options.get("cpu_offload", False))
+        self.quantize_8bit = bool(options.get("quantize_8bit", False))
+        self._image_ids: dict[tuple[int, int], Any] = {}
+        self._probe_hooks: Any = None
+
+    # ------------------------------------------------------------------ loading
+    def load(self) -> FluxBackbone:
+        if self.pipe is None and self.cpu_offload:
+            from adapterswap.backbone import default_device
+
+            device = str(self.device or default_device())
+            if not device.startswith("cuda"):
+                raise InvalidArgumentError("cpu_offload", True,
+                                           f"model CPU offload needs a CUDA device, not {device!r}")
+        super().load()
+        return self
+
+    def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
+        from diffusers import FluxPipeline
+
+        kwargs: dict[str, Any] = {**diffusers_dtype(self.dtype),
+                                  "local_files_only": local_files_only}
+        if self.quantize_8bit:
+            kwargs.update(self._quantized_components(source, local_files_only))
+        pipe = FluxPipeline.from_pretrained(source, **kwargs)
+        has_guidance = bool(pipe.transformer.config.guidance_embeds)
+        if has_guidance != self.expects_guidance_embeds:
+            other = "flux-dev" if has_guidance else "flux-schnell"
+            raise InvalidArgumentError(
+                "source", source,
+                f"its transformer {'has' if has_guidance else 'has no'} guidance embedding, "
+                f"which is a {other} model; use backbone {other!r}")
+        if self.cpu_offload:
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _quantized_components(self, source: str, local_files_only: bool) -> dict[str, Any]:
+        """Transformer and T5 encoder with 8-bit weights (optimum-quanto ``qint8``)."""
+        quanto = _import_quanto("quantize_8bit")
+        from diffusers import FluxTransformer2DModel
+        from transformers import T5EncoderModel
+
+        transformer = FluxTransformer2DModel.from_pretrained(
+            source, subfolder="transformer", local_files_only=local_files_only,
+            **diffusers_dtype(self.dtype))
+        text_encoder_2 = T5EncoderModel.from_pretrained(
+            source, subfolder="text_encoder_2", local_files_only=local_files_only,
+            **transformers_dtype(self.dtype))
+        for model in (transformer, text_encoder_2):
+            quanto.quantize(model, weights=quanto.qint8)
+            quanto.freeze(model)
+        return {"transformer": transformer, "text_encoder_2": text_encoder_2}
+
+    @property
+    def execution_device(self) -> Any:
+        """Where tensors go: the GPU models are moved to (with offload) or the pipe's device."""
+        self.require_loaded()
+        return self.pipe._execution_device
+
+    def unload(self) -> None:
+        self.set_probe(None)
+        super().unload()
+        self._image_ids.clear()
+
+    def set_probe(self, recorder: Any) -> None:
+        """Record the text/image stream RMS ratio (``text/image``) after every double and
+        single block while ``recorder`` is set; ``None`` removes the hooks."""
+        super().set_probe(recorder)
+        if self._probe_hooks is not None:
+            self._probe_hooks.remove()
+            self._probe_hooks = None
+        if recorder is not None:
+            from adapterswap_flux.probes import stream_probe
+
+            self.require_loaded()
+            self._probe_hooks = stream_probe(self.pipe.transformer, self._record_probe)
+
+    def _record_probe(self, block: str, quantity: str, values: Any) -> None:
+        if self.probe is not None:
+            self.probe.record(block, quantity, values)
+
+    # ------------------------------------------------------------------ pipeline steps
+    def encode_prompt(self, prompts: Sequence[str], *, guidance_scale: float | None = None,
+                      negative_prompts: Sequence[str] | None = None) -> TensorBundle:
+        """CLIP pooled (``pooled_prompt_embeds``, batched), T5 (``prompt_embeds``, batched) and
+        ``text_ids`` (shared zeros), as ``FluxPipeline.encode_prompt``."""
+        import torch
+
+        from adapterswap.denoise import TensorBundle
+
+        self.require_loaded()
+        if negative_prompts is not None:
+            raise InvalidArgumentError("negative_prompts", list(negative_prompts),
+                                       f"backbone {self.name!r} has no classifier-free guidance")
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InvalidArgumentError("prompts", prompts, "need one or more strings")
+        with torch.no_grad():
+            prompt_embeds, pooled, text_ids = self.pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=self.execution_device,
+                num_images_per_prompt=1, max_sequence_length=self.max_sequence_length)
+        return TensorBundle({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled},
+                            {"text_ids": text_ids})
+
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+        factor = self.pipe.vae_scale_factor * 2
+        return 2 * (int(height) // factor), 2 * (int(width) // factor)
+
+    def prepare_latents(self, generators: Sequence[torch.Generator], *, height: int,
+                        width: int) -> torch.Tensor:
+        """Packed noise ``(B, H/16 * W/16, 4C)``: row ``i`` is ``FluxPipeline``'s draw for a
+        batch of one with ``generators[i]``."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        self.require_loaded()
+        if not generators:
+            raise InvalidArgumentError("generators", [], "need at least one generator")
+        h, w = self._latent_size(height, width)
+        channels = self.pipe.transformer.config.in_channels // 4
+        device = self.execution_device
+        rows = [randn_tensor((1, channels, h, w), generator=g, device=device, dtype=self.dtype)
+                for g in generators]
+        latents = torch.cat(rows, dim=0)
+        return self.pipe._pack_latents(latents, len(rows), channels, h, w)
+
+    def schedule(self, num_inference_steps: int, *, height: int, width: int) -> Schedule:
+        """Timesteps and sigmas of one run, from a scheduler instance of its own."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        from adapterswap.denoise import Schedule
+
+        self.require_loaded()
+        self.check_inputs(num_inference_steps=num_inference_steps, height=height, width=width)
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        config = scheduler.config
+        n = num_inference_steps
+        sigmas = np.linspace(1.0, 1 / n, n)
+        if getattr(config, "use_flow_sigmas", False):
+            sigmas = None
+        h, w = self._latent_size(height, width)
+        mu = calculate_shift((h // 2) * (w // 2), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        if sigmas is None:
+            scheduler.set_timesteps(n, device=self.execution_device, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=self.execution_device, mu=mu)
+        return Schedule(n, scheduler.timesteps, scheduler.sigmas, scheduler)
+
+    def latent_image_ids(self, height: int, width: int) -> torch.Tensor:
+        """The image tokens' positional ids ``(H/16 * W/16, 3)`` (cached per size)."""
+        key = (int(height), int(width))
+        if key not in self._image_ids:
+            h, w = self._latent_size(height, width)
+            self._image_ids[key] = self.pipe._prepare_latent_image_ids(
+                1, h // 2, w // 2, self.execution_device, self.dtype)
+        return self._image_ids[key]
+
+    def predict(self, latents: torch.Tensor, ctx: StepContext, prompt: TensorBundle, *,
+                guidance_scale: float | None,
+                adapter_inputs: dict[str, Any] | None = None) -> torch.Tensor:
+        """The transformer's velocity for the batch, each sample at its own timestep."""
+        import torch
+
+        self.require_loaded()
+        batch = latents.shape[0]
+        extra = dict(adapter_inputs or {})
+        unknown = sorted(set(extra) - ADAPTER_INPUT_KEYS)
+        if unknown:
+            raise UsageError(f"backbone {self.name!r} does not understand adapter inputs "
+                             f"{unknown}; it takes {sorted(ADAPTER_INPUT_KEYS)}")
+        timestep = torch.as_tensor(ctx.timesteps, device=latents.device).reshape(-1)
+        if timestep.numel() == 1:
+            timestep = timestep.expand(batch)
+        if timestep.numel() != batch:
+            raise InvalidArgumentError("ctx.timesteps", tuple(timestep.shape),
+                                       f"need one timestep per sample (batch of {batch})")
+        timestep = timestep.to(latents.dtype)
+        guidance = None
+        if self.pipe.transformer.config.guidance_embeds:
+            if guidance_scale is None:
+                raise InvalidArgumentError("guidance_scale", None,
+                                           f"backbone {self.name!r} needs an embedded guidance")
+            guidance = torch.full([1], guidance_scale, device=latents.device,
+                                  dtype=torch.float32).expand(batch)
+        with torch.no_grad():
+            return self.pipe.transformer(
+                hidden_states=latents,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=prompt["pooled_prompt_embeds"],
+                encoder_hidden_states=prompt["prompt_embeds"],
+                txt_ids=prompt["text_ids"],
+                img_ids=self.latent_image_ids(ctx.height, ctx.width),
+                joint_attention_kwargs=extra.pop("joint_attention_kwargs", None),
+                return_dict=False,
+                **extra,
+            )[0]
+
+    def step(self, model_output: torch.Tensor, latents: torch.Tensor, schedule: Schedule,
+             step_index: int) -> torch.Tensor:
+        """Flow-matching Euler step in float32, cast back (``FlowMatchEulerDiscreteScheduler``)."""
+        import torch
+
+        sigma = schedule.sigmas[step_index]
+        sigma_next = schedule.sigmas[step_index + 1]
+        updated = latents.to(torch.float32) + (sigma_next - sigma) * model_output
+        return updated.to(model_output.dtype)
+
+    def predict_x0(self, model_output: torch.Tensor, latents: torch.Tensor, schedule: Schedule,
+                   step_index: int) -> torch.Tensor:
+        """``x0 = x_t - sigma_t * v`` (float32 arithmetic, in the latents' dtype)."""
+        import torch
+
+        sigma = schedule.sigmas[step_index]
+        x0 = latents.to(torch.float32) - sigma * model_output.to(torch.float32)
+        return x0.to(latents.dtype)
+
+    def decode(self, latents: torch.Tensor, *, height: int, width: int,
+               output_type: str = "pil") -> Any:
+        """Packed latents to images (``pil``, ``np`` in [0, 1] ``(B, H, W, 3)``, or ``pt``)."""
+        import torch
+
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidArgumentError("output_type", output_type,
+                                       f"choose one of {', '.join(OUTPUT_TYPES)}")
+        self.require_loaded()
+        vae = self.pipe.vae
+        unpacked = self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+        unpacked = unpacked / vae.config.scaling_factor + vae.config.shift_factor
+        with torch.no_grad():
+            image = vae.decode(unpacked.to(self.execution_device), return_dict=False)[0]
+        images = self.pipe.image_processor.postprocess(image, output_type=output_type)
+        if self.cpu_offload:
+            self.pipe.maybe_free_model_hooks()
+        return images
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> FluxBackbone:
+        """A loaded backbone of tiny random FLUX components (adapterswap.tiny), saved in the
+        diffusers layout and loaded back through :meth:`load`; 64 x 64 px by default."""
+        import torch
+
+        from adapterswap.presets import tiny_dir
+        from adapterswap.tiny import TINY_SIZE, save_tiny_pipeline
+
+        path = tiny_dir(cls.name, seed, cache_dir)
+        if not path.exists():
+            _save_atomically(path, lambda tmp: save_tiny_pipeline(cls.tiny_family, tmp, seed))
+        backbone = cls(str(path), device="cpu", dtype=torch.float32).load()
+        backbone.default_height, backbone.default_width = TINY_SIZE[cls.tiny_family]
+        return backbone
+
+
+class FluxDev(FluxBackbone):
+    """FLUX.1-dev: guidance-distilled, guidance as an embedded input (default 3.5), 28 steps."""
+
+    name = "flux-dev"
+    default_source = "black-forest-labs/FLUX.1-dev"
+    default_steps = 28
+    guidance_mode = "embedded"
+    default_guidance_scale = 3.5
+    step_grid = (1, 2, 4, 8, 16, 28)
+    max_sequence_length = 512
+    expects_guidance_embeds = True
+    tiny_family = "flux-dev"
+    how_to_get = (
+        "FLUX.1-dev is gated (FLUX.1 [dev] Non-Commercial License): accept it at "
+        "https://huggingface.co/black-forest-labs/FLUX.1-dev, log in with `hf auth login`, "
+        "then `hf download black-forest-labs/FLUX.1-dev`, or pass a local "
+        "diffusers directory as the source."
+    )
+    description = "FLUX.1-dev (12B, embedded guidance 3.5, 28 steps, dynamic shift)"
+
+
+class FluxSchnell(FluxBackbone):
+    """FLUX.1-schnell: timestep-distilled, no guidance, 4 steps, shift 1.0."""
+
+    name = "flux-schnell"
+    default_source = "black-forest-labs/FLUX.1-schnell"
+    default_steps = 4
+    guidance_mode = "none"
+    default_guidance_scale = None
+    step_grid = (1, 2, 3, 4)
+    max_sequence_length = 256
+    expects_guidance_embeds = False
+    tiny_family = "flux-schnell"
+    how_to_get = (
+        "FLUX.1-schnell is Apache-2.0: `hf download black-forest-labs/FLUX.1-schnell`"
+        ", or pass a local diffusers directory as the source."
+    )
+    description = "FLUX.1-schnell (12B, no guidance, 4 steps, shift 1.0)"
+
+
+def diffusers_dtype(dtype: Any) -> dict[str, Any]:
+    """``from_pretrained`` dtype keyword: ``dtype`` where diffusers has it (it deprecates
+    ``torch_dtype``), else ``torch_dtype``."""
+    try:
+        from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
+def transformers_dtype(dtype: Any) -> dict[str, Any]:
+    """Likewise for transformers (``dtype`` from 4.56 on)."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _import_quanto(argument: str) -> Any:
+    try:
+        import optimum.quanto as quanto
+    except ImportError:
+        raise InvalidArgumentError(
+            argument, True,
+            "8-bit weights need optimum-quanto: pip install 'adapterswap-flux[quantize]'"
+        ) from None
+    return quanto
+
+
+def _save_atomically(path: Any, write: Any) -> None:
+    """Write a directory through a temporary sibling and rename it into place, so a concurrent
+    or interrupted build never leaves a half-written preset behind."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        write(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # someone else finished first
+            if not path.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,509 @@
+"""InfiniteYou's InfuseNet: an identity ControlNet for FLUX that moves between FLUX backbones.
+
+InfiniteYou-FLUX v1.0 (ByteDance, ICCV 2025) conditions FLUX.1-dev on a face through two parts,
+both loaded from its published layout::
+
+    <root>/infu_flux_v1.0/<aes_stage2|sim_stage1>/InfuseNetModel/   diffusers FluxControlNetModel
+                                                                     (4 double + 10 single blocks,
+                                                                     guidance embedding)
+    <root>/infu_flux_v1.0/<aes_stage2|sim_stage1>/image_proj_model.bin   {"image_proj": Resampler}
+    <root>/supports/insightface/models/antelopev2/                  face detector (insightface)
+
+A reference image goes through InfiniteYou's face pipeline (:mod:`adapterswap_flux.face`) to one
+ArcFace embedding, which the resampler turns into 8 ID tokens. At every step, inside the active
+window, InfuseNet runs as InfiniteYou's pipeline runs it:
+
+- ``encoder_hidden_states``: the 8 ID tokens, with 8 zero ``txt_ids``;
+- ``pooled_projections``: the prompt's pooled CLIP embedding;
+- ``guidance``: 1.0 (InfuseNet has its own guidance embedding; InfiniteYou's
+  ``controlnet_guidance_scale``), whatever the backbone's guidance;
+- ``controlnet_cond``: the packed VAE latents of the control image: the 5 face keypoints of an
+  optional control image drawn on a black canvas, or the black canvas alone;
+- its block residuals, multiplied by the conditioning scale (0 outside the window), enter the
+  transformer as ControlNet block samples.
+
+Because nothing of this depends on the backbone's guidance or schedule, the same loaded object
+attaches to ``flux-dev`` and then to ``flux-schnell`` (the training-free swap): only the backbone
+path changes and guidance goes off.
+
+One deliberate difference from InfiniteYou's code: the control image is encoded with the mean of
+the VAE's posterior rather than a sample drawn from the global RNG, so that a conditioning is
+deterministic and can be cached (FLUX's VAE posterior is nearly deterministic).
+
+Memory: InfuseNet (about 3.0B parameters, 5.9 GB in bf16) lives on the backbone's execution
+device, also when the backbone uses model CPU offload (as in InfiniteYou, whose offload leaves the
+ControlNet on the GPU after its first call); ``quantize_8bit=True`` halves it.
+
+Probes (``set_probe``): ``residual/hidden``, the norm of each residual over the norm of the
+image-token hidden state it is added to, for every double and single block it feeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from adapterswap.adapter import Adapter, load_image
+from adapterswap.errors import InvalidArgumentError, UnsafeWeightsError, WeightsNotFoundError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from adapterswap.backbone import Backbone
+    from adapterswap.denoise import StepContext, TensorBundle
+
+INFU_FLUX_VERSIONS: tuple[str, ...] = ("v1.0",)
+MODEL_VERSIONS: tuple[str, ...] = ("aes_stage2", "sim_stage1")
+HOW_TO_GET = (
+    "InfiniteYou's weights are on the Hugging Face Hub as ByteDance/InfiniteYou (CC-BY-NC-4.0, "
+    "academic research only): `hf download ByteDance/InfiniteYou`, or pass the local copy as "
+    "the source. Its supports/insightface face models are insightface's antelopev2 pack "
+    "(non-commercial research only); the ArcFace weights are facexlib's "
+    "recognition_arcface_ir_se50.pth (put it in <source>/supports/facexlib/)."
+)
+
+
+def model_files(infu_flux_version: str = "v1.0",
+                model_version: str = "aes_stage2") -> tuple[str, ...]:
+    """The files of one InfiniteYou model version, relative to the repository root."""
+    base = f"infu_flux_{infu_flux_version}/{model_version}"
+    return (
+        f"{base}/InfuseNetModel/config.json",
+        f"{base}/InfuseNetModel/diffusion_pytorch_model.safetensors"
+        f"|{base}/InfuseNetModel/diffusion_pytorch_model.safetensors.index.json",
+        f"{base}/image_proj_model.bin",
+    )
+
+
+class InfuseNet(Adapter):
+    """InfiniteYou's InfuseNet identity adapter (trained on FLUX.1-dev; works on any FLUX.1).
+
+    Options (``InfuseNet(source, scale=..., start=..., end=..., **options)``):
+
+    :param model_version: ``"aes_stage2"`` (default; after SFT, better text alignment and
+        aesthetics) or ``"sim_stage1"`` (higher identity similarity).
+    :param infu_flux_version: InfiniteYou-FLUX version; only ``"v1.0"`` exists.
+    :param insightface_root: a directory holding ``models/antelopev2/`` (or the pack itself);
+        default ``<source>/supports/insightface``, then ``~/.insightface``.
+    :param arcface_path: facexlib's ``recognition_arcface_ir_se50.pth`` (or its directory);
+        default ``<source>/supports/facexlib/``, then facexlib's own weights folder.
+    :param control_image: an image (or path) whose face keypoints steer the pose; ``None``
+        (default) uses InfiniteYou's black canvas.
+    :param quantize_8bit: 8-bit InfuseNet weights with optimum-quanto (InfiniteYou's
+        ``--quantize_8bit``).
+
+    The source is the repository root (hub id ``ByteDance/InfiniteYou``, a local copy, or the HF
+    cache) or directly a model-version directory holding ``InfuseNetModel/``.
+    """
+
+    name = "infusenet"
+    kind = "identity"
+    families = frozenset({"flux"})
+    default_source = "ByteDance/InfiniteYou"
+    default_scale = 1.0
+    required_files = model_files()
+    how_to_get = HOW_TO_GET
+    description = "InfiniteYou's InfuseNet identity ControlNet (FLUX.1-dev weights, any FLUX.1)"
+    options_known: ClassVar[tuple[str, ...]] = (
+        "model_version", "infu_flux_version", "insightface_root", "arcface_path",
+        "control_image", "quantize_8bit")
+    #: Probes: ``||residual|| / ||hidden state||`` at every block InfuseNet feeds.
+    supports_probes = True
+    probe_quantity = "residual/hidden"
+
+    def __init__(self, source: str | None = None, *, scale: float | None = None,
+                 start: float = 0.0, end: float = 1.0, device: str | None = None,
+                 dtype: Any = None, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.options_known))
+        if unknown:
+            raise InvalidArgumentError(
+                "option", unknown[0],
+                f"adapter {self.name!r} knows only {', '.join(self.options_known)}")
+        model_version = options.get("model_version", MODEL_VERSIONS[0])
+        if model_version not in MODEL_VERSIONS:
+            raise InvalidArgumentError("model_version", model_version,
+                                       f"choose one of {', '.join(MODEL_VERSIONS)}")
+        version = options.get("infu_flux_version", INFU_FLUX_VERSIONS[0])
+        if version not in INFU_FLUX_VERSIONS:
+            raise InvalidArgumentError("infu_flux_version", version,
+                                       f"choose one of {', '.join(INFU_FLUX_VERSIONS)}")
+        quantize = options.get("quantize_8bit", False)
+        if not isinstance(quantize, bool):
+            raise InvalidArgumentError("quantize_8bit", quantize, "must be True or False")
+        super().__init__(source, scale=scale, start=start, end=end, device=device, dtype=dtype,
+                         **options)
+        self.model_version: str = model_version
+        self.infu_flux_version: str = version
+        self.quantize_8bit = quantize
+        root, arcface = options.get("insightface_root"), options.get("arcface_path")
+        self.insightface_root = Path(root).expanduser() if root is not None else None
+        self.arcface_path = Path(arcface).expanduser() if arcface is not None else None
+        self.infusenet: Any = None
+        self.resampler: Any = None
+        self.face: Any = None
+        self.weights_root: Path | None = None
+        self.model_dir: Path | None = None
+        self.control_image: Image.Image | None = None
+        self.control_image_name = ""
+        self._control_cache: dict[tuple[int, int, int], Any] = {}
+        self._probe_hooks: Any = None
+        self.set_control_image(options.get("control_image"))
+
+    # ------------------------------------------------------------------ settings
+    def set_control_image(self, image: Any) -> None:
+        """Use the face keypoints of ``image`` (PIL image or path) as the control canvas, or the
+        black canvas for ``None``. Takes effect at the next run."""
+        from adapterswap_flux.face import describe_image
+
+        if image is None:
+            self.control_image, self.control_image_name = None, ""
+        else:
+            self.control_image = load_image(image, argument="control_image")
+            self.control_image_name = describe_image(image)
+        self._control_cache.clear()
+
+    # ------------------------------------------------------------------ loading
+    def locate(self) -> tuple[Path, Path]:
+        """``(repository root, model-version directory)`` of the source, checked for the files
+        of this model version (without loading anything)."""
+        from adapterswap.hub import resolve_source
+
+        what = f"adapter {self.name!r}"
+        rel = f"infu_flux_{self.infu_flux_version}/{self.model_version}"
+        source = Path(self.source).expanduser()
+        if source.is_dir() and (source / "InfuseNetModel").exists():
+            if source.name in MODEL_VERSIONS and source.name != self.model_version:
+                if "model_version" in self.options:
+                    raise InvalidArgumentError(
+                        "model_version", self.model_version,
+                        f"the source {str(source)!r} is the {source.name} model")
+                self.model_version = source.name
+            rel = f"infu_flux_{self.infu_flux_version}/{self.model_version}"
+            own = tuple(f.replace(f"{rel}/", "") for f in model_files(self.infu_flux_version,
+                                                                       self.model_version))
+            resolve_source(str(source), what=what, required=own, how_to_get=self.how_to_get)
+            return source.parent.parent, source
+        resolved = resolve_source(
+            self.source, what=what, how_to_get=self.how_to_get,
+            required=model_files(self.infu_flux_version, self.model_version))
+        if resolved.local:
+            root = Path(resolved.source)
+        elif resolved.cached_path is not None and (
+                resolved.local_files_only
+                or (resolved.cached_path / "supports" / "insightface").is_dir()):
+            root = resolved.cached_path
+        else:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(
+                self.source, local_files_only=resolved.local_files_only,
+                allow_patterns=[f"{rel}/*", f"{rel}/InfuseNetModel/*",
+                                "supports/insightface/models/antelopev2/*"]))
+        return root, root / rel
+
+    def load_weights(self) -> None:
+        """Load InfuseNet, the resampler and the face models (once; attach only moves them)."""
+        import pickle
+
+        import torch
+        from diffusers import FluxControlNetModel
+
+        from adapterswap_flux.face import (
+            FaceAnalyzer,
+            arcface_candidates,
+            find_arcface,
+            find_detector,
+            insightface_root_candidates,
+        )
+        from adapterswap_flux.resampler import Resampler
+
+        root, model_dir = self.locate()
+        from adapterswap_flux.backbones import diffusers_dtype
+
+        infusenet = FluxControlNetModel.from_pretrained(
+            str(model_dir / "InfuseNetModel"), local_files_only=True, **diffusers_dtype(self.dtype))
+        if self.quantize_8bit:
+            from adapterswap_flux.backbones import _import_quanto
+
+            quanto = _import_quanto("quantize_8bit")
+            quanto.quantize(infusenet, weights=quanto.qint8)
+            quanto.freeze(infusenet)
+        infusenet.to(self.device).eval()
+
+        proj_path = model_dir / "image_proj_model.bin"
+        try:
+            checkpoint = torch.load(str(proj_path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeWeightsError(
+                f"adapter {self.name!r}: {str(proj_path)!r} cannot be loaded safely "
+                f"(weights_only=True refused it: {exc})") from None
+        if not isinstance(checkpoint, dict) or "image_proj" not in checkpoint:
+            raise WeightsNotFoundError(
+                f"adapter {self.name!r}: {str(proj_path)!r} has no 'image_proj' state dict")
+        try:
+            resampler = Resampler.from_state_dict(checkpoint["image_proj"])
+        except (ValueError, RuntimeError) as exc:
+            raise WeightsNotFoundError(
+                f"adapter {self.name!r}: {str(proj_path)!r} is not InfiniteYou's image "
+                f"projection ({exc})") from None
+        resampler.to(self.device, self.dtype)
+
+        detector = find_detector([self.insightface_root] if self.insightface_root is not None
+                                 else insightface_root_candidates(root))
+        arcface = (find_arcface([self.arcface_path], explicit=True)
+                   if self.arcface_path is not None else find_arcface(arcface_candidates(root)))
+        face = FaceAnalyzer(detector, arcface, device=self.device).load()
+
+        embedding_dim = face.arcface.config.embedding_dim
+        if resampler.config.embedding_dim != embedding_dim:
+            raise WeightsNotFoundError(
+                f"adapter {self.name!r}: the ArcFace model {str(arcface)!r} gives "
+                f"{embedding_dim}-d embeddings but {str(proj_path)!r} expects "
+                f"{resampler.config.embedding_dim}-d")
+        joint = infusenet.config.joint_attention_dim
+        if resampler.config.output_dim != joint:
+            raise WeightsNotFoundError(
+                f"adapter {self.name!r}: the image projection gives {resampler.config.output_dim}"
+                f"-d tokens but InfuseNet expects {joint}-d (joint_attention_dim)")
+        self.infusenet, self.resampler, self.face = infusenet, resampler, face
+        self.weights_root, self.model_dir = root, model_dir
+
+    def _ensure_loaded(self, backbone: Backbone) -> None:
+        if not self.loaded:
+            self.device = self.device or backbone.device
+            self.dtype = self.dtype or backbone.dtype
+            self.load()
+
+    # ------------------------------------------------------------------ attach / detach
+    def _attach(self, backbone: Backbone) -> None:
+        """Move (never reload) InfuseNet and the resampler to the backbone's device and dtype;
+        nothing is installed in the pipeline: the residuals go through ``predict``."""
+        pipe = backbone.pipe
+        for component in ("transformer", "vae"):
+            if getattr(pipe, component, None) is None:
+                raise InvalidArgumentError(
+                    "backbone", backbone.name,
+                    f"adapter {self.name!r} needs a FLUX pipeline with a {component}")
+        joint = pipe.transformer.config.joint_attention_dim
+        if self.infusenet.config.joint_attention_dim != joint or \
+                self.infusenet.config.in_channels != pipe.transformer.config.in_channels:
+            raise InvalidArgumentError(
+                "backbone", backbone.name,
+                f"its transformer (joint_attention_dim={joint}, in_channels="
+                f"{pipe.transformer.config.in_channels}) does not match InfuseNet's "
+                f"({self.infusenet.config.joint_attention_dim}, "
+                f"{self.infusenet.config.in_channels})")
+        device = _execution_device(backbone)
+        dtype = backbone.dtype or self.dtype
+        if self.quantize_8bit or self.infusenet.dtype == dtype:
+            self.infusenet.to(device)
+        else:
+            self.infusenet.to(device, dtype)
+        self.resampler.to(device, dtype)
+        self.face.arcface.to(device)
+        self.face.device = device
+        self.device, self.dtype = str(device), dtype
+        self._control_cache.clear()
+        self._install_probe_hooks(backbone)
+
+    def _detach(self, backbone: Backbone) -> None:
+        self._control_cache.clear()
+        self._install_probe_hooks(None)
+
+    # ------------------------------------------------------------------ probes
+    def set_probe(self, recorder: Any) -> None:
+        """Record ``residual/hidden`` for every transformer block InfuseNet feeds while
+        ``recorder`` is set (hooks on the attached backbone's transformer); ``None`` stops."""
+        super().set_probe(recorder)
+        self._install_probe_hooks(self.attached_to)
+
+    def _install_probe_hooks(self, backbone: Backbone | None) -> None:
+        if self._probe_hooks is not None:
+            self._probe_hooks.remove()
+            self._probe_hooks = None
+        if self.probe is not None and backbone is not None:
+            from adapterswap_flux.probes import residual_probe
+
+            self._probe_hooks = residual_probe(backbone.pipe.transformer, self._record_probe)
+
+    def _record_probe(self, block: str, quantity: str, values: Any) -> None:
+        if self.probe is not None:
+            self.probe.record(block, quantity, values)
+
+    # ------------------------------------------------------------------ reference
+    def encode_reference(self, image: Any, backbone: Backbone) -> TensorBundle:
+        """The 8 ID tokens ``id_embeds`` ``(1, 8, D)`` of the largest face in ``image``."""
+        from adapterswap.denoise import TensorBundle
+        from adapterswap_flux.face import describe_image, pil_to_bgr
+
+        pil = load_image(image, argument="reference")
+        self._ensure_loaded(backbone)
+        embedding, _ = self.face.embed(pil_to_bgr(pil), argument="reference",
+                                       image_name=describe_image(image))
+        return TensorBundle({"id_embeds": self.id_tokens(embedding)})
+
+    def id_tokens(self, embedding: torch.Tensor) -> torch.Tensor:
+        """ArcFace embedding ``(1, E)`` -> ID tokens ``(1, num_queries, D)`` (the resampler)."""
+        import torch
+
+        embedding = embedding.reshape(1, -1, self.resampler.config.embedding_dim)
+        with torch.no_grad():
+            return self.resampler(embedding.to(self.device, self.dtype))
+
+    # ------------------------------------------------------------------ control canvas
+    def control_canvas(self, width: int, height: int) -> Image.Image:
+        """The control image for a ``width`` x ``height`` generation: the keypoints of the
+        control image's largest face (after InfiniteYou's resize-and-pad), or a black canvas."""
+        from adapterswap_flux.face import (
+            blank_canvas,
+            draw_keypoints,
+            pil_to_bgr,
+            resize_and_pad,
+        )
+
+        if self.control_image is None:
+            return blank_canvas((width, height))
+        padded = resize_and_pad(self.control_image, (width, height))
+        face = self.face.largest_face(pil_to_bgr(padded), argument="control_image",
+                                      image_name=self.control_image_name)
+        return draw_keypoints((width, height), face.kps)
+
+    def control_latents(self, backbone: Backbone, height: int, width: int) -> torch.Tensor:
+        """Packed VAE latents ``(1, L, 4C)`` of :meth:`control_canvas` (cached per size)."""
+        import torch
+
+        key = (id(backbone), int(height), int(width))
+        if key not in self._control_cache:
+            pipe = backbone.pipe
+            vae = pipe.vae
+            canvas = self.control_canvas(width, height)
+            pixels = pipe.image_processor.preprocess(canvas, height=height, width=width)
+            # contiguous NCHW like diffusers' prepare_image (a channels-last view would pick
+            # other convolution kernels and change the latents in the last digits)
+            pixels = pixels.contiguous().to(device=_execution_device(backbone), dtype=vae.dtype)
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.mode()
+            latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+            channels, h, w = latents.shape[1:]
+            self._control_cache[key] = pipe._pack_latents(latents, 1, channels, h, w)
+        return self._control_cache[key]
+
+    # ------------------------------------------------------------------ per step
+    def denoiser_inputs(self, backbone: Backbone, conditioning: TensorBundle,
+                        latents: torch.Tensor, ctx: StepContext,
+                        prompt: TensorBundle) -> dict[str, Any]:
+        """InfuseNet's residuals for this step (``{}`` when no sample is active)."""
+        import torch
+
+        scales = [self.scale if active else 0.0 for active in self.active_mask(ctx)]
+        if not any(scales):
+            return {}
+        batch = latents.shape[0]
+        device = latents.device
+        id_embeds = conditioning["id_embeds"]
+        if id_embeds.shape[0] != batch:
+            raise InvalidArgumentError("conditioning", tuple(id_embeds.shape),
+                                       f"has {id_embeds.shape[0]} rows for a batch of {batch}")
+        control = self.control_latents(backbone, ctx.height, ctx.width)
+        control = control.expand(batch, -1, -1)
+        timesteps = torch.as_tensor(ctx.timesteps, device=device).reshape(-1)
+        timestep = timesteps.expand(batch) if timesteps.numel() == 1 else timesteps
+        guidance = None
+        if self.infusenet.config.guidance_embeds:
+            guidance = torch.tensor([1.0], device=device).expand(batch)
+        h, w = _latent_grid(backbone, ctx.height, ctx.width)
+        img_ids = backbone.pipe._prepare_latent_image_ids(1, h, w, device, latents.dtype)
+        txt_ids = torch.zeros(id_embeds.shape[1], 3, device=device, dtype=latents.dtype)
+        uniform = len(set(scales)) == 1
+        with torch.no_grad():
+            blocks, singles = self.infusenet(
+                hidden_states=latents,
+                controlnet_cond=control,
+                controlnet_mode=None,
+                conditioning_scale=scales[0] if uniform else 1.0,
+                timestep=timestep.to(latents.dtype) / 1000,
+                guidance=guidance,
+                pooled_projections=prompt["pooled_prompt_embeds"],
+                encoder_hidden_states=id_embeds.to(device),
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )
+        if not uniform:
+            factor = torch.tensor(scales, device=device, dtype=latents.dtype).reshape(-1, 1, 1)
+            blocks = None if blocks is None else [b * factor for b in blocks]
+            singles = None if singles is None else [s * factor for s in singles]
+        return {
+            "controlnet_block_samples": blocks,
+            "controlnet_single_block_samples": singles,
+            "controlnet_blocks_repeat": self.infusenet.input_hint_block is not None,
+        }
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def tiny(cls, backbone: Backbone, seed: int = 0, *, cache_dir: str | None = None,
+             **kwargs: Any) -> InfuseNet:
+        """A loaded InfuseNet of tiny random weights fitting ``backbone``'s transformer, saved in
+        InfiniteYou's layout (both model versions, tiny face models under ``supports/``) and
+        loaded through :meth:`load`."""
+        from adapterswap.presets import tiny_dir
+        from adapterswap_flux.backbones import _save_atomically
+
+        config = backbone.pipe.transformer.config
+        signature = (f"j{config.joint_attention_dim}-h{config.num_attention_heads}"
+                     f"x{config.attention_head_dim}-c{config.in_channels}")
+        path = tiny_dir(f"{cls.name}-{signature}", seed, cache_dir)
+        if not path.exists():
+            _save_atomically(path, lambda tmp: save_tiny_infiniteyou(tmp, config, seed))
+        kwargs.setdefault("device", backbone.device)
+        kwargs.setdefault("dtype", backbone.dtype)
+        return cls(str(path), **kwargs).load()
+
+    @classmethod
+    def tiny_reference(cls, seed: int = 0) -> Image.Image:
+        """A synthetic 256 px portrait whose face (and 5 keypoints) the tiny detector finds."""
+        from adapterswap_flux.tiny_face import tiny_face_image
+
+        return tiny_face_image(seed)
+
+
+def save_tiny_infiniteyou(root: str | Path, transformer_config: Any, seed: int = 0, *,
+                          embedding_dim: int = 64) -> Path:
+    """Write a tiny InfiniteYou repository under ``root``: for each model version an
+    ``InfuseNetModel/`` (a tiny ``FluxControlNetModel`` with guidance embedding, fitting
+    ``transformer_config``) and an ``image_proj_model.bin`` (``{"image_proj": state_dict}`` of a
+    tiny resampler ending at the transformer's ``joint_attention_dim``), plus the tiny face models
+    under ``supports/``."""
+    import torch
+
+    from adapterswap.tiny import tiny_flux_controlnet
+    from adapterswap_flux.resampler import Resampler, ResamplerConfig
+    from adapterswap_flux.tiny_face import save_tiny_face_models
+
+    root = Path(root)
+    for offset, model_version in enumerate(MODEL_VERSIONS):
+        model_dir = root / f"infu_flux_{INFU_FLUX_VERSIONS[0]}" / model_version
+        controlnet = tiny_flux_controlnet(seed + offset, transformer_config=transformer_config,
+                                          guidance_embeds=True)
+        controlnet.save_pretrained(str(model_dir / "InfuseNetModel"), safe_serialization=True)
+        torch.manual_seed(seed + offset)
+        resampler = Resampler(ResamplerConfig(
+            dim=32, depth=1, heads=2, num_queries=8, embedding_dim=embedding_dim,
+            output_dim=int(transformer_config["joint_attention_dim"]), ff_mult=2))
+        torch.save({"image_proj": resampler.state_dict()}, str(model_dir / "image_proj_model.bin"))
+    save_tiny_face_models(root, seed, embedding_dim=embedding_dim)
+    return root
+
+
+def _execution_device(backbone: Backbone) -> Any:
+    device = getattr(backbone, "execution_device", None)
+    if device is None:
+        device = getattr(backbone.pipe, "_execution_device", None) or backbone.device
+    return device
+
+
+def _latent_grid(backbone: Backbone, height: int, width: int) -> tuple[int, int]:
+    """Packed token grid ``(H/16, W/16)`` of a FLUX pipeline."""
+    factor = backbone.pipe.vae_scale_factor * 2
+    return int(height) // factor, int(width) // factor

@@ -1,0 +1,26 @@
+"""Hook implementations of the ``flux`` plugin (entry point group ``adapterswap``).
+
+Only hook implementations live here; the classes' modules import torch and diffusers lazily, so
+``adapterswap list`` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from adapterswap import hookimpl
+
+
+@hookimpl
+def register_backbones(register: Callable[[type], None]) -> None:
+    from adapterswap_flux.backbones import FluxDev, FluxSchnell
+
+    register(FluxDev)
+    register(FluxSchnell)
+
+
+@hookimpl
+def register_adapters(register: Callable[[type], None]) -> None:
+    from adapterswap_flux.infusenet import InfuseNet
+
+    register(InfuseNet)
