@@ -283,10 +283,11 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
     if not tiny and prompt is None:
         raise InvalidArgumentError("--prompt", None, "required (or use --preset tiny)")
     prompt = prompt or DEFAULT_PROMPT
-    image = None
+    image: Any = None
     if adapter_cls is not None:
         if reference is not None:
-            image = load_image(reference, argument="--ref")
+            load_image(reference, argument="--ref")  # readable? (fails before loading models)
+            image = reference  # the path, so that adapters' errors name the file
         elif tiny:
             image = adapter_cls.tiny_reference(seed=0)
         else:

@@ -196,6 +196,12 @@ class SweepEngine:
             self.spec.adapter_for(get_backbone(cell.backbone))
         return self.reference_image(cell.reference, name) if name else None
 
+    @staticmethod
+    def _reference_input(cell: Cell, image: Any) -> Any:
+        """What the adapter encodes: the file path for real references (so its errors name
+        the file), the image for synthetic ones."""
+        return image if cell.reference.startswith("synthetic:") else cell.reference
+
     def _save_reference(self, ref: str, image: Any) -> None:
         import hashlib
 
@@ -264,7 +270,8 @@ class SweepEngine:
         first = items[0][0]
         conditioning = None
         if adapter is not None:
-            conditioning = adapter.encode_reference(self._reference_for(first), backbone)
+            conditioning = adapter.encode_reference(
+                self._reference_input(first, self._reference_for(first)), backbone)
         for steps in sorted({c.steps for c, _ in items}):
             if self.store.latency(first.backbone, first.adapter, steps, first.height,
                                   first.width, first.start, first.end) is not None:
@@ -300,7 +307,8 @@ class SweepEngine:
         reference = self._reference_for(first)
         conditioning = None
         if adapter is not None:
-            conditioning = adapter.encode_reference(reference, backbone)
+            conditioning = adapter.encode_reference(self._reference_input(first, reference),
+                                                    backbone)
         samples = [_Sample(cell, key, cell.steps) for cell, key in items]
         if not self.spec.step_parallel:
             samples.sort(key=lambda s: s.steps)
