@@ -86,9 +86,8 @@ def build(variant: str, device: str, dtype: Any, shared: dict[str, Any] | None) 
 
 def build_infusenet(device: str, dtype: Any) -> tuple[Any, Any]:
     import torch
-    from diffusers import FluxControlNetModel
-
     from adapterswap_flux.resampler import Resampler, ResamplerConfig
+    from diffusers import FluxControlNetModel
 
     torch.manual_seed(1)
     previous = torch.get_default_dtype()
@@ -105,7 +104,6 @@ def build_infusenet(device: str, dtype: Any) -> tuple[Any, Any]:
 def engine_adapter(controlnet: Any, resampler: Any, device: str, dtype: Any) -> Any:
     """adapterswap's InfuseNet adapter around in-memory modules (face models not needed)."""
     import torch
-
     from adapterswap_flux.infusenet import InfuseNet
 
     adapter = InfuseNet(device=device, dtype=dtype)
@@ -194,8 +192,9 @@ def main() -> None:
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     if args.tiny:
         sizes = [(64, 64)]
-    from adapterswap.denoise import TensorBundle, denoise
     from adapterswap_flux.backbones import FluxDev, FluxSchnell
+
+    from adapterswap.denoise import TensorBundle, denoise
 
     controlnet, resampler = build_infusenet(device, dtype)
     ids = id_tokens(resampler, device, dtype)
@@ -211,12 +210,14 @@ def main() -> None:
         backbone.dtype = dtype
         params = sum(p.numel() for p in pipe.transformer.parameters())
         for height, width in sizes:
-            def engine(steps: int = steps, h: int = height, w: int = width) -> Any:
+            def engine(steps: int = steps, h: int = height, w: int = width,
+                       backbone: Any = backbone) -> Any:
                 return denoise(backbone, prompt, num_inference_steps=steps, seeds=[0],
                                height=h, width=w, adapter=adapter, conditioning=conditioning,
                                output_type="pt")
 
-            def baseline(steps: int = steps, h: int = height, w: int = width) -> Any:
+            def baseline(steps: int = steps, h: int = height, w: int = width, pipe: Any = pipe,
+                         guidance: float | None = guidance) -> Any:
                 return diffusers_loop(pipe, controlnet, ids, prompt, steps, guidance, h, w, 0)
 
             same = engine().images.float().cpu()
