@@ -431,8 +431,10 @@ def probe_maps(rows: Sequence[Mapping[str, Any]],
         blocks = sorted({b for b, _ in values}, key=_block_order)
         matrix = [[float(np.mean(values[(b, s)])) if (b, s) in values else math.nan
                    for s in range(steps)] for b in blocks]
-        mean_curve = [float(np.nanmean([matrix[i][s] for i in range(len(blocks))]))
-                      for s in range(steps)]
+        mean_curve = []
+        for s in range(steps):
+            column = [matrix[i][s] for i in range(len(blocks)) if not math.isnan(matrix[i][s])]
+            mean_curve.append(float(np.mean(column)) if column else math.nan)
         maps.append(ProbeMap(backbone, setting, quantity, steps, blocks, matrix, mean_curve,
                              len(cells[key])))
     return maps

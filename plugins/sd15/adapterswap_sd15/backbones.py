@@ -1,0 +1,283 @@
+"""Stable Diffusion 1.5 backbones: SD 1.5 with classifier-free guidance, and LCM-LoRA on it.
+
+Both run ``StableDiffusionPipeline``'s steps one at a time (see :class:`UNetBackbone`); the parity
+tests hold :func:`adapterswap.denoise.denoise` to the pipeline's own output.
+
+* ``sd15``: ``stable-diffusion-v1-5/stable-diffusion-v1-5``, guidance 7.5, 50 DDIM steps. DDIM
+  (eta 0, no x0 clipping) is the sampler the IP-Adapter authors use with SD 1.5; the repo's own
+  PNDM scheduler evaluates the UNet N + 1 times for N steps, which does not fit one evaluation per
+  step.
+* ``sd15-lcm``: ``latent-consistency/lcm-lora-sdv1-5`` fused into SD 1.5, ``LCMScheduler``,
+  4 steps, guidance 1.0 (off). The LCM-LoRA card: "either disable guidance_scale or use values
+  between 1.0 and 2.0"; values above 1 turn classifier-free guidance on. With ``lora=None`` the
+  source itself is an LCM-distilled checkpoint; when its UNet has ``time_cond_proj_dim`` (LCM
+  Dreamshaper) guidance goes in as the w-embedding instead of CFG, as diffusers does.
+
+The safety checker is not loaded (``safety_checker=None``): it would black out images, which
+corrupts image metrics; check outputs yourself where that matters.
+
+``predict`` takes IP-Adapter inputs (``ip_adapter_image_embeds``,
+``negative_ip_adapter_image_embeds``, ``ip_adapter_scales``; see
+:func:`adapterswap.unet.split_ip_inputs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterswap.errors import InvalidArgumentError, WeightsNotFoundError
+from adapterswap.hub import resolve_source
+from adapterswap.unet import UNetBackbone, build_once, guided, uses_cfg
+
+if TYPE_CHECKING:
+    import torch
+
+    from adapterswap.denoise import TensorBundle
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
+LCM_LORA_FILE = "pytorch_lora_weights.safetensors"
+
+_PIPELINE_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "tokenizer/tokenizer_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors|unet/diffusion_pytorch_model.fp16.safetensors",
+    "vae/config.json",
+)
+
+
+def tiny_sd15_dir(seed: int, cache_dir: str | None) -> Path:
+    """The tiny SD 1.5 pipeline (adapterswap.tiny) saved in diffusers' layout, built once."""
+    from adapterswap.presets import tiny_dir
+    from adapterswap.tiny import save_tiny_pipeline
+
+    return build_once(tiny_dir("sd15", seed, cache_dir),
+                      lambda tmp: save_tiny_pipeline("sd15", tmp, seed))
+
+
+class SD15Backbone(UNetBackbone):
+    """Stable Diffusion 1.5: CFG 7.5, 50 DDIM steps, 512 px.
+
+    Options: ``variant`` (e.g. ``"fp16"`` for the repo's half-precision files).
+    """
+
+    name = "sd15"
+    family = "sd15"
+    default_source = SD15
+    default_steps = 50
+    guidance_mode = "cfg"
+    default_guidance_scale = 7.5
+    default_height = 512
+    default_width = 512
+    required_files = _PIPELINE_FILES
+    default_adapter = "object-ip-adapter"
+    how_to_get = ("Accept the CreativeML OpenRAIL-M licence and run `hf download "
+                  "stable-diffusion-v1-5/stable-diffusion-v1-5`, or pass a local copy as source.")
+    description = "Stable Diffusion 1.5 (CFG 7.5, 50 DDIM steps)"
+
+    def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source, safety_checker=None, requires_safety_checker=False,
+            **self.pretrained_kwargs(local_files_only))
+        return self.configure_pipeline(pipe).to(self.device)
+
+    def configure_pipeline(self, pipe: Any) -> Any:
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+        return super().configure_pipeline(pipe)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> SD15Backbone:
+        """Tiny random SD 1.5 (64 px) saved in diffusers' layout and loaded through ``load``."""
+        from adapterswap.tiny import TINY_SIZE
+
+        backbone = cls(str(tiny_sd15_dir(seed, cache_dir)), device="cpu", dtype="fp32").load()
+        backbone.default_height, backbone.default_width = TINY_SIZE["sd15"]
+        return backbone
+
+    # -- pipeline steps --------------------------------------------------------------------
+    def uses_cfg(self, guidance_scale: float | None) -> bool:
+        """CFG above 1, unless the UNet takes guidance as an embedding (LCM-distilled)."""
+        return uses_cfg(guidance_scale) and self.pipe.unet.config.time_cond_proj_dim is None
+
+    def encode_prompt(self, prompts: Sequence[str], *, guidance_scale: float | None = None,
+                      negative_prompts: Sequence[str] | None = None) -> TensorBundle:
+        """The CLIP text encoder's last hidden states, as
+        ``StableDiffusionPipeline.encode_prompt``; with guidance, the negative prompts' (empty
+        by default)."""
+        import torch
+
+        from adapterswap.denoise import TensorBundle
+
+        self.require_loaded()
+        prompts = list(prompts)
+        if negative_prompts is not None and len(negative_prompts) != len(prompts):
+            raise InvalidArgumentError("negative_prompts", list(negative_prompts),
+                                       f"need one per prompt ({len(prompts)})")
+        cfg = self.uses_cfg(guidance_scale)
+        with torch.no_grad():
+            embeds, negative = self.pipe.encode_prompt(
+                prompts, self.device, 1, cfg,
+                negative_prompt=list(negative_prompts) if negative_prompts else None)
+        return TensorBundle({"prompt_embeds": embeds,
+                             "negative_prompt_embeds": negative if cfg else None})
+
+    def denoise_rows(self, model_input: torch.Tensor, timesteps: torch.Tensor, prompt: Any, *,
+                     cfg: bool, guidance_scale: float | None, height: int, width: int,
+                     image_embeds: list[torch.Tensor] | None) -> torch.Tensor:
+        import torch
+
+        embeds = prompt["prompt_embeds"]
+        if cfg:  # [uncond; cond], as the pipeline batches them
+            embeds = torch.cat([prompt["negative_prompt_embeds"], embeds])
+            model_input = torch.cat([model_input, model_input])
+            timesteps = torch.cat([timesteps, timesteps])
+        timestep_cond = None
+        proj_dim = self.pipe.unet.config.time_cond_proj_dim
+        if proj_dim is not None:  # LCM-distilled UNet: guidance as the w-embedding
+            w = torch.tensor((guidance_scale or 1.0) - 1).repeat(model_input.shape[0])
+            timestep_cond = self.pipe.get_guidance_scale_embedding(
+                w, embedding_dim=proj_dim).to(device=self.device, dtype=model_input.dtype)
+        added = {"image_embeds": image_embeds} if image_embeds is not None else None
+        noise = self.pipe.unet(model_input, timesteps, encoder_hidden_states=embeds,
+                               timestep_cond=timestep_cond, added_cond_kwargs=added,
+                               return_dict=False)[0]
+        return guided(noise, guidance_scale) if cfg else noise
+
+    def decode(self, latents: torch.Tensor, *, height: int, width: int,
+               output_type: str = "pil") -> Any:
+        """The pipeline's decode (latents divided by the VAE's scaling factor)."""
+        import torch
+
+        self.require_loaded()
+        if output_type not in ("pil", "np", "pt"):
+            raise InvalidArgumentError("output_type", output_type, "choose pil, np or pt")
+        vae = self.pipe.vae
+        with torch.no_grad():
+            image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor,
+                               return_dict=False)[0]
+            return self.pipe.image_processor.postprocess(
+                image, output_type=output_type, do_denormalize=[True] * image.shape[0])
+
+
+class SD15LCMBackbone(SD15Backbone):
+    """LCM-LoRA (Luo et al., arXiv 2311.05556) on SD 1.5: ``LCMScheduler``, 4 steps, guidance
+    1.0 (off; the authors allow 1.0-2.0).
+
+    ``source`` is the SD 1.5 pipeline. Options: ``lora`` (where the LCM-LoRA comes from: a Hub
+    repo id, a local directory, the ``.safetensors`` file itself, or ``None`` when ``source`` is
+    already LCM-distilled; default ``latent-consistency/lcm-lora-sdv1-5``), ``lora_file`` (file
+    name inside it, default ``pytorch_lora_weights.safetensors``), ``variant``. The LoRA is fused
+    into the UNet and its layers removed, so the UNet is a plain one with merged weights.
+    """
+
+    name = "sd15-lcm"
+    default_steps = 4
+    default_guidance_scale = 1.0
+    option_names = ("lora", "lora_file", "variant")
+    stochastic_steps = True
+    how_to_get = ("Needs SD 1.5 (`hf download stable-diffusion-v1-5/stable-diffusion-v1-5`) and "
+                  "the LCM-LoRA (`hf download latent-consistency/lcm-lora-sdv1-5 "
+                  "pytorch_lora_weights.safetensors`, OpenRAIL++), or local copies.")
+    description = "LCM-LoRA on Stable Diffusion 1.5 (4 LCM steps, guidance off)"
+
+    def lora_location(self) -> tuple[str, str, bool] | None:
+        """``(directory or repo id, file name, local_files_only)`` of the LCM-LoRA, or
+        ``None`` without one; :class:`WeightsNotFoundError` names what is missing."""
+        lora = self.options.get("lora", LCM_LORA)
+        if lora is None or str(lora).lower() in ("", "none"):
+            return None
+        filename = str(self.options.get("lora_file") or LCM_LORA_FILE)
+        path = Path(str(lora)).expanduser()
+        if path.is_file():
+            return str(path.parent), path.name, True
+        resolved = resolve_source(str(lora), what=f"backbone {self.name!r} LCM-LoRA",
+                                  required=(filename,), how_to_get=self.how_to_get)
+        return resolved.source, filename, resolved.local_files_only
+
+    def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
+        lora = self.lora_location()  # fail before reading the base pipeline
+        pipe = super().load_pipeline(source, local_files_only=local_files_only)
+        if lora is not None:
+            where, filename, lora_offline = lora
+            try:
+                pipe.load_lora_weights(where, weight_name=filename, adapter_name="lcm",
+                                       local_files_only=lora_offline)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise WeightsNotFoundError(
+                    f"backbone {self.name!r}: {filename!r} in {where!r} is not an SD 1.5 LoRA "
+                    f"diffusers can load: {str(exc).splitlines()[0]}") from None
+            pipe.fuse_lora(adapter_names=["lcm"])
+            pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
+        return pipe
+
+    def configure_pipeline(self, pipe: Any) -> Any:
+        from diffusers import LCMScheduler
+
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        return UNetBackbone.configure_pipeline(self, pipe)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> SD15LCMBackbone:
+        """The tiny SD 1.5 pipeline plus a tiny LCM-LoRA in the layout of
+        ``latent-consistency/lcm-lora-sdv1-5`` (kohya-style ``lora_unet_*`` keys with
+        ``lora_down``/``lora_up``/``alpha``), fused through ``load``."""
+        from adapterswap.presets import tiny_dir
+        from adapterswap.tiny import TINY_SIZE
+
+        base = tiny_sd15_dir(seed, cache_dir)
+
+        def build(tmp: Path) -> None:
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+            save_tiny_lcm_lora(unet, tmp / LCM_LORA_FILE, seed)
+
+        lora_dir = build_once(tiny_dir("sd15-lcm-lora", seed, cache_dir), build)
+        backbone = cls(str(base), device="cpu", dtype="fp32", lora=str(lora_dir)).load()
+        backbone.default_height, backbone.default_width = TINY_SIZE["sd15"]
+        return backbone
+
+
+#: Layers the LCM-LoRA training script adapts (its default ``lora_target_modules``).
+_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
+                 "ff.net.2", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv",
+                 "upsamplers.0.conv", "time_emb_proj")
+
+
+def save_tiny_lcm_lora(unet: Any, path: Path, seed: int, rank: int = 4) -> None:
+    """Random rank-``rank`` LoRA weights for ``unet`` keyed as in the published LCM-LoRA file
+    (``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if not any(name.endswith("." + t) for t in _LORA_TARGETS):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            down_shape = (rank, module.in_features)
+            up_shape = (module.out_features, rank)
+        elif isinstance(module, torch.nn.Conv2d):
+            down_shape = (rank, module.in_channels, *module.kernel_size)
+            up_shape = (module.out_channels, rank, 1, 1)
+        else:
+            continue
+        key = "lora_unet_" + name.replace(".", "_")
+        fan_in = down_shape[1] * (down_shape[2] * down_shape[3] if len(down_shape) == 4 else 1)
+        state[f"{key}.lora_down.weight"] = torch.randn(down_shape, generator=generator) \
+            / fan_in ** 0.5
+        state[f"{key}.lora_up.weight"] = 0.5 * torch.randn(up_shape, generator=generator) \
+            / rank ** 0.5
+        state[f"{key}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(path))

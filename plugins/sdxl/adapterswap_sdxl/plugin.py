@@ -1,0 +1,23 @@
+"""Hook implementations of the adapterswap-sdxl plugin (no torch import here: listing stays
+fast; the classes import torch and diffusers inside their methods)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from adapterswap import hookimpl
+
+
+@hookimpl
+def register_backbones(register: Callable[[type], None]) -> None:
+    from adapterswap_sdxl.backbones import SDXLBackbone, SDXLLightningBackbone
+
+    register(SDXLBackbone)
+    register(SDXLLightningBackbone)
+
+
+@hookimpl
+def register_adapters(register: Callable[[type], None]) -> None:
+    from adapterswap_sdxl.adapters import StyleIPAdapter
+
+    register(StyleIPAdapter)
