@@ -13,7 +13,9 @@ published pipeline:
 The models are built from local files only: the detector with
 ``insightface.model_zoo.get_model(<path>.onnx)`` (``FaceAnalysis`` would try to download a missing
 pack) and the recognition network from its ``.pth`` file. Both roots are configurable and every
-missing file is reported with the places that were searched.
+missing file is reported with the places that were searched. The environment variables
+:data:`INSIGHTFACE_ROOT_ENV` and :data:`ARCFACE_PATH_ENV` put a root first in the default search
+(for the adapter and the ``identity`` metric alike); an explicit option still wins.
 
 insightface, onnxruntime and OpenCV are imported inside the functions that need them.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,11 @@ DETECTION_SIZES: tuple[int, ...] = (640, 320, 160)
 #: insightface's model pack InfiniteYou uses, and its detector file.
 FACE_PACK = "antelopev2"
 DETECTOR_FILENAME = "scrfd_10g_bnkps.onnx"
+#: The pack's recognition model (insightface's ArcFace R100 trained on Glint360K).
+RECOGNIZER_FILENAME = "glintr100.onnx"
+#: Environment variables searched first for the insightface root and the IR-SE50 weights.
+INSIGHTFACE_ROOT_ENV = "ADAPTERSWAP_INSIGHTFACE_ROOT"
+ARCFACE_PATH_ENV = "ADAPTERSWAP_ARCFACE_PATH"
 #: Colours of the five keypoints on the control canvas (RGB), as InstantID/InfiniteYou draw them.
 KEYPOINT_COLOURS: tuple[tuple[int, int, int], ...] = (
     (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
@@ -93,17 +101,38 @@ def pil_to_bgr(image: Image.Image) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
+def _env_path(variable: str) -> Path | None:
+    value = os.environ.get(variable, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def onnx_providers(device: Any) -> list[str]:
+    """onnxruntime execution providers for ``device``: CUDA first when the device is a CUDA
+    device and onnxruntime has the CUDA provider, always with the CPU as fallback."""
+    import onnxruntime
+
+    providers = ["CPUExecutionProvider"]
+    if str(device).startswith("cuda") and \
+            "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return providers
+
+
 def insightface_root_candidates(weights_root: Path | None) -> list[Path]:
-    """Where the ``antelopev2`` pack is looked for when no root is configured: InfiniteYou's
-    ``supports/insightface`` next to its weights, then insightface's own ``~/.insightface``."""
+    """Where the ``antelopev2`` pack is looked for when no root is configured:
+    ``$ADAPTERSWAP_INSIGHTFACE_ROOT`` if set, InfiniteYou's ``supports/insightface`` next to its
+    weights, then insightface's own ``~/.insightface``."""
     candidates = []
+    env = _env_path(INSIGHTFACE_ROOT_ENV)
+    if env is not None:
+        candidates.append(env)
     if weights_root is not None:
         candidates.append(weights_root / "supports" / "insightface")
     candidates.append(Path("~/.insightface").expanduser())
     return candidates
 
 
-def find_detector(roots: Sequence[Path]) -> Path:
+def find_detector(roots: Sequence[Path], *, what: str = "infusenet") -> Path:
     """The SCRFD detector of the ``antelopev2`` pack under the first root that has it.
 
     A root may be an insightface root (holding ``models/antelopev2/``) or the pack directory
@@ -125,7 +154,7 @@ def find_detector(roots: Sequence[Path]) -> Path:
                     return candidate
     where = ", ".join(repr(str(p)) for p in searched)
     raise WeightsNotFoundError(
-        f"infusenet: insightface's {FACE_PACK!r} face detector ({DETECTOR_FILENAME}) was not "
+        f"{what}: insightface's {FACE_PACK!r} face detector ({DETECTOR_FILENAME}) was not "
         f"found; searched {where}. InfiniteYou ships the pack in the ByteDance/InfiniteYou "
         f"repository under supports/insightface/models/{FACE_PACK}/ (insightface models are for "
         f"non-commercial research only); pass insightface_root=<dir holding "
@@ -145,11 +174,15 @@ def _looks_like_detector(path: Path) -> bool:
 
 def arcface_candidates(weights_root: Path | None) -> list[Path]:
     """Where ``recognition_arcface_ir_se50.pth`` is looked for when no path is configured:
-    ``supports/facexlib/`` next to InfiniteYou's weights, then facexlib's own download folder
-    (where InfiniteYou's facexlib call saves it), without importing facexlib."""
+    ``$ADAPTERSWAP_ARCFACE_PATH`` if set, ``supports/facexlib/`` next to InfiniteYou's weights,
+    then facexlib's own download folder (where InfiniteYou's facexlib call saves it), without
+    importing facexlib."""
     from adapterswap_flux.arcface import ARCFACE_FILENAME
 
     candidates = []
+    env = _env_path(ARCFACE_PATH_ENV)
+    if env is not None:
+        candidates.append(env)
     if weights_root is not None:
         candidates.append(weights_root / "supports" / "facexlib" / ARCFACE_FILENAME)
     try:
@@ -161,7 +194,8 @@ def arcface_candidates(weights_root: Path | None) -> list[Path]:
     return candidates
 
 
-def find_arcface(candidates: Sequence[Path], *, explicit: bool = False) -> Path:
+def find_arcface(candidates: Sequence[Path], *, explicit: bool = False,
+                 what: str = "infusenet") -> Path:
     """The first existing ArcFace weights file (a directory may hold it)."""
     from adapterswap_flux.arcface import ARCFACE_FILENAME, ARCFACE_URL
 
@@ -175,7 +209,7 @@ def find_arcface(candidates: Sequence[Path], *, explicit: bool = False) -> Path:
     where = ", ".join(repr(str(p)) for p in searched) or "nowhere (no candidates)"
     hint = "" if explicit else " or pass arcface_path=<file>"
     raise WeightsNotFoundError(
-        f"infusenet: the ArcFace recognition weights ({ARCFACE_FILENAME}, facexlib's IR-SE50) "
+        f"{what}: the ArcFace recognition weights ({ARCFACE_FILENAME}, facexlib's IR-SE50) "
         f"were not found; searched {where}. Download them from {ARCFACE_URL} into "
         f"<InfiniteYou dir>/supports/facexlib/{hint}."
     )
@@ -186,24 +220,43 @@ def find_arcface(candidates: Sequence[Path], *, explicit: bool = False) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
+def _load_arcface(path: Path, what: str = "infusenet") -> torch.nn.Module:
+    """facexlib's IR-SE ArcFace from its ``.pth`` state dict (float32, eval mode)."""
+    import torch
+
+    from adapterswap_flux.arcface import IRSEArcFace
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        arcface = IRSEArcFace.from_state_dict(state)
+    except (ValueError, RuntimeError) as exc:
+        raise WeightsNotFoundError(
+            f"{what}: {str(path)!r} is not facexlib's IR-SE ArcFace state dict ({exc})"
+        ) from None
+    return arcface.to(torch.float32)
+
+
 class FaceAnalyzer:
     """Detection, alignment and ArcFace embedding from local model files.
 
     :param detector_path: the SCRFD ``.onnx`` file (see :func:`find_detector`).
-    :param arcface_path: the facexlib IR-SE ``.pth`` state dict (see :func:`find_arcface`).
+    :param arcface_path: the facexlib IR-SE ``.pth`` state dict (see :func:`find_arcface`);
+        ``None`` for detection and alignment only.
     :param device: where the ArcFace network runs (float32, as InfiniteYou runs it).
     :param sizes: detection sizes tried in order.
     :param det_thresh: detector score threshold (insightface's default 0.5).
+    :param what: who uses the models, for messages (``"infusenet"``, ``"identity"``).
     """
 
-    def __init__(self, detector_path: str | Path, arcface_path: str | Path, *,
+    def __init__(self, detector_path: str | Path, arcface_path: str | Path | None, *,
                  device: Any = "cpu", sizes: Sequence[int] = DETECTION_SIZES,
-                 det_thresh: float = 0.5) -> None:
+                 det_thresh: float = 0.5, what: str = "infusenet") -> None:
         self.detector_path = Path(detector_path)
-        self.arcface_path = Path(arcface_path)
+        self.arcface_path = Path(arcface_path) if arcface_path is not None else None
         self.device = device
         self.sizes = tuple(int(s) for s in sizes)
         self.det_thresh = det_thresh
+        self.what = what
         self.detector: Any = None
         self.arcface: torch.nn.Module | None = None
 
@@ -211,33 +264,19 @@ class FaceAnalyzer:
         """Create the ONNX detector session and load the ArcFace network (once)."""
         if self.detector is not None:
             return self
-        import onnxruntime
-        import torch
         from insightface.model_zoo import get_model
 
-        from adapterswap_flux.arcface import IRSEArcFace
-
-        on_cuda = str(self.device).startswith("cuda")
-        providers = ["CPUExecutionProvider"]
-        if on_cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+        providers = onnx_providers(self.device)
         detector = get_model(str(self.detector_path), providers=providers)
         if detector is None or getattr(detector, "taskname", None) != "detection":
             raise WeightsNotFoundError(
-                f"infusenet: {str(self.detector_path)!r} is not an insightface SCRFD face "
+                f"{self.what}: {str(self.detector_path)!r} is not an insightface SCRFD face "
                 f"detector (insightface did not route it to detection)"
             )
         detector.prepare(0 if len(providers) > 1 else -1, det_thresh=self.det_thresh,
                          input_size=(self.sizes[0], self.sizes[0]))
-        state = torch.load(str(self.arcface_path), map_location="cpu", weights_only=True)
-        try:
-            arcface = IRSEArcFace.from_state_dict(state)
-        except (ValueError, RuntimeError) as exc:
-            raise WeightsNotFoundError(
-                f"infusenet: {str(self.arcface_path)!r} is not facexlib's IR-SE ArcFace state "
-                f"dict ({exc})"
-            ) from None
-        self.arcface = arcface.to(self.device, torch.float32)
+        if self.arcface_path is not None:
+            self.arcface = _load_arcface(self.arcface_path, self.what).to(self.device)
         self.detector = detector
         return self
 
@@ -252,7 +291,7 @@ class FaceAnalyzer:
                 continue
             if kpss is None:
                 raise WeightsNotFoundError(
-                    f"infusenet: the detector {str(self.detector_path)!r} gives no keypoints; "
+                    f"{self.what}: the detector {str(self.detector_path)!r} gives no keypoints; "
                     f"InfiniteYou needs a keypoint model such as {DETECTOR_FILENAME}")
             return [DetectedFace(bboxes[i, :4], kpss[i], float(bboxes[i, 4]), size)
                     for i in range(bboxes.shape[0])]
@@ -281,6 +320,9 @@ class FaceAnalyzer:
         import torch
 
         self.load()
+        if self.arcface is None:
+            raise InvalidArgumentError("arcface_path", None,
+                                       "this FaceAnalyzer detects only (no ArcFace model)")
         pixels = torch.from_numpy(np.ascontiguousarray(crop_bgr)).unsqueeze(0)
         pixels = pixels.permute(0, 3, 1, 2).float() / 255.0
         pixels = (2 * pixels - 1).contiguous().to(self.device)

@@ -85,9 +85,11 @@ class InfuseNet(Adapter):
         aesthetics) or ``"sim_stage1"`` (higher identity similarity).
     :param infu_flux_version: InfiniteYou-FLUX version; only ``"v1.0"`` exists.
     :param insightface_root: a directory holding ``models/antelopev2/`` (or the pack itself);
-        default ``<source>/supports/insightface``, then ``~/.insightface``.
+        default ``$ADAPTERSWAP_INSIGHTFACE_ROOT`` if set, ``<source>/supports/insightface``, then
+        ``~/.insightface``.
     :param arcface_path: facexlib's ``recognition_arcface_ir_se50.pth`` (or its directory);
-        default ``<source>/supports/facexlib/``, then facexlib's own weights folder.
+        default ``$ADAPTERSWAP_ARCFACE_PATH`` if set, ``<source>/supports/facexlib/``, then
+        facexlib's own weights folder.
     :param control_image: an image (or path) whose face keypoints steer the pose; ``None``
         (default) uses InfiniteYou's black canvas.
     :param quantize_8bit: 8-bit InfuseNet weights with optimum-quanto (InfiniteYou's

@@ -24,3 +24,10 @@ def register_adapters(register: Callable[[type], None]) -> None:
     from adapterswap_flux.infusenet import InfuseNet
 
     register(InfuseNet)
+
+
+@hookimpl
+def register_metrics(register: Callable[[type], None]) -> None:
+    from adapterswap_flux.identity import IdentityMetric
+
+    register(IdentityMetric)

@@ -9,11 +9,17 @@
   insightface's own ``SCRFD`` class, whose pre-processing, anchor decoding and NMS then run.
 - A tiny IR-SE ArcFace (:class:`~adapterswap_flux.arcface.IRSEConfig.tiny`) with random weights,
   saved as a facexlib-style ``.pth``.
+- :class:`TinyRecognizer`, a small random convolutional network with the interface of the pack's
+  ArcFace R100 (``glintr100.onnx``): input ``(N, 3, 112, 112)``, one ``(N, E)`` embedding output.
+  Exported to ONNX (:func:`export_tiny_recognizer`) it is routed by insightface's model router to
+  ``ArcFaceONNX`` (square input of at least 112 px, one output), whose ``get_feat``
+  pre-processing then runs.
 - :func:`tiny_face_image`: a synthetic 256 x 256 portrait whose face square, and so whose
   keypoints (:func:`tiny_face_keypoints`), are known.
 
-:func:`save_tiny_face_models` writes both models where InfiniteYou's layout keeps the real ones:
-``supports/insightface/models/antelopev2/scrfd_10g_bnkps.onnx`` and
+:func:`save_tiny_face_models` writes the models where InfiniteYou's layout keeps the real ones:
+``supports/insightface/models/antelopev2/scrfd_10g_bnkps.onnx`` and ``glintr100.onnx`` (written
+by :func:`save_tiny_face_pack`, which makes any directory an insightface root), and
 ``supports/facexlib/recognition_arcface_ir_se50.pth``.
 """
 
@@ -150,6 +156,57 @@ def export_tiny_detector(path: str | Path) -> Path:
     return path
 
 
+def _recognizer_module():  # noqa: ANN202 - the class needs torch, imported lazily
+    from torch import nn
+
+    class TinyRecognizer(nn.Module):
+        """A random stand-in for the pack's ArcFace R100: ``(N, 3, 112, 112)`` -> ``(N, E)``
+        (not normalised, as ``glintr100.onnx``'s output is not)."""
+
+        def __init__(self, embedding_dim: int) -> None:
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 8, 5, stride=4, padding=2), nn.PReLU(8),
+                nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.PReLU(16),
+                nn.AvgPool2d(2))  # 112 -> 28 -> 14 -> 7
+            self.head = nn.Linear(16 * 7 * 7, embedding_dim)
+
+        def forward(self, pixels):  # noqa: ANN001, ANN201
+            return self.head(self.features(pixels).flatten(1))
+
+    return TinyRecognizer
+
+
+def export_tiny_recognizer(path: str | Path, seed: int = 0, *, embedding_dim: int = 64) -> Path:
+    """Export a random :class:`TinyRecognizer` to ONNX with a dynamic batch axis (the layout of
+    ``glintr100.onnx``: input ``(None, 3, 112, 112)``, one output ``(None, E)``)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = _recognizer_module()(embedding_dim).eval()
+    dummy = torch.zeros(1, 3, 112, 112)
+    torch.onnx.export(model, (dummy,), str(path), input_names=["input.1"],
+                      output_names=["embedding"],
+                      dynamic_axes={"input.1": {0: "None"}, "embedding": {0: "None"}},
+                      opset_version=17, dynamo=False)
+    return path
+
+
+def save_tiny_face_pack(root: str | Path, seed: int = 0, *, embedding_dim: int = 64) -> Path:
+    """Write the tiny detector and recognizer as insightface's ``antelopev2`` pack under
+    ``root`` (``<root>/models/antelopev2/scrfd_10g_bnkps.onnx`` and ``glintr100.onnx``), so
+    ``root`` is an insightface root; returns ``root``."""
+    from adapterswap_flux.face import DETECTOR_FILENAME, FACE_PACK, RECOGNIZER_FILENAME
+
+    root = Path(root)
+    pack = root / "models" / FACE_PACK
+    export_tiny_detector(pack / DETECTOR_FILENAME)
+    export_tiny_recognizer(pack / RECOGNIZER_FILENAME, seed, embedding_dim=embedding_dim)
+    return root
+
+
 def save_tiny_arcface(path: str | Path, seed: int = 0, *, embedding_dim: int = 64) -> Path:
     """A random tiny IR-SE ArcFace saved as a facexlib-style state dict (``torch.save``)."""
     import torch
@@ -165,14 +222,12 @@ def save_tiny_arcface(path: str | Path, seed: int = 0, *, embedding_dim: int = 6
 
 
 def save_tiny_face_models(root: str | Path, seed: int = 0, *, embedding_dim: int = 64) -> Path:
-    """Write the tiny detector and recognition model in InfiniteYou's ``supports/`` layout under
-    ``root``; returns ``root``."""
+    """Write the tiny face pack (detector and evaluation recognizer) and the tiny IR-SE ArcFace
+    in InfiniteYou's ``supports/`` layout under ``root``; returns ``root``."""
     from adapterswap_flux.arcface import ARCFACE_FILENAME
-    from adapterswap_flux.face import DETECTOR_FILENAME, FACE_PACK
 
     root = Path(root)
-    export_tiny_detector(root / "supports" / "insightface" / "models" / FACE_PACK
-                         / DETECTOR_FILENAME)
+    save_tiny_face_pack(root / "supports" / "insightface", seed, embedding_dim=embedding_dim)
     save_tiny_arcface(root / "supports" / "facexlib" / ARCFACE_FILENAME, seed,
                       embedding_dim=embedding_dim)
     return root

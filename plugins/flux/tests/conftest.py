@@ -9,6 +9,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# A face-model root from the developer's environment must not leak into the tests (the tests that
+# need these variables set them with monkeypatch).
+for _variable in ("ADAPTERSWAP_INSIGHTFACE_ROOT", "ADAPTERSWAP_ARCFACE_PATH"):
+    os.environ.pop(_variable, None)
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,380 @@
+"""SDXL + style IP-Adapter (1024 px) and SD1.5 + IP-Adapter Plus (512 px) at the published sizes
+with random weights: adapterswap's engine against the plain diffusers pipeline, in one process.
+
+    python benchmarks/gpu/bench_unet.py --out results/unet.json         # H100: ~4 min
+    python benchmarks/gpu/bench_unet.py --tiny --out /tmp/unet-tiny.json  # CPU smoke test
+
+Per backbone (base and distilled): one image end to end, engine vs ``pipe(...)`` with the same
+IP-Adapter embeddings. Then the sweep target: steps {1,2,4,8,16,28} x 4 seeds with the adapter
+attached, adapterswap's step-parallel sweep against one pipeline call per cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import count_flops, sync, timed, write  # noqa: E402
+
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+              hidden_act="quick_gelu")
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
+                 num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
+                 projection_dim=1280, hidden_act="gelu")
+VIT_BIGG = dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48,
+                num_attention_heads=16, patch_size=14, image_size=224, projection_dim=1280,
+                hidden_act="gelu")
+VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+             num_attention_heads=16, patch_size=14, image_size=224, projection_dim=1024,
+             hidden_act="gelu")
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(320, 640, 1280), layers_per_block=2,
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                 cross_attention_dim=2048, use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+           block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+SIZE = {"sdxl": 1024, "sd15": 512}
+PLUS = dict(depth=4, heads=12, dim_head=64, num_queries=16)
+
+
+def tiny_configs() -> None:
+    for cfg in (CLIP_L, CLIP_BIGG):
+        cfg.update(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                   num_attention_heads=2, projection_dim=32)
+    CLIP_BIGG.update(hidden_size=64, projection_dim=64)
+    for cfg in (VIT_BIGG, VIT_H):
+        cfg.update(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                   num_attention_heads=2, projection_dim=40)
+    SDXL_UNET.update(block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 2),
+                     attention_head_dim=(2, 4, 4), cross_attention_dim=96,
+                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=112)
+    SD15_UNET.update(cross_attention_dim=32, attention_head_dim=4,
+                     block_out_channels=(32, 32, 64, 64), norm_num_groups=8)
+    VAE.update(block_out_channels=(16, 16, 32, 32), norm_num_groups=8)
+    SIZE.update(sdxl=64, sd15=64)
+    PLUS.update(heads=1, dim_head=64, num_queries=4)  # diffusers assumes heads of 64
+
+
+def _in_dtype(device: str, dtype: Any, make: Any) -> Any:
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return make()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_sdxl(device: str, dtype: Any) -> tuple[Any, Any]:
+    """StableDiffusionXLPipeline + StyleIPAdapter weights (random, in memory)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from adapterswap.tiny import tiny_clip_tokenizer
+    from adapterswap.unet import random_ip_layers
+
+    torch.manual_seed(0)
+    unet = _in_dtype(device, dtype, lambda: UNet2DConditionModel(**SDXL_UNET))
+    parts = _in_dtype(device, dtype, lambda: {
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)),
+        "vae": AutoencoderKL(**VAE, scaling_factor=0.13025, force_upcast=False),
+    })
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1,
+                                       timestep_spacing="leading", num_train_timesteps=1000)
+    pipe = StableDiffusionXLPipeline(unet=unet, scheduler=scheduler,
+                                     tokenizer=tiny_clip_tokenizer(),
+                                     tokenizer_2=tiny_clip_tokenizer(), add_watermarker=False,
+                                     **parts)
+    encoder = _in_dtype(device, dtype, lambda: CLIPVisionModelWithProjection(
+        CLIPVisionConfig(**VIT_BIGG)))
+    g = torch.Generator().manual_seed(1)
+    cross, proj = SDXL_UNET["cross_attention_dim"], VIT_BIGG["projection_dim"]
+    state = {"image_proj": {"proj.weight": torch.randn(4 * cross, proj, generator=g) / proj ** 0.5,
+                            "proj.bias": torch.zeros(4 * cross),
+                            "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)},
+             "ip_adapter": random_ip_layers(unet, g)}
+    size = VIT_BIGG["image_size"]
+    return pipe, (state, encoder.eval(), CLIPImageProcessor(size=size, crop_size=size))
+
+
+def build_sd15(device: str, dtype: Any) -> tuple[Any, Any]:
+    """StableDiffusionPipeline + IP-Adapter Plus weights (random, in memory)."""
+    import torch
+    from adapterswap_sd15.adapters import random_resampler
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from adapterswap.tiny import tiny_clip_tokenizer
+    from adapterswap.unet import random_ip_layers
+
+    torch.manual_seed(0)
+    unet = _in_dtype(device, dtype, lambda: UNet2DConditionModel(**SD15_UNET))
+    parts = _in_dtype(device, dtype, lambda: {
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+        "vae": AutoencoderKL(**VAE, scaling_factor=0.18215)})
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(unet=unet, scheduler=scheduler,
+                                   tokenizer=tiny_clip_tokenizer(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False, **parts)
+    encoder = _in_dtype(device, dtype, lambda: CLIPVisionModelWithProjection(
+        CLIPVisionConfig(**VIT_H)))
+    g = torch.Generator().manual_seed(1)
+    cross = SD15_UNET["cross_attention_dim"]
+    state = {"image_proj": random_resampler(g, dim=cross, embedding_dim=VIT_H["hidden_size"],
+                                            output_dim=cross, **PLUS),
+             "ip_adapter": random_ip_layers(unet, g)}
+    size = VIT_H["image_size"]
+    return pipe, (state, encoder.eval(), CLIPImageProcessor(size=size, crop_size=size))
+
+
+def adapter_in_memory(cls: Any, weights: Any, device: str, dtype: Any) -> Any:
+    state, encoder, processor = weights
+    adapter = cls(device=device, dtype=dtype)
+    adapter.state_dict, adapter.image_encoder, adapter.feature_extractor = \
+        state, encoder, processor
+    adapter.loaded = True
+    return adapter
+
+
+def pipeline_call(pipe: Any, conditioning: Any, steps: int, guidance: float | None, size: int,
+                  seed: int, scales: Any) -> Any:
+    """One plain diffusers pipeline call with the same IP-Adapter image embeddings."""
+    import torch
+
+    pipe.set_ip_adapter_scale(scales)
+    cfg = guidance is not None and guidance > 1
+    cond, neg = conditioning["image_embeds"], conditioning["negative_image_embeds"]
+    embeds = torch.cat([neg, cond]) if cfg else cond
+    with torch.no_grad():
+        return pipe("a photo of a red chair", num_inference_steps=steps,
+                    guidance_scale=guidance if cfg else 0.0, height=size, width=size,
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    ip_adapter_image_embeds=[embeds], output_type="pt").images
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/gpu/results/unet.json")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--families", default="sd15,sdxl")
+    parser.add_argument("--sweep-steps", default="1,2,4,8,16,28")
+    parser.add_argument("--sweep-seeds", type=int, default=4)
+    parser.add_argument("--max-batch", type=int, default=24)
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    if args.tiny:
+        tiny_configs()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+
+    import adapterswap_sd15.plugin
+    import adapterswap_sdxl.plugin
+    from adapterswap_sd15.adapters import ObjectIPAdapter
+    from adapterswap_sd15.backbones import SD15Backbone, SD15LCMBackbone
+    from adapterswap_sdxl.adapters import StyleIPAdapter
+    from adapterswap_sdxl.backbones import SDXLBackbone, SDXLLightningBackbone
+
+    from adapterswap import plugins
+    from adapterswap.denoise import denoise
+
+    for module, name in ((adapterswap_sdxl.plugin, "adapterswap-sdxl"),
+                         (adapterswap_sd15.plugin, "adapterswap-sd15")):
+        if plugins.pm.get_plugin(name) is None and name.split("-")[1] not in \
+                plugins.backbones():
+            plugins.register_plugin(module, name=name)
+
+    families = {
+        "sdxl": (build_sdxl, StyleIPAdapter, [(SDXLBackbone, 30), (SDXLLightningBackbone, 4)],
+                 {"up": {"block_0": [0.0, 1.0, 0.0]}}),
+        "sd15": (build_sd15, ObjectIPAdapter, [(SD15Backbone, 50), (SD15LCMBackbone, 4)], 1.0),
+    }
+    results: dict[str, Any] = {"dtype": str(dtype), "runs": [], "sweeps": []}
+    from PIL import Image
+
+    reference = Image.new("RGB", (256, 256), (180, 60, 40))
+    for family in args.families.split(","):
+        build, adapter_cls, variants, scales = families[family]
+        pipe, weights = build(device, dtype)
+        adapter = adapter_in_memory(adapter_cls, weights, device, dtype)
+        size = SIZE[family]
+        for cls, steps in variants:
+            backbone = cls.from_pipeline(pipe, device=device)
+            backbone.dtype = dtype
+            backbone.pipe = backbone.configure_pipeline(pipe)
+            adapter.attach(backbone)
+            conditioning = adapter.encode_reference(reference, backbone)
+            guidance = backbone.resolve_guidance_scale(None)
+
+            def engine(steps: int = steps, backbone: Any = backbone,
+                       conditioning: Any = conditioning, size: int = size,
+                       adapter: Any = adapter) -> Any:
+                return denoise(backbone, "a photo of a red chair", num_inference_steps=steps,
+                               seeds=[0], height=size, width=size, adapter=adapter,
+                               conditioning=conditioning, output_type="pt")
+
+            def baseline(steps: int = steps, conditioning: Any = conditioning,
+                         guidance: float | None = guidance, pipe: Any = pipe, size: int = size,
+                         scales: Any = scales) -> Any:
+                return pipeline_call(pipe, conditioning, steps, guidance, size, 0, scales)
+
+            diff = float((engine().images.float().cpu() - baseline().float().cpu()).abs().max())
+            eng, base = timed(engine, repeats=args.repeats), timed(baseline, repeats=args.repeats)
+            denoise_s = engine().timings["denoise_s"]
+            flops = _step_flops(backbone, adapter, conditioning, size, guidance)
+            row = {"backbone": backbone.name, "adapter": adapter.name, "steps": steps,
+                   "height": size, "width": size, "engine_s": eng["median_s"],
+                   "diffusers_pipeline_s": base["median_s"],
+                   "ratio_engine_over_diffusers": eng["median_s"] / base["median_s"],
+                   "engine_denoise_s": denoise_s, "per_step_s": denoise_s / steps,
+                   "peak_gib_engine": eng["peak_gib"], "peak_gib_diffusers": base["peak_gib"],
+                   "step_tflop": flops / 1e12,
+                   "achieved_tflops": flops * steps / denoise_s / 1e12,
+                   "max_abs_pixel_diff_vs_diffusers": diff}
+            results["runs"].append(row)
+            print(row, flush=True)
+            adapter.detach()
+        # the sweep target, on the base backbone
+        base_cls = variants[0][0]
+        backbone = base_cls.from_pipeline(pipe, device=device)
+        backbone.dtype = dtype
+        backbone.pipe = backbone.configure_pipeline(pipe)
+        results["sweeps"].append(sweep_benchmark(backbone, adapter, scales, size, args))
+        print(results["sweeps"][-1], flush=True)
+        adapter.detach()
+        del pipe, backbone
+        sync()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    write(results, args.out)
+
+
+def sweep_benchmark(backbone: Any, adapter: Any, scales: Any, size: int, args: Any) -> dict:
+    """steps x seeds with the adapter attached: adapterswap's sweep engine (step-parallel)
+    against one pipeline call per cell (pipeline loaded once)."""
+    import time
+
+    import torch
+
+    from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.spec import SweepSpec
+    from adapterswap.sweep.store import RunStore
+
+    steps = [int(s) for s in args.sweep_steps.split(",")]
+    seeds = list(range(args.sweep_seeds))
+
+    class InMemoryEngine(SweepEngine):
+        def load_backbone(self, name: str) -> Any:
+            return backbone
+
+        def adapter_for(self, name: str, b: Any) -> Any:
+            return adapter
+
+    backbone.unload = lambda: None  # keep the pipeline for the baseline
+    results = {}
+    for mode, parallel in (("step-parallel", True), ("sequential", False)):
+        with tempfile.TemporaryDirectory() as out:
+            spec = SweepSpec(backbones=[backbone.name], seeds=seeds, steps=steps,
+                             metrics=["sharpness"], timing_repeats=0, prompts=["a red chair"],
+                             references=["synthetic:0"], height=size, width=size, out=out,
+                             save_images=False, step_parallel=parallel,
+                             max_batch=args.max_batch).validate()
+            with RunStore(out) as store:
+                sync()
+                start = time.perf_counter()
+                summary = InMemoryEngine(spec, store).run()
+                sync()
+                results[f"engine_{mode}_s"] = time.perf_counter() - start
+                assert summary.done == len(steps) * len(seeds), summary
+    adapter.attach(backbone)
+    conditioning = adapter.encode_reference(adapter.tiny_reference(0), backbone)
+    guidance = backbone.resolve_guidance_scale(None)
+    sync()
+    start = time.perf_counter()
+    for n in steps:
+        for seed in seeds:
+            pipeline_call(backbone.pipe, conditioning, n, guidance, size, seed, scales)
+    sync()
+    results["diffusers_per_cell_s"] = time.perf_counter() - start
+    # the denoiser forwards alone: the floor for the sweep
+    from adapterswap.denoise import StepContext
+
+    prompt = backbone.encode_prompt(["a red chair"], guidance_scale=guidance)
+    latents = backbone.prepare_latents([torch.Generator().manual_seed(0)], height=size,
+                                       width=size)
+    sched = backbone.schedule(4, height=size, width=size)
+    ctx = StepContext(sched.timesteps[:1], (1,), (4,), size, size, None)
+    inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx, prompt)
+    one = timed(lambda: backbone.predict(latents, ctx, prompt, guidance_scale=guidance,
+                                         adapter_inputs=inputs), repeats=5)
+    results["denoiser_forward_b1_s"] = one["median_s"]
+    results["sum_of_forwards_b1_s"] = one["median_s"] * sum(steps) * len(seeds)
+    results.update(backbone=backbone.name, steps=steps, seeds=len(seeds), size=size,
+                   speedup_step_parallel=results["diffusers_per_cell_s"]
+                   / results["engine_step-parallel_s"],
+                   speedup_sequential=results["diffusers_per_cell_s"]
+                   / results["engine_sequential_s"])
+    return results
+
+
+def _step_flops(backbone: Any, adapter: Any, conditioning: Any, size: int,
+                guidance: float | None) -> float:
+    import torch
+
+    from adapterswap.denoise import StepContext
+
+    prompt = backbone.encode_prompt(["a photo"], guidance_scale=guidance)
+    latents = backbone.prepare_latents([torch.Generator().manual_seed(0)], height=size,
+                                       width=size)
+    sched = backbone.schedule(4, height=size, width=size)
+    ctx = StepContext(sched.timesteps[1:2], (1,), (4,), size, size, None)
+    inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx, prompt)
+    return float(count_flops(lambda: backbone.predict(latents, ctx, prompt,
+                                                      guidance_scale=guidance,
+                                                      adapter_inputs=inputs)))
+
+
+if __name__ == "__main__":
+    main()
