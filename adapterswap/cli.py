@@ -347,6 +347,9 @@ def _common_sweep_options(func: Any) -> Any:
                      help="Weights for a backbone (repeatable)."),
         click.option("--adapter-source", default=None, help="Adapter weights."),
         click.option("--adapter-option", "adapter_options", multiple=True, metavar="KEY=VALUE"),
+        click.option("--metric-option", "metric_options", multiple=True,
+                     metavar="METRIC.KEY=VALUE",
+                     help="Option of one metric (repeatable), e.g. identity.recognizer=ir-se50."),
         click.option("--max-batch", default=None, type=int,
                      help="Most samples per denoiser forward (default 16)."),
         click.option("--dry-run", is_flag=True,
@@ -365,7 +368,7 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
                 metrics: str | None, out: str | None, preset: str | None, device: str | None,
                 dtype: str | None, sources: tuple[str, ...], adapter_source: str | None,
                 adapter_options: tuple[str, ...], max_batch: int | None,
-                dry_run: bool = False) -> dict[str, Any]:
+                metric_options: tuple[str, ...] = (), dry_run: bool = False) -> dict[str, Any]:
     from adapterswap.sweep.spec import parse_int_list, read_prompts_file
 
     prompt_list = list(prompts)
@@ -387,8 +390,22 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
         "out": out, "preset": preset, "device": device, "dtype": dtype,
         "sources": source_map or None, "adapter_source": adapter_source,
         "adapter_options": _parse_options(adapter_options, "--adapter-option") or None,
+        "metric_options": _metric_options(metric_options) or None,
         "max_batch": max_batch,
     }
+
+
+def _metric_options(pairs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``identity.recognizer=ir-se50`` -> ``{"identity": {"recognizer": "ir-se50"}}``."""
+    from adapterswap.errors import InvalidArgumentError
+
+    options: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        name, dot, rest = pair.partition(".")
+        if not dot or "=" not in rest or not name:
+            raise InvalidArgumentError("--metric-option", pair, "expected METRIC.KEY=VALUE")
+        options.setdefault(name, {}).update(_parse_options((rest,), "--metric-option"))
+    return options
 
 
 def _run_spec(spec: Any) -> Any:

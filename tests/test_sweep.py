@@ -438,3 +438,33 @@ def test_probe_guided_exit_picks_the_window_and_compares_on_the_same_inputs(tmp_
     comparison = exit_comparison(rows, latency, plan, {"toy-dev|toy-adapter": "sharpness"})
     assert comparison and all(c["deltas"]["toy-colour-match"]["n"] == 3 for c in comparison)
     assert "Probe-guided adapter exit" in (out / "report.html").read_text()
+
+
+def test_metric_options_reach_the_metric_and_are_validated(tmp_path):
+    from adapterswap.cli import _metric_options
+
+    assert _metric_options(("identity.recognizer=ir-se50", "identity.batch_size=4",
+                            "lpips.against=baseline")) == {
+        "identity": {"recognizer": "ir-se50", "batch_size": 4},
+        "lpips": {"against": "baseline"}}
+    with pytest.raises(InvalidArgumentError, match="--metric-option='recognizer'"):
+        _metric_options(("recognizer",))
+    with pytest.raises(InvalidArgumentError, match="metric_options='contrast'"):
+        tiny_spec(tmp_path, metrics=["sharpness"],
+                  metric_options={"contrast": {"x": 1}}).validate()
+    seen = {}
+    from adapterswap.metrics.basic import Sharpness
+
+    original = Sharpness.__init__
+
+    def spy(self, **options):
+        seen.update(options)
+        original(self, **options)
+
+    Sharpness.__init__ = spy
+    try:
+        run_sweep(tiny_spec(tmp_path, backbones=["toy-fast"], seeds=[0], steps=[1],
+                            metrics=["sharpness"], metric_options={"sharpness": {"mode": 3}}))
+    finally:
+        Sharpness.__init__ = original
+    assert seen.get("mode") == 3

@@ -31,6 +31,8 @@ class MetricBatch:
     :ivar prompts: the prompt of each cell.
     :ivar baselines: an image to compare against (e.g. the same cell with the adapter off).
     :ivar timings: per-image timing dicts (``total_s``, ``denoise_s``, ...).
+    :ivar purpose: ``"final"`` for generated images, ``"trajectory"`` for the predicted clean
+        images of intermediate steps (a metric that keeps counts for its notes skips those).
     """
 
     images: Sequence[Image.Image]
@@ -38,6 +40,7 @@ class MetricBatch:
     prompts: Sequence[str] | None = None
     baselines: Sequence[Image.Image | None] | None = None
     timings: Sequence[dict[str, float]] | None = None
+    purpose: str = "final"
 
     def __len__(self) -> int:
         return len(self.images)

@@ -115,7 +115,8 @@ class SweepEngine:
 
         loaded = {}
         for name in self.spec.metrics:
-            metric = get_metric(name)(device=self.spec.device)
+            metric = get_metric(name)(device=self.spec.device,
+                                      **self.spec.metric_options.get(name, {}))
             try:
                 metric.load()
             except MetricUnavailableError as exc:
@@ -129,8 +130,7 @@ class SweepEngine:
                 continue
             self.store.set_metric_status(name, True, None)
             loaded[name] = metric
-        notes = [f"{name}: {note}" for name, metric in loaded.items() for note in metric.notes()]
-        self.store.set_meta("metric_notes", notes)
+        self._store_notes(loaded)
         return loaded
 
     def load_backbone(self, name: str) -> Any:
@@ -261,8 +261,15 @@ class SweepEngine:
                 if adapter.attached_to is backbone:
                     adapter.detach()
             backbone.unload()
+        self._store_notes(metrics)
         summary.seconds = time.perf_counter() - start
         return summary
+
+    def _store_notes(self, metrics: dict[str, Any]) -> None:
+        """Metrics' caveats (e.g. how many images had no face), after scoring."""
+        notes = [f"{name}: {note}" for name, metric in metrics.items()
+                 for note in metric.notes()]
+        self.store.set_meta("metric_notes", notes)
 
     def measure_latency(self, backbone: Any, adapter: Any,
                         items: Sequence[tuple[Cell, str]]) -> None:
@@ -449,13 +456,15 @@ class SweepEngine:
                 part.set_probe(None)
 
     def _score(self, images: list[Any], cells: list[Cell], reference: Any,
-               timings: list[dict[str, float]], metrics: dict[str, Any]) -> list[dict[str, Any]]:
+               timings: list[dict[str, float]], metrics: dict[str, Any],
+               purpose: str = "final") -> list[dict[str, Any]]:
         """Scores of each image under every loaded metric that has what it needs."""
         scores: list[dict[str, float | None]] = [{} for _ in images]
         if not images:
             return scores
         batch = MetricBatch(images=images, references=[reference for _ in images],
-                            prompts=[c.prompt for c in cells], baselines=None, timings=timings)
+                            prompts=[c.prompt for c in cells], baselines=None, timings=timings,
+                            purpose=purpose)
         for name, metric in metrics.items():
             if "baseline" in metric.needs:
                 continue  # baselines are compared in the analysis (ablations, swap)
@@ -538,7 +547,8 @@ class SweepEngine:
                                         output_type="pil")
         per_image = self._score(previews, [cell] * len(previews), reference,
                                 [{} for _ in previews],
-                                {n: m for n, m in metrics.items() if "timing" not in m.needs})
+                                {n: m for n, m in metrics.items() if "timing" not in m.needs},
+                                purpose="trajectory")
         thumb = min(128, cell.width)
         strip = Image.new("RGB", (thumb * len(previews), thumb), "white")
         for k, preview in enumerate(previews):

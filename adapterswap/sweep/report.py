@@ -322,6 +322,17 @@ def build_report(out: str | Path, *, fraction: float = 0.95,
              "95% CI high", "pairs", "higher is better"],
             [[m, d["from_mean"], d["to_mean"], d["mean"], d["ci_low"], d["ci_high"], d["n"],
               d["higher_is_better"]] for m, d in swap["metrics"].items()]))
+    done_rows = [r for r in rows if r["status"] == "done"]
+    coverage = []
+    for metric in metrics:
+        values = [r["scores"].get(metric) for r in done_rows if metric in r["scores"]]
+        missing = sum(v is None for v in values)
+        coverage.append([metric, len(values) - missing, missing,
+                         len(done_rows) - len(values)])
+    if coverage:
+        parts.append("<h2>Scores</h2>")
+        parts.append(_table(["metric", "scored cells", "undefined (None)", "not scored"],
+                            coverage))
     parts.append("<h2>Recommendations</h2>")
     parts.append(_table(
         ["backbone", "adapter", "fidelity metric", "steps", "target", "latency (s)", "why"],

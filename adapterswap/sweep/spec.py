@@ -74,6 +74,7 @@ class SweepSpec:
         ``swap`` comparison).
     :ivar step_parallel: advance runs with different step counts together in one forward.
     :ivar max_batch: most samples in one denoiser forward.
+    :ivar metric_options: per-metric options, e.g. ``{"identity": {"recognizer": "ir-se50"}}``.
     """
 
     backbones: list[str] = field(default_factory=list)
@@ -96,6 +97,7 @@ class SweepSpec:
     sources: dict[str, str] = field(default_factory=dict)
     adapter_source: str | None = None
     adapter_options: dict[str, Any] = field(default_factory=dict)
+    metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     only_default_steps: bool = False
     scales: list[float] = field(default_factory=list)
     windows: list[list[float]] = field(default_factory=list)
@@ -257,6 +259,20 @@ class SweepSpec:
                     "needs a reference image, and this sweep has no adapter/references")
         if len(set(self.metrics)) != len(self.metrics):
             raise InvalidArgumentError("metrics", self.metrics, "repeated metric")
+        if not isinstance(self.metric_options, dict) or not all(
+                isinstance(v, dict) for v in self.metric_options.values()):
+            raise InvalidArgumentError("metric_options", self.metric_options,
+                                       "must map metric names to option tables")
+        for name, options in self.metric_options.items():
+            if name not in self.metrics:
+                raise InvalidArgumentError("metric_options", name,
+                                           f"options for a metric the sweep does not use "
+                                           f"(metrics: {', '.join(self.metrics)})")
+            try:
+                get_metric_cls(name)(**options)  # the metric validates its own options
+            except TypeError as exc:
+                raise InvalidArgumentError("metric_options", {name: options}, str(exc)) \
+                    from None
         return self
 
     def adapter_for(self, backbone_cls: Any) -> str | None:

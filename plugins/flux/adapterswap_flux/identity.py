@@ -294,19 +294,21 @@ class IdentityMetric(Metric):
         scores: list[float | None] = [None] * len(batch)
         targets: list[np.ndarray] = []
         crops, slots = [], []
+        counting = batch.purpose == "final"  # trajectory previews stay out of the notes
         for slot, (image, reference) in enumerate(zip(batch.images, batch.references)):
             if reference is None:
-                self.images_without_reference += 1
+                self.images_without_reference += counting
                 continue
             key, target = self._reference_embedding(reference)
             if target is None:
-                self.faceless_references.add(key)
-                self.images_with_faceless_reference += 1
+                if counting:
+                    self.faceless_references.add(key)
+                self.images_with_faceless_reference += counting
                 continue
-            self.images_checked += 1
+            self.images_checked += counting
             crop = self.aligned_crop(image)
             if crop is None:
-                self.images_without_face += 1
+                self.images_without_face += counting
                 continue
             crops.append(crop)
             slots.append(slot)
