@@ -289,6 +289,12 @@ class Adapter(Probed, ABC):
         raise UsageError(f"adapter {cls.name!r} has no tiny preset")
 
     @classmethod
+    def random(cls, backbone: Backbone, seed: int = 0, **kwargs: Any) -> Adapter:
+        """A loaded adapter with random weights at the published size that fits ``backbone``
+        (the ``random`` preset, for latency studies). Plugins that support it override this."""
+        raise UsageError(f"adapter {cls.name!r} has no random (published-size) preset")
+
+    @classmethod
     def tiny_reference(cls, seed: int = 0) -> Image.Image:
         """A synthetic reference image for the tiny preset (a face-like image with known
         keypoints for identity adapters). The default is a smooth colour pattern."""

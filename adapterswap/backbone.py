@@ -352,6 +352,14 @@ class Backbone(Probed, ABC):
 
     # ------------------------------------------------------------------ presets
     @classmethod
+    def random(cls, *, device: str | None = None, dtype: Any = None,
+               seed: int = 0) -> Backbone:
+        """A loaded instance with random weights at the published size (the ``random``
+        preset: real latency and memory, nothing downloaded, meaningless images). Plugins that
+        support the preset override this."""
+        raise UsageError(f"backbone {cls.name!r} has no random (published-size) preset")
+
+    @classmethod
     def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> Backbone:
         """A loaded instance built from tiny random-initialised components of the same classes
         (for tests and ``--preset tiny``). Plugins that support the preset override this."""

@@ -339,8 +339,10 @@ def _common_sweep_options(func: Any) -> Any:
         click.option("--metrics", default=None,
                      help="Comma-separated metric names (default: by adapter kind)."),
         click.option("--out", default=None, help="Output directory (default runs/<name>)."),
-        click.option("--preset", type=click.Choice(["tiny"]), default=None,
-                     help="tiny: tiny random-initialised models on CPU; no weights needed."),
+        click.option("--preset", type=click.Choice(["tiny", "random"]), default=None,
+                     help="tiny: tiny random-initialised models on CPU; random: random weights "
+                          "at the published sizes (real latency, no download); no weights "
+                          "needed for either."),
         click.option("--device", default=None),
         click.option("--dtype", default=None, help="bf16, fp16 or fp32."),
         click.option("--source", "sources", multiple=True, metavar="BACKBONE=PATH",

@@ -13,7 +13,9 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _process_dir: Path | None = None
 
@@ -35,3 +37,18 @@ def tiny_dir(name: str, seed: int = 0, cache_dir: str | os.PathLike[str] | None 
             atexit.register(_cleanup, _process_dir)
         base = _process_dir
     return base / f"{name}-seed{seed}"
+
+
+def build_in_dtype(device: Any, dtype: Any, make: Callable[[], Any]) -> Any:
+    """Call ``make`` with torch's default dtype and device set, so modules are created
+    directly in ``dtype`` on ``device`` (the ``random`` preset builds billions of parameters:
+    no float32 copy on the CPU first)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return make()
+    finally:
+        torch.set_default_dtype(previous)

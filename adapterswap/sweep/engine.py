@@ -139,6 +139,8 @@ class SweepEngine:
         cls = get_backbone(name)
         if self.spec.preset == "tiny":
             return cls.tiny(seed=0)
+        if self.spec.preset == "random":
+            return cls.random(device=self.spec.device, dtype=self.spec.dtype)
         backbone = cls(self.spec.sources.get(name), device=self.spec.device,
                        dtype=self.spec.dtype)
         return backbone.load()
@@ -153,6 +155,8 @@ class SweepEngine:
                       **self.spec.adapter_options}
             if self.spec.preset == "tiny":
                 adapter = cls.tiny(backbone, seed=0, **kwargs)
+            elif self.spec.preset == "random":
+                adapter = cls.random(backbone, seed=0, **kwargs)
             else:
                 adapter = cls(self.spec.adapter_source, **kwargs)
             self._adapters[name] = adapter

@@ -42,6 +42,9 @@ DEFAULT_METRICS = {
     "object": ["clip-i", "dino", "clip-t", "sharpness", "contrast", "latency"],
     None: ["clip-t", "sharpness", "contrast", "latency"],
 }
+#: ``tiny``: tiny random models on CPU; ``random``: random weights at the published sizes
+#: (real latency and memory without downloads, meaningless images).
+PRESETS = (None, "tiny", "random")
 #: Metrics that need no model weights (the tiny preset's default).
 MODEL_FREE_METRICS = ("sharpness", "contrast", "latency")
 SYNTHETIC_REFERENCE = "synthetic:0"
@@ -169,8 +172,9 @@ class SweepSpec:
             raise InvalidArgumentError("backbones", self.backbones, "repeated backbone")
         classes = [get_backbone(name) for name in self.backbones]  # unknown -> suggestion
         del backbones, adapters
-        if self.preset not in (None, "tiny"):
-            raise InvalidArgumentError("preset", self.preset, "the only preset is 'tiny'")
+        if self.preset not in PRESETS:
+            raise InvalidArgumentError("preset", self.preset,
+                                       f"choose one of {', '.join(p for p in PRESETS if p)}")
 
         adapter_names = {self.adapter_for(cls) for cls in classes} - {None}
         for cls in classes:
@@ -221,14 +225,14 @@ class SweepSpec:
 
         self.prompts = _str_list("prompts", self.prompts)
         if not self.prompts:
-            self.prompts = DEFAULT_PROMPTS[:1] if self.preset == "tiny" else list(DEFAULT_PROMPTS)
+            self.prompts = DEFAULT_PROMPTS[:1] if self.preset else list(DEFAULT_PROMPTS)
             self.defaults_used.append(f"no prompts given: using {len(self.prompts)} built-in "
                                       "prompt(s)")
         self.references = _str_list("references", self.references)
         if adapter_names:
             if not self.references:
                 self.references = [SYNTHETIC_REFERENCE]
-                if self.preset != "tiny":
+                if self.preset is None:
                     self.defaults_used.append(
                         "no --ref given: using the adapter's synthetic reference image "
                         "(give --ref for a meaningful study)")
@@ -246,11 +250,11 @@ class SweepSpec:
         registry = metrics()
         if not self.metrics:
             self.metrics = [m for m in DEFAULT_METRICS[kind] if m in registry]
-            if self.preset == "tiny":
+            if self.preset in ("tiny", "random"):
                 self.metrics = [m for m in self.metrics if m in MODEL_FREE_METRICS]
                 self.defaults_used.append(
-                    "tiny preset: model-based metrics are off by default (their weights would "
-                    "be downloaded); name them with --metrics to use them")
+                    f"{self.preset} preset: model-based metrics are off by default (their "
+                    "weights would be downloaded); name them with --metrics to use them")
         for name in self.metrics:
             metric_cls = get_metric_cls(name)
             if "reference" in metric_cls.needs and not adapter_names:
@@ -326,7 +330,7 @@ class SweepSpec:
     def _cell(self, cls: Any, backbone: str, adapter: str, scale: float | None, start: float,
               end: float, ref: str, prompt: str, seed: int, steps: int) -> Cell:
         on = adapter != "none"
-        tiny = "tiny" if self.preset else ""
+        tiny = self.preset or ""
         return Cell(
             backbone=backbone, adapter=adapter, scale=scale, start=start, end=end,
             reference=ref, prompt=prompt, seed=seed, steps=steps,

@@ -18,87 +18,29 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from adapterswap_flux import published  # noqa: E402
 from common import count_flops, sync, timed, write  # noqa: E402
-
-TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                   pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
-INFUSENET = dict(TRANSFORMER, num_layers=4, num_single_layers=10)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
-              hidden_act="quick_gelu")
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
-              relative_attention_max_distance=128)
-VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-           layers_per_block=2, latent_channels=16, norm_num_groups=32, scaling_factor=0.3611,
-           shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def tiny_configs() -> None:
-    """Shrink every config (CPU smoke test of the script)."""
-    TRANSFORMER.update(num_layers=1, num_single_layers=2, attention_head_dim=16,
-                       num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32,
-                       axes_dims_rope=(4, 6, 6))
-    INFUSENET.update(TRANSFORMER, num_layers=1, num_single_layers=1)
-    CLIP_L.update(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                  num_attention_heads=2, projection_dim=32)
-    T5_XXL.update(d_model=48, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
-    VAE.update(block_out_channels=(16, 16, 32, 32), norm_num_groups=8)
+    """Shrink the published configs (CPU smoke test of the script)."""
+    small = dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=48, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    published.TRANSFORMER.update(small)
+    published.INFUSENET.update(small, num_layers=1, num_single_layers=1)
+    published.CLIP_L.update(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                            num_attention_heads=2, projection_dim=32)
+    published.T5_XXL.update(d_model=48, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    published.VAE.update(block_out_channels=(16, 16, 32, 32), norm_num_groups=8)
 
 
 def build(variant: str, device: str, dtype: Any, shared: dict[str, Any] | None) -> Any:
-    """A FluxPipeline of random weights, built directly in ``dtype`` on ``device``."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from adapterswap.tiny import flux_scheduler_config, tiny_clip_tokenizer, tiny_t5_tokenizer
-
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(**TRANSFORMER,
-                                                 guidance_embeds=variant == "dev")
-            if shared is None:
-                shared = {
-                    "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)),
-                    "text_encoder_2": T5EncoderModel(T5Config(**T5_XXL)),
-                    "vae": AutoencoderKL(**VAE),
-                    "tokenizer": tiny_clip_tokenizer(),
-                    "tokenizer_2": tiny_t5_tokenizer(),
-                }
-    finally:
-        torch.set_default_dtype(previous)
-    scheduler = FlowMatchEulerDiscreteScheduler(**flux_scheduler_config(variant))
-    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, **shared)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, shared
+    """A FluxPipeline of random weights at the published size."""
+    return published.random_flux_pipeline(variant, device, dtype, 0, shared)
 
 
 def build_infusenet(device: str, dtype: Any) -> tuple[Any, Any]:
-    import torch
-    from adapterswap_flux.resampler import Resampler, ResamplerConfig
-    from diffusers import FluxControlNetModel
-
-    torch.manual_seed(1)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            controlnet = FluxControlNetModel(**INFUSENET, guidance_embeds=True)
-            resampler = Resampler(ResamplerConfig(output_dim=TRANSFORMER["joint_attention_dim"]))
-    finally:
-        torch.set_default_dtype(previous)
-    return controlnet.eval(), resampler.eval()
+    return published.random_infusenet(device, dtype)
 
 
 def engine_adapter(controlnet: Any, resampler: Any, device: str, dtype: Any) -> Any:

@@ -19,153 +19,48 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from adapterswap_sd15 import published as sd15_published  # noqa: E402
+from adapterswap_sdxl import published as sdxl_published  # noqa: E402
 from common import count_flops, sync, timed, write  # noqa: E402
 
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
-              hidden_act="quick_gelu")
-CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120,
-                 num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77,
-                 projection_dim=1280, hidden_act="gelu")
-VIT_BIGG = dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48,
-                num_attention_heads=16, patch_size=14, image_size=224, projection_dim=1280,
-                hidden_act="gelu")
-VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-             num_attention_heads=16, patch_size=14, image_size=224, projection_dim=1024,
-             hidden_act="gelu")
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 block_out_channels=(320, 640, 1280), layers_per_block=2,
-                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-                 cross_attention_dim=2048, use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-VAE = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-           block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
 SIZE = {"sdxl": 1024, "sd15": 512}
-PLUS = dict(depth=4, heads=12, dim_head=64, num_queries=16)
 
 
 def tiny_configs() -> None:
-    for cfg in (CLIP_L, CLIP_BIGG):
-        cfg.update(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                   num_attention_heads=2, projection_dim=32)
-    CLIP_BIGG.update(hidden_size=64, projection_dim=64)
-    for cfg in (VIT_BIGG, VIT_H):
-        cfg.update(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                   num_attention_heads=2, projection_dim=40)
-    SDXL_UNET.update(block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 2),
-                     attention_head_dim=(2, 4, 4), cross_attention_dim=96,
-                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=112)
-    SD15_UNET.update(cross_attention_dim=32, attention_head_dim=4,
-                     block_out_channels=(32, 32, 64, 64), norm_num_groups=8)
-    VAE.update(block_out_channels=(16, 16, 32, 32), norm_num_groups=8)
+    """Shrink the published configs (CPU smoke test of the script)."""
+    clip = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                projection_dim=32)
+    vit = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+               projection_dim=40)
+    vae = dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8)
+    sdxl_published.CLIP_L.update(clip)
+    sdxl_published.CLIP_BIGG.update(clip, hidden_size=64, projection_dim=64)
+    sdxl_published.VIT_BIGG.update(vit)
+    sdxl_published.VAE.update(vae)
+    sdxl_published.UNET.update(block_out_channels=(32, 64, 64),
+                               transformer_layers_per_block=(1, 1, 2),
+                               attention_head_dim=(2, 4, 4), cross_attention_dim=96,
+                               addition_time_embed_dim=8,
+                               projection_class_embeddings_input_dim=112)
+    sd15_published.CLIP_L.update(clip)
+    sd15_published.VIT_H.update(vit)
+    sd15_published.VAE.update(vae)
+    sd15_published.UNET.update(cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+                               block_out_channels=(32, 32, 64, 64))
+    sd15_published.PLUS.update(heads=1, dim_head=64, num_queries=4)  # diffusers: heads of 64
     SIZE.update(sdxl=64, sd15=64)
-    PLUS.update(heads=1, dim_head=64, num_queries=4)  # diffusers assumes heads of 64
-
-
-def _in_dtype(device: str, dtype: Any, make: Any) -> Any:
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            return make()
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def build_sdxl(device: str, dtype: Any) -> tuple[Any, Any]:
-    """StableDiffusionXLPipeline + StyleIPAdapter weights (random, in memory)."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
-
-    from adapterswap.tiny import tiny_clip_tokenizer
-    from adapterswap.unet import random_ip_layers
-
-    torch.manual_seed(0)
-    unet = _in_dtype(device, dtype, lambda: UNet2DConditionModel(**SDXL_UNET))
-    parts = _in_dtype(device, dtype, lambda: {
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)),
-        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)),
-        "vae": AutoencoderKL(**VAE, scaling_factor=0.13025, force_upcast=False),
-    })
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
-                                       beta_schedule="scaled_linear", steps_offset=1,
-                                       timestep_spacing="leading", num_train_timesteps=1000)
-    pipe = StableDiffusionXLPipeline(unet=unet, scheduler=scheduler,
-                                     tokenizer=tiny_clip_tokenizer(),
-                                     tokenizer_2=tiny_clip_tokenizer(), add_watermarker=False,
-                                     **parts)
-    encoder = _in_dtype(device, dtype, lambda: CLIPVisionModelWithProjection(
-        CLIPVisionConfig(**VIT_BIGG)))
-    g = torch.Generator().manual_seed(1)
-    cross, proj = SDXL_UNET["cross_attention_dim"], VIT_BIGG["projection_dim"]
-    state = {"image_proj": {"proj.weight": torch.randn(4 * cross, proj, generator=g) / proj ** 0.5,
-                            "proj.bias": torch.zeros(4 * cross),
-                            "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)},
-             "ip_adapter": random_ip_layers(unet, g)}
-    size = VIT_BIGG["image_size"]
-    return pipe, (state, encoder.eval(), CLIPImageProcessor(size=size, crop_size=size))
+    """StableDiffusionXLPipeline + style IP-Adapter weights (random, published size)."""
+    pipe = sdxl_published.random_sdxl_pipeline(device, dtype)
+    return pipe, sdxl_published.random_style_weights(pipe.unet, device, dtype)
 
 
 def build_sd15(device: str, dtype: Any) -> tuple[Any, Any]:
-    """StableDiffusionPipeline + IP-Adapter Plus weights (random, in memory)."""
-    import torch
-    from adapterswap_sd15.adapters import random_resampler
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
-
-    from adapterswap.tiny import tiny_clip_tokenizer
-    from adapterswap.unet import random_ip_layers
-
-    torch.manual_seed(0)
-    unet = _in_dtype(device, dtype, lambda: UNet2DConditionModel(**SD15_UNET))
-    parts = _in_dtype(device, dtype, lambda: {
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)),
-        "vae": AutoencoderKL(**VAE, scaling_factor=0.18215)})
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(unet=unet, scheduler=scheduler,
-                                   tokenizer=tiny_clip_tokenizer(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False, **parts)
-    encoder = _in_dtype(device, dtype, lambda: CLIPVisionModelWithProjection(
-        CLIPVisionConfig(**VIT_H)))
-    g = torch.Generator().manual_seed(1)
-    cross = SD15_UNET["cross_attention_dim"]
-    state = {"image_proj": random_resampler(g, dim=cross, embedding_dim=VIT_H["hidden_size"],
-                                            output_dim=cross, **PLUS),
-             "ip_adapter": random_ip_layers(unet, g)}
-    size = VIT_H["image_size"]
-    return pipe, (state, encoder.eval(), CLIPImageProcessor(size=size, crop_size=size))
+    """StableDiffusionPipeline + IP-Adapter Plus weights (random, published size)."""
+    pipe = sd15_published.random_sd15_pipeline(device, dtype)
+    return pipe, sd15_published.random_plus_weights(pipe.unet, device, dtype)
 
 
 def adapter_in_memory(cls: Any, weights: Any, device: str, dtype: Any) -> Any:

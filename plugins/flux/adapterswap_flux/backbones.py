@@ -353,6 +353,21 @@ class FluxBackbone(Backbone):
 
     # ------------------------------------------------------------------ presets
     @classmethod
+    def random(cls, *, device: str | None = None, dtype: Any = None,
+               seed: int = 0) -> FluxBackbone:
+        """Random weights at FLUX.1's published size (the ``random`` preset)."""
+        from adapterswap.backbone import default_device, default_dtype, parse_dtype
+        from adapterswap_flux.published import random_flux_pipeline
+
+        device = device or default_device()
+        dtype = parse_dtype(dtype) or default_dtype(device)
+        variant = "dev" if cls.guidance_mode == "embedded" else "schnell"
+        pipe, _ = random_flux_pipeline(variant, device, dtype, seed)
+        backbone = cls.from_pipeline(pipe, source="random", device=device)
+        backbone.dtype = dtype
+        return backbone
+
+    @classmethod
     def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> FluxBackbone:
         """A loaded backbone of tiny random FLUX components (adapterswap.tiny), saved in the
         diffusers layout and loaded back through :meth:`load`; 64 x 64 px by default."""

@@ -463,6 +463,22 @@ class InfuseNet(Adapter):
         return cls(str(path), **kwargs).load()
 
     @classmethod
+    def random(cls, backbone: Backbone, seed: int = 0, **kwargs: Any) -> InfuseNet:
+        """InfuseNet and its Resampler at the published size with random weights, no face
+        models: the ID embedding of a reference is a random vector seeded by its pixels (the
+        ``random`` preset, for latency studies; face detection is not timed)."""
+        from adapterswap_flux.published import random_infusenet
+
+        kwargs.setdefault("device", backbone.device)
+        kwargs.setdefault("dtype", backbone.dtype)
+        adapter = cls(**kwargs)
+        adapter.infusenet, adapter.resampler = random_infusenet(adapter.device, adapter.dtype,
+                                                                seed + 1)
+        adapter.face = _RandomIdentity(adapter.device)
+        adapter.loaded = True
+        return adapter
+
+    @classmethod
     def tiny_reference(cls, seed: int = 0) -> Image.Image:
         """A synthetic 256 px portrait whose face (and 5 keypoints) the tiny detector finds."""
         from adapterswap_flux.tiny_face import tiny_face_image
@@ -509,3 +525,25 @@ def _latent_grid(backbone: Backbone, height: int, width: int) -> tuple[int, int]
     """Packed token grid ``(H/16, W/16)`` of a FLUX pipeline."""
     factor = backbone.pipe.vae_scale_factor * 2
     return int(height) // factor, int(width) // factor
+
+
+class _RandomIdentity:
+    """Stands in for the face models in the ``random`` preset: a 512-d embedding drawn from a
+    generator seeded by the image's pixels (deterministic per reference, no detection)."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.device = device
+        self.arcface = torch.nn.Identity()
+
+    def embed(self, image_bgr: Any, **_: Any) -> tuple[Any, None]:
+        import hashlib
+
+        import numpy as np
+        import torch
+
+        digest = hashlib.sha256(np.ascontiguousarray(image_bgr).tobytes()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        return torch.randn(1, 512, generator=generator), None
+

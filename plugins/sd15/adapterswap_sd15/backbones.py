@@ -95,6 +95,21 @@ class SD15Backbone(UNetBackbone):
         return super().configure_pipeline(pipe)
 
     @classmethod
+    def random(cls, *, device: str | None = None, dtype: Any = None,
+               seed: int = 0) -> SD15Backbone:
+        """Random weights at the published size (the ``random`` preset)."""
+        from adapterswap.backbone import default_device, default_dtype, parse_dtype
+        from adapterswap_sd15.published import random_sd15_pipeline
+
+        device = device or default_device()
+        dtype = parse_dtype(dtype) or default_dtype(device)
+        backbone = cls.from_pipeline(random_sd15_pipeline(device, dtype, seed), source="random",
+                                     device=device)
+        backbone.dtype = dtype
+        backbone.pipe = backbone.configure_pipeline(backbone.pipe)
+        return backbone
+
+    @classmethod
     def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> SD15Backbone:
         """Tiny random SD 1.5 (64 px) saved in diffusers' layout and loaded through ``load``."""
         from adapterswap.tiny import TINY_SIZE

@@ -79,6 +79,20 @@ class StyleIPAdapter(DiffusersIPAdapter):
         return block_scales(unet, spec, argument="target", shown=self.target)
 
     @classmethod
+    def random(cls, backbone: Backbone, seed: int = 0, **kwargs: Any) -> StyleIPAdapter:
+        """Random weights at the published size fitting ``backbone``'s UNet, with its image
+        encoder (the ``random`` preset)."""
+        from adapterswap_sdxl.published import random_style_weights
+
+        kwargs.setdefault("device", backbone.device)
+        kwargs.setdefault("dtype", backbone.dtype)
+        adapter = cls(**kwargs)
+        adapter.state_dict, adapter.image_encoder, adapter.feature_extractor = random_style_weights(
+            backbone.pipe.unet, adapter.device, adapter.dtype, seed + 1)
+        adapter.loaded = True
+        return adapter
+
+    @classmethod
     def tiny(cls, backbone: Backbone, seed: int = 0, *, cache_dir: str | None = None,
              **kwargs: Any) -> StyleIPAdapter:
         """Random weights shaped for ``backbone``'s UNet, saved in h94's layout

@@ -84,6 +84,21 @@ class SDXLBackbone(UNetBackbone):
         return self.configure_pipeline(pipe).to(self.device)
 
     @classmethod
+    def random(cls, *, device: str | None = None, dtype: Any = None,
+               seed: int = 0) -> SDXLBackbone:
+        """Random weights at the published size (the ``random`` preset)."""
+        from adapterswap.backbone import default_device, default_dtype, parse_dtype
+        from adapterswap_sdxl.published import random_sdxl_pipeline
+
+        device = device or default_device()
+        dtype = parse_dtype(dtype) or default_dtype(device)
+        backbone = cls.from_pipeline(random_sdxl_pipeline(device, dtype, seed), source="random",
+                                     device=device)
+        backbone.dtype = dtype
+        backbone.pipe = backbone.configure_pipeline(backbone.pipe)
+        return backbone
+
+    @classmethod
     def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> SDXLBackbone:
         """Tiny random SDXL (64 px) saved in diffusers' layout and loaded through ``load``."""
         from adapterswap.tiny import TINY_SIZE
