@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from adapterswap.errors import InvalidArgumentError, UsageError
+from adapterswap.errors import InvalidArgumentError, UsageError, WeightsNotFoundError
 from adapterswap.hub import WeightsStatus, resolve_source, weights_status
 from adapterswap.probes import Probed
 
@@ -170,9 +170,20 @@ class Backbone(Probed, ABC):
             return self
         self.device = self.device or default_device()
         self.dtype = self.dtype or default_dtype(self.device)
-        resolved = resolve_source(self.source, what=f"backbone {self.name!r}",
-                                  required=self.required_files, how_to_get=self.how_to_get)
-        self.pipe = self.load_pipeline(resolved.source, local_files_only=resolved.local_files_only)
+        what = f"backbone {self.name!r}"
+        resolved = resolve_source(self.source, what=what, required=self.required_files,
+                                  how_to_get=self.how_to_get)
+        try:
+            self.pipe = self.load_pipeline(resolved.source,
+                                           local_files_only=resolved.local_files_only)
+        except OSError as exc:  # not in the cache and not downloadable (no network, gated)
+            if resolved.local:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = f" {self.how_to_get}" if self.how_to_get else ""
+            raise WeightsNotFoundError(
+                f"{what}: {self.source!r} could not be loaded from the local Hugging Face cache "
+                f"or downloaded ({first}).{hint}") from None
         return self
 
     @abstractmethod

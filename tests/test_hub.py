@@ -76,3 +76,22 @@ def test_weights_status_without_network(hf_cache, tmp_path):
     assert not partial.present and partial.missing == ["vae/x.safetensors"]
     assert weights_status("owner/absent", ["model_index.json"]).where == "missing"
     assert cached_snapshot("owner/absent") is None
+
+
+def test_download_failure_becomes_one_clear_error(hf_cache, monkeypatch):
+    """Online, not cached, and the download fails (no network, gated repo): one line naming
+    the model and how to get it."""
+    from toy_plugin import ToyDev
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+    def no_network(self, source, *, local_files_only):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files\nmore")
+
+    monkeypatch.setattr(ToyDev, "load_pipeline", no_network)
+    with pytest.raises(WeightsNotFoundError) as info:
+        ToyDev("owner/model", device="cpu").load()
+    message = str(info.value)
+    assert "'owner/model' could not be loaded" in message and "couldn't connect" in message
+    assert "\n" not in message and "save_random" in message
