@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterswap.adapter import Adapter, load_image
 from adapterswap.backbone import Backbone
-from adapterswap.errors import InvalidArgumentError, UsageError
+from adapterswap.errors import InvalidArgumentError, UsageError, WeightsNotFoundError
 from adapterswap.hub import resolve_source
 
 if TYPE_CHECKING:
@@ -201,15 +201,25 @@ def ip_processor_types() -> tuple[type, ...]:
     return IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterXFormersAttnProcessor
 
 
+#: Attribute under which :func:`install_ip_adapter` keeps the installed IP processors, so the
+#: per-step path need not walk the UNet's ~2000 modules (``unet.attn_processors`` costs ~5 ms
+#: on SDXL, every step).
+_IP_CACHE = "_adapterswap_ip_processors"
+
+
 def ip_processors(unet: Any) -> dict[str, Any]:
     """The UNet's IP-Adapter attention processors by name (empty when none is installed)."""
+    cached = getattr(unet, _IP_CACHE, None)
+    if cached is not None:
+        return cached
     types = ip_processor_types()
     return {name: proc for name, proc in unet.attn_processors.items() if isinstance(proc, types)}
 
 
 def has_ip_adapter(unet: Any) -> bool:
+    """Whether an IP-Adapter is installed (diffusers marks it in the UNet's config)."""
     return getattr(unet.config, "encoder_hid_dim_type", None) == "ip_image_proj" \
-        or bool(ip_processors(unet))
+        or bool(getattr(unet, _IP_CACHE, None))
 
 
 def cross_attention_names(unet: Any) -> list[str]:
@@ -219,40 +229,129 @@ def cross_attention_names(unet: Any) -> list[str]:
             if not name.endswith("attn1.processor") and "motion_modules" not in name]
 
 
-def read_ip_adapter_file(path: str | Path) -> dict[str, dict[str, Any]]:
+def read_ip_adapter_file(path: str | Path, *,
+                         what: str = "IP-Adapter") -> dict[str, dict[str, Any]]:
     """An h94 IP-Adapter file as ``{"image_proj": {...}, "ip_adapter": {...}}``.
 
     ``.safetensors`` files hold flat keys prefixed ``image_proj.`` / ``ip_adapter.``; the legacy
-    ``.bin`` files a pickled dict of the two, read with ``weights_only=True``.
+    ``.bin`` files a pickled dict of the two, read with ``weights_only=True`` (a pickle that
+    needs more raises :class:`~adapterswap.errors.UnsafeWeightsError`). A truncated file, a file
+    missing one of the two parts or with an incomplete set of ``ip_adapter`` layers raises
+    :class:`~adapterswap.errors.WeightsNotFoundError` naming the file and the missing keys.
     """
-    import torch
-    from safetensors import safe_open
+    from adapterswap.weights import check_safetensors, read_pickle
 
     path = Path(path)
     if path.suffix == ".safetensors":
-        state: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                part, _, rest = key.partition(".")
-                if part in state:
-                    state[part][rest] = f.get_tensor(key)
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            from adapterswap.errors import UnsafeWeightsError
+        from safetensors import safe_open
 
-            raise UnsafeWeightsError(
-                f"could not load {str(path)!r} safely with torch.load(weights_only=True): {exc}. "
-                "Use the .safetensors file instead.") from None
-    if not isinstance(state, Mapping) or not state.get("image_proj") or \
-            not state.get("ip_adapter"):
-        found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        check_safetensors(path, what=what)
+        state: Any = {}
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    part, _, rest = key.partition(".")
+                    if part in ("image_proj", "ip_adapter"):
+                        state.setdefault(part, {})[rest] = f.get_tensor(key)
+                    else:
+                        state.setdefault(part, None)
+        except Exception as exc:  # SafetensorError: corrupt past the header
+            raise WeightsNotFoundError(
+                f"{what}: {str(path)!r} is a truncated or corrupt safetensors file ({exc}); "
+                "download it again") from None
+    else:
+        state = read_pickle(path, what=what)
+    parts = ("image_proj", "ip_adapter")
+    if not isinstance(state, Mapping) or not any(
+            isinstance(state.get(part), Mapping) and state[part] for part in parts):
+        found = (sorted(map(str, state)) or "no weights") if isinstance(state, Mapping) \
+            else type(state).__name__
         raise InvalidArgumentError(
             "weight_name", str(path),
             f"not an IP-Adapter file: expected 'image_proj' and 'ip_adapter' weights, found "
             f"{found}")
+    for part in parts:
+        if not isinstance(state.get(part), Mapping) or not state[part]:
+            raise WeightsNotFoundError(
+                f"{what}: {str(path)!r} is incomplete: it has no {part!r} weights (no "
+                f"{part}.* keys)")
+    missing = missing_ip_layer_keys(state["ip_adapter"])
+    if missing:
+        raise WeightsNotFoundError(
+            f"{what}: {str(path)!r} is incomplete: the ip_adapter layers lack "
+            f"{_listed([f'ip_adapter.{k}' for k in missing])}")
     return {"image_proj": dict(state["image_proj"]), "ip_adapter": dict(state["ip_adapter"])}
+
+
+def _listed(items: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more"
+                                       if len(items) > limit else "")
+
+
+_IP_LAYER = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
+
+
+def missing_ip_layer_keys(layers: Mapping[str, Any]) -> list[str]:
+    """Keys an h94 ``ip_adapter`` state dict lacks to be complete in itself: every layer
+    ``1, 3, 5, ...`` up to the highest one present has ``to_k_ip`` and ``to_v_ip``."""
+    indices = {int(m.group(1)) for key in layers if (m := _IP_LAYER.match(key))}
+    if not indices:
+        return [] if any(".to_k_ip." in k for k in layers) else ["1.to_k_ip.weight",
+                                                                  "1.to_v_ip.weight"]
+    return [f"{i}.{kind}.weight" for i in range(1, max(indices) + 1, 2)
+            for kind in ("to_k_ip", "to_v_ip") if f"{i}.{kind}.weight" not in layers]
+
+
+def check_ip_layers(layers: Mapping[str, Any], unet: Any, *, what: str, where: str) -> None:
+    """The ``ip_adapter`` weights fit ``unet``: one ``to_k_ip``/``to_v_ip`` pair per
+    cross-attention layer, shaped ``(hidden size, cross_attention_dim)``; else
+    :class:`~adapterswap.errors.WeightsNotFoundError` naming ``where`` and the keys."""
+    cross = unet.config.cross_attention_dim
+    missing, wrong = [], []
+    shapes = ip_layer_shapes(unet)
+    for index, (_, hidden) in enumerate(shapes):
+        for kind in ("to_k_ip", "to_v_ip"):
+            key = f"{2 * index + 1}.{kind}.weight"
+            if key not in layers:
+                missing.append(f"ip_adapter.{key}")
+            elif tuple(layers[key].shape) != (hidden, cross):
+                wrong.append(f"ip_adapter.{key} is {tuple(layers[key].shape)} but the UNet "
+                             f"needs {(hidden, cross)}")
+    extra = sorted(k for k in layers if (m := _IP_LAYER.match(k))
+                   and int(m.group(1)) > 2 * len(shapes) - 1)
+    if missing:
+        raise WeightsNotFoundError(
+            f"{what}: {where!r} lacks {_listed(missing)}, which this UNet's {len(shapes)} "
+            "cross-attention layers need: the file is incomplete or for another model")
+    if wrong or extra:
+        detail = _listed(wrong) if wrong else (
+            f"it has IP layers up to {extra[-1]}, the UNet {len(shapes)} cross-attention layers")
+        raise WeightsNotFoundError(
+            f"{what}: {where!r} was made for another UNet: {detail}")
+
+
+_PLAIN_PROJ = ("proj.weight", "proj.bias", "norm.weight", "norm.bias")
+_PLUS_PROJ = ("latents", "proj_in.weight", "proj_in.bias", "proj_out.weight", "proj_out.bias",
+              "norm_out.weight", "norm_out.bias")
+_PLUS_LAYER = ("0.norm1.weight", "0.norm1.bias", "0.norm2.weight", "0.norm2.bias",
+               "0.to_q.weight", "0.to_kv.weight", "0.to_out.weight", "1.0.weight", "1.0.bias",
+               "1.1.weight", "1.3.weight")
+
+
+def missing_image_proj_keys(image_proj: Mapping[str, Any], *, plus: bool) -> list[str]:
+    """Keys an h94 ``image_proj`` state dict lacks for its layout: the plain IP-Adapter's linear
+    projection + norm, or IP-Adapter Plus's resampler (``layers.<i>`` from 0 to the highest).
+    A file of another layout (sharing no key with this one) is left to diffusers."""
+    if not plus:
+        expected = list(_PLAIN_PROJ)
+    else:
+        depth = {int(m.group(1)) for k in image_proj if (m := re.match(r"^layers\.(\d+)\.", k))}
+        expected = list(_PLUS_PROJ) + [f"layers.{i}.{key}" for i in range(max(depth, default=0)
+                                                                          + 1)
+                                       for key in _PLUS_LAYER]
+    if not any(key in image_proj for key in expected):
+        return []
+    return [key for key in expected if key not in image_proj]
 
 
 @dataclass
@@ -323,6 +422,7 @@ def install_ip_adapter(pipe: Any, state_dict: dict[str, dict[str, Any]], *,
             unet.set_attn_processor(processors)  # before encoder_hid_proj, as diffusers does
             unet.encoder_hid_proj = modules.image_projection
             unet.config.encoder_hid_dim_type = "ip_image_proj"
+        setattr(unet, _IP_CACHE, dict(modules.processors))
     except Exception:
         uninstall_ip_adapter(saved)
         raise
@@ -337,6 +437,8 @@ def uninstall_ip_adapter(saved: InstalledIPAdapter) -> None:
     # own, and set_attn_processor wants one processor per attention layer present
     unet.encoder_hid_proj = saved.encoder_hid_proj
     unet.config.encoder_hid_dim_type = saved.encoder_hid_dim_type
+    if hasattr(unet, _IP_CACHE):
+        delattr(unet, _IP_CACHE)
     unet.set_attn_processor(dict(saved.processors))
     pipe.register_modules(**saved.pipeline_modules)
 
@@ -424,7 +526,9 @@ def set_ip_scales(unet: Any, scales: Mapping[str, float] | None) -> None:
     """Set every IP processor's scale (``None``: all 0, which diffusers' processors skip, so the
     output is exactly the no-adapter one)."""
     for name, proc in ip_processors(unet).items():
-        proc.scale = [float(scales.get(name, 0.0)) if scales else 0.0] * len(proc.scale)
+        value = float(scales.get(name, 0.0)) if scales else 0.0
+        if proc.scale != [value] * len(proc.scale):
+            proc.scale = [value] * len(proc.scale)
 
 
 def split_ip_inputs(adapter_inputs: Mapping[str, Any] | None, unet: Any, batch: int,
@@ -720,6 +824,18 @@ class UNetBackbone(Backbone):
             kwargs["variant"] = self.options["variant"]
         return kwargs
 
+    def from_pretrained(self, pipeline_class: type, source: str, *, local_files_only: bool,
+                        **kwargs: Any) -> Any:
+        """``pipeline_class`` loaded from ``source`` with :func:`adapterswap.weights.load_pipeline`
+        (safetensors only, every model component checked against its config, one clear error
+        naming the file when something is broken); ``kwargs`` go to ``from_pretrained``."""
+        from adapterswap.weights import load_pipeline
+
+        options = self.pretrained_kwargs(local_files_only)
+        options.pop("use_safetensors", None)
+        return load_pipeline(pipeline_class, source, what=f"backbone {self.name!r}",
+                             **options, **kwargs)
+
     def configure_pipeline(self, pipe: Any) -> Any:
         """Last touches on a loaded pipeline (a distilled backbone swaps the scheduler)."""
         pipe.set_progress_bar_config(disable=True)
@@ -884,6 +1000,7 @@ class DiffusersIPAdapter(Adapter):
         self.image_encoder_folder = str(options.get("image_encoder_folder")
                                         or self.default_image_encoder_folder)
         self.state_dict: dict[str, dict[str, Any]] | None = None
+        self.weight_file: str | None = None
         self.image_encoder: Any = None
         self.feature_extractor: Any = None
         self._modules: IPAdapterModules | None = None
@@ -894,10 +1011,13 @@ class DiffusersIPAdapter(Adapter):
     def load_weights(self) -> None:
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+        from adapterswap.weights import load_model
+
         encoder_config = f"{self.image_encoder_folder}/config.json"
         resolved = resolve_source(self.source, what=f"adapter {self.name!r}",
                                   required=(self.weight_name, encoder_config),
                                   how_to_get=self.how_to_get)
+        what = f"adapter {self.name!r}"
         if resolved.local:
             weight_file = str(Path(resolved.source) / self.weight_name)
         else:
@@ -905,9 +1025,17 @@ class DiffusersIPAdapter(Adapter):
 
             weight_file = hf_hub_download(resolved.source, self.weight_name,
                                           local_files_only=resolved.local_files_only)
-        self.state_dict = read_ip_adapter_file(weight_file)
-        self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            resolved.source, subfolder=self.image_encoder_folder, dtype=self.dtype,
+        state_dict = read_ip_adapter_file(weight_file, what=what)
+        missing = missing_image_proj_keys(state_dict["image_proj"],
+                                          plus=self.uses_hidden_states)
+        if missing:
+            raise WeightsNotFoundError(
+                f"{what}: {weight_file!r} is incomplete: the image projection lacks "
+                f"{_listed([f'image_proj.{k}' for k in missing])}")
+        self.state_dict, self.weight_file = state_dict, weight_file
+        self.image_encoder = load_model(
+            CLIPVisionModelWithProjection, resolved.source, what=what,
+            subfolder=self.image_encoder_folder, dtype=self.dtype,
             local_files_only=resolved.local_files_only).to(self.device).eval()
         # h94's encoder folders have no preprocessor config: diffusers then builds this one
         size = self.image_encoder.config.image_size
@@ -921,10 +1049,22 @@ class DiffusersIPAdapter(Adapter):
     def _attach(self, backbone: Backbone) -> None:
         pipe = backbone.pipe
         layer_scales = self.layer_scales(pipe.unet)  # validate before touching the UNet
+        what, where = f"adapter {self.name!r}", str(self.weight_file or self.source)
+        if self._modules is None:
+            check_ip_layers(self.state_dict["ip_adapter"], pipe.unet, what=what, where=where)
         self.image_encoder.to(device=backbone.device, dtype=backbone.dtype)
-        self._modules, self._installed = install_ip_adapter(
-            pipe, self.state_dict, image_encoder=self.image_encoder,
-            feature_extractor=self.feature_extractor, modules=self._modules)
+        try:
+            self._modules, self._installed = install_ip_adapter(
+                pipe, self.state_dict, image_encoder=self.image_encoder,
+                feature_extractor=self.feature_extractor, modules=self._modules)
+        except (KeyError, RuntimeError, ValueError) as exc:  # diffusers building the modules
+            if isinstance(exc, UsageError):
+                raise
+            from adapterswap.weights import first_line
+
+            raise WeightsNotFoundError(
+                f"{what}: {where!r} does not fit backbone {backbone.name!r}'s UNet "
+                f"({type(exc).__name__}: {first_line(exc)})") from None
         self._layer_scales = layer_scales
         self._install_probe_hooks(backbone)
 
