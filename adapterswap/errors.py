@@ -88,8 +88,9 @@ class WeightsNotFoundError(UsageError, FileNotFoundError):
         return str(self.args[0])
 
 
-class UnsafeWeightsError(AdapterswapError):
-    """A weight file could not be loaded safely (e.g. a pickle that needs code execution)."""
+class UnsafeWeightsError(UsageError):
+    """A weight file could not be loaded safely (e.g. a pickle that needs code execution); the
+    message names the file. Exit code 2: the file the user pointed at is the problem."""
 
 
 class MetricUnavailableError(AdapterswapError):

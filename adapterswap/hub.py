@@ -74,6 +74,23 @@ def missing_files(root: Path, required: Sequence[str]) -> list[str]:
     return missing
 
 
+def pickle_hint(root: Path, required: Sequence[str]) -> str:
+    """For missing ``.safetensors`` entries of ``required`` that exist as a pickle (``.bin``)
+    under ``root``: a sentence saying that pickles are not loaded; else ``""``."""
+    found = []
+    for entry in required:
+        for option in entry.split("|"):
+            if option.endswith(".safetensors") and not (root / option).exists():
+                stem = option[: -len(".safetensors")]
+                found += [f"{stem}{suffix}" for suffix in (".bin", ".pt", ".pth", ".ckpt")
+                          if (root / f"{stem}{suffix}").is_file()]
+    if not found:
+        return ""
+    return (f" Found {', '.join(sorted(set(found)))} instead: pickled weights are not loaded (a "
+            "pickle can run code); convert it to safetensors or download the .safetensors "
+            "files.")
+
+
 def cached_snapshot(repo_id: str, required: Sequence[str] = ()) -> Path | None:
     """The newest HF-cache snapshot of ``repo_id`` holding ``required``, else None (no network)."""
     try:
@@ -130,7 +147,7 @@ def resolve_source(source: str, *, what: str, required: Sequence[str] = (),
         if missing:
             raise WeightsNotFoundError(
                 f"{what}: the directory {str(path)!r} is incomplete: missing "
-                f"{', '.join(missing)}.{hint}"
+                f"{', '.join(missing)}.{pickle_hint(path, required)}{hint}"
             )
         return ResolvedSource(str(path), local=True, local_files_only=True)
     if not looks_like_repo_id(source):

@@ -54,7 +54,7 @@ def scores_by_cell(out: Path) -> dict[tuple, dict[str, float]]:
     ({"height": 20}, "height=20", "multiple of 8"),
     ({"max_batch": 0}, "max_batch=0", ">= 1"),
     ({"metrics": ["sharpnes"]}, None, "Did you mean 'sharpness'?"),
-    ({"preset": "huge"}, "preset='huge'", "only preset"),
+    ({"preset": "huge"}, "preset='huge'", "choose one of tiny, random"),
     ({"scale": -1.0}, "scale=-1.0", ">= 0"),
 ])
 def test_invalid_specs_name_field_and_value(tmp_path, overrides, field, fragment):

@@ -129,11 +129,14 @@ class FluxBackbone(Backbone):
     def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
         from diffusers import FluxPipeline
 
-        kwargs: dict[str, Any] = {**diffusers_dtype(self.dtype),
-                                  "local_files_only": local_files_only}
-        if self.quantize_8bit:
-            kwargs.update(self._quantized_components(source, local_files_only))
-        pipe = FluxPipeline.from_pretrained(source, **kwargs)
+        from adapterswap.weights import load_pipeline
+
+        components = (self._quantized_components(source, local_files_only)
+                      if self.quantize_8bit else {})
+        # safetensors only; each component checked against its config (adapterswap.weights)
+        pipe = load_pipeline(FluxPipeline, source, what=f"backbone {self.name!r}",
+                             dtype=self.dtype, local_files_only=local_files_only,
+                             components=components)
         has_guidance = bool(pipe.transformer.config.guidance_embeds)
         if has_guidance != self.expects_guidance_embeds:
             other = "flux-dev" if has_guidance else "flux-schnell"
@@ -151,15 +154,17 @@ class FluxBackbone(Backbone):
     def _quantized_components(self, source: str, local_files_only: bool) -> dict[str, Any]:
         """Transformer and T5 encoder with 8-bit weights (optimum-quanto ``qint8``)."""
         quanto = _import_quanto("quantize_8bit")
-        from diffusers import FluxTransformer2DModel
+        from diffusers import FluxPipeline, FluxTransformer2DModel
         from transformers import T5EncoderModel
 
-        transformer = FluxTransformer2DModel.from_pretrained(
-            source, subfolder="transformer", local_files_only=local_files_only,
-            **diffusers_dtype(self.dtype))
-        text_encoder_2 = T5EncoderModel.from_pretrained(
-            source, subfolder="text_encoder_2", local_files_only=local_files_only,
-            **transformers_dtype(self.dtype))
+        from adapterswap.weights import load_model, pipeline_root
+
+        what = f"backbone {self.name!r}"
+        root = pipeline_root(FluxPipeline, source, local_files_only=local_files_only)
+        transformer = load_model(FluxTransformer2DModel, root, subfolder="transformer",
+                                 what=what, dtype=self.dtype)
+        text_encoder_2 = load_model(T5EncoderModel, root, subfolder="text_encoder_2",
+                                    what=what, dtype=self.dtype)
         for model in (transformer, text_encoder_2):
             quanto.quantize(model, weights=quanto.qint8)
             quanto.freeze(model)

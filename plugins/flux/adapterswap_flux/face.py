@@ -224,9 +224,10 @@ def _load_arcface(path: Path, what: str = "infusenet") -> torch.nn.Module:
     """facexlib's IR-SE ArcFace from its ``.pth`` state dict (float32, eval mode)."""
     import torch
 
+    from adapterswap.weights import read_pickle
     from adapterswap_flux.arcface import IRSEArcFace
 
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = read_pickle(path, what=what)  # tensors only: a pickle needing code is refused
     try:
         arcface = IRSEArcFace.from_state_dict(state)
     except (ValueError, RuntimeError) as exc:
@@ -267,7 +268,14 @@ class FaceAnalyzer:
         from insightface.model_zoo import get_model
 
         providers = onnx_providers(self.device)
-        detector = get_model(str(self.detector_path), providers=providers)
+        try:
+            detector = get_model(str(self.detector_path), providers=providers)
+        except Exception as exc:  # onnxruntime's errors (InvalidProtobuf ...) name no file
+            from adapterswap.weights import first_line
+
+            raise WeightsNotFoundError(
+                f"{self.what}: {str(self.detector_path)!r} is not a readable ONNX model "
+                f"({type(exc).__name__}: {first_line(exc)}); download it again") from None
         if detector is None or getattr(detector, "taskname", None) != "detection":
             raise WeightsNotFoundError(
                 f"{self.what}: {str(self.detector_path)!r} is not an insightface SCRFD face "

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterswap.adapter import Adapter, load_image
-from adapterswap.errors import InvalidArgumentError, UnsafeWeightsError, WeightsNotFoundError
+from adapterswap.errors import InvalidArgumentError, WeightsNotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -205,12 +205,15 @@ class InfuseNet(Adapter):
         return root, root / rel
 
     def load_weights(self) -> None:
-        """Load InfuseNet, the resampler and the face models (once; attach only moves them)."""
-        import pickle
+        """Load InfuseNet, the resampler and the face models (once; attach only moves them).
 
-        import torch
+        Broken or foreign files raise one error naming them: a truncated safetensors file, an
+        ``InfuseNetModel`` that is not a ``FluxControlNetModel`` or whose config does not match
+        its weights, an image projection that is not tensors only or does not fit InfuseNet
+        (see :mod:`adapterswap.weights`)."""
         from diffusers import FluxControlNetModel
 
+        from adapterswap.weights import load_model, read_pickle
         from adapterswap_flux.face import (
             FaceAnalyzer,
             arcface_candidates,
@@ -221,10 +224,9 @@ class InfuseNet(Adapter):
         from adapterswap_flux.resampler import Resampler
 
         root, model_dir = self.locate()
-        from adapterswap_flux.backbones import diffusers_dtype
-
-        infusenet = FluxControlNetModel.from_pretrained(
-            str(model_dir / "InfuseNetModel"), local_files_only=True, **diffusers_dtype(self.dtype))
+        what = f"adapter {self.name!r}"
+        infusenet_dir = model_dir / "InfuseNetModel"
+        infusenet = load_model(FluxControlNetModel, infusenet_dir, what=what, dtype=self.dtype)
         if self.quantize_8bit:
             from adapterswap_flux.backbones import _import_quanto
 
@@ -234,12 +236,7 @@ class InfuseNet(Adapter):
         infusenet.to(self.device).eval()
 
         proj_path = model_dir / "image_proj_model.bin"
-        try:
-            checkpoint = torch.load(str(proj_path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise UnsafeWeightsError(
-                f"adapter {self.name!r}: {str(proj_path)!r} cannot be loaded safely "
-                f"(weights_only=True refused it: {exc})") from None
+        checkpoint = read_pickle(proj_path, what=what)
         if not isinstance(checkpoint, dict) or "image_proj" not in checkpoint:
             raise WeightsNotFoundError(
                 f"adapter {self.name!r}: {str(proj_path)!r} has no 'image_proj' state dict")
@@ -266,8 +263,9 @@ class InfuseNet(Adapter):
         joint = infusenet.config.joint_attention_dim
         if resampler.config.output_dim != joint:
             raise WeightsNotFoundError(
-                f"adapter {self.name!r}: the image projection gives {resampler.config.output_dim}"
-                f"-d tokens but InfuseNet expects {joint}-d (joint_attention_dim)")
+                f"adapter {self.name!r}: {str(infusenet_dir)!r} is not the InfuseNet of "
+                f"{str(proj_path)!r}: its config has joint_attention_dim={joint}, but the image "
+                f"projection gives {resampler.config.output_dim}-d ID tokens")
         self.infusenet, self.resampler, self.face = infusenet, resampler, face
         self.weights_root, self.model_dir = root, model_dir
 

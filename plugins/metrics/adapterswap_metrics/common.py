@@ -113,13 +113,22 @@ def from_pretrained_strict(model_class: Any, resolved: ResolvedSource, *, what: 
     Weights in the checkpoint that the class does not use (a CLIP text tower when only the image
     tower is loaded) are fine.
     """
+    from adapterswap.weights import first_line, library_exceptions, safetensors_problem
+
+    root = Path(resolved.source)
+    for path in sorted(root.glob("*.safetensors")) if root.is_dir() else ():
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise MetricUnavailableError(
+                f"{what}: {str(path)!r} is a truncated or corrupt safetensors file ({problem})")
     try:
         with quiet_transformers():
             model, info = model_class.from_pretrained(
                 resolved.source, local_files_only=resolved.local_files_only,
                 output_loading_info=True, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise MetricUnavailableError(f"{what}: could not load {resolved.source!r}: {exc}") from exc
+    except library_exceptions() as exc:
+        raise MetricUnavailableError(
+            f"{what}: could not load {resolved.source!r}: {first_line(exc)}") from exc
     missing = sorted(info.get("missing_keys") or ())
     mismatched = list(info.get("mismatched_keys") or ())
     if missing or mismatched:

@@ -134,6 +134,13 @@ def read_csd_state(path: Path) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        from adapterswap.weights import safetensors_problem
+
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise MetricUnavailableError(
+                f"CSD weights {str(path)!r} are a truncated or corrupt safetensors file "
+                f"({problem})")
         return dict(load_file(str(path)))
 
     def read(**extra: Any) -> Any:
@@ -146,10 +153,13 @@ def read_csd_state(path: Path) -> dict[str, Any]:
         except RuntimeError:
             checkpoint = read()  # a legacy (non-zip) file cannot be memory-mapped
     except pickle.UnpicklingError as exc:
+        from adapterswap.weights import unpickling_reason
+
         raise UnsafeWeightsError(
             f"CSD weights {str(path)!r} hold objects other than tensors and the known "
-            f"training metadata, so they are not loaded (torch.load weights_only=True): {exc}"
-        ) from exc
+            f"training metadata, so they are not loaded (torch.load weights_only=True: "
+            f"{unpickling_reason(exc)})"
+        ) from None
     except (OSError, RuntimeError, EOFError) as exc:
         raise MetricUnavailableError(f"CSD weights {str(path)!r} cannot be read: {exc}") from exc
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model_state_dict"), dict):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from adapterswap.errors import InvalidArgumentError, WeightsNotFoundError
 from adapterswap.hub import resolve_source
 from adapterswap.unet import UNetBackbone, build_once, guided, uses_cfg
+from adapterswap.weights import check_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -83,9 +84,9 @@ class SD15Backbone(UNetBackbone):
     def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, safety_checker=None, requires_safety_checker=False,
-            **self.pretrained_kwargs(local_files_only))
+        pipe = self.from_pretrained(StableDiffusionPipeline, source,
+                                    local_files_only=local_files_only, safety_checker=None,
+                                    requires_safety_checker=False)
         return self.configure_pipeline(pipe).to(self.device)
 
     def configure_pipeline(self, pipe: Any) -> Any:
@@ -223,6 +224,8 @@ class SD15LCMBackbone(SD15Backbone):
         pipe = super().load_pipeline(source, local_files_only=local_files_only)
         if lora is not None:
             where, filename, lora_offline = lora
+            if Path(where, filename).is_file():
+                check_safetensors(Path(where, filename), what=f"backbone {self.name!r} LCM-LoRA")
             try:
                 pipe.load_lora_weights(where, weight_name=filename, adapter_name="lcm",
                                        local_files_only=lora_offline)

@@ -79,8 +79,8 @@ class SDXLBackbone(UNetBackbone):
     def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
         from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            source, add_watermarker=False, **self.pretrained_kwargs(local_files_only))
+        pipe = self.from_pretrained(StableDiffusionXLPipeline, source,
+                                    local_files_only=local_files_only, add_watermarker=False)
         return self.configure_pipeline(pipe).to(self.device)
 
     @classmethod
@@ -235,15 +235,19 @@ class SDXLLightningBackbone(SDXLBackbone):
     def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
         import torch
         from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-        from safetensors.torch import load_file
 
+        from adapterswap.weights import loading, read_safetensors
+
+        what = f"backbone {self.name!r}"
         unet_file = self.unet_file()  # fail before reading the base pipeline
-        config = UNet2DConditionModel.load_config(source, subfolder="unet",
-                                                  local_files_only=local_files_only)
-        with torch.device("meta"):  # no random init of 2.6B parameters: the file has them all
-            unet = UNet2DConditionModel.from_config(config)
+        weights = read_safetensors(unet_file, what=what)
+        with loading(what, f"{source}/unet"):
+            config = UNet2DConditionModel.load_config(source, subfolder="unet",
+                                                      local_files_only=local_files_only)
+            with torch.device("meta"):  # no random init of 2.6B parameters: the file has all
+                unet = UNet2DConditionModel.from_config(config)
         try:
-            unet.load_state_dict(load_file(unet_file), strict=True, assign=True)
+            unet.load_state_dict(weights, strict=True, assign=True)
         except RuntimeError as exc:
             raise WeightsNotFoundError(
                 f"backbone {self.name!r}: {unet_file!r} does not fit the SDXL UNet of "
@@ -251,8 +255,9 @@ class SDXLLightningBackbone(SDXLBackbone):
         if next(unet.parameters()).dtype != self.dtype:  # the published file is float16
             unet = unet.to(dtype=self.dtype)
         unet = unet.eval()
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            source, unet=unet, add_watermarker=False, **self.pretrained_kwargs(local_files_only))
+        pipe = self.from_pretrained(StableDiffusionXLPipeline, source,
+                                    local_files_only=local_files_only, unet=unet,
+                                    add_watermarker=False)
         return self.configure_pipeline(pipe).to(self.device)
 
     def configure_pipeline(self, pipe: Any) -> Any:
