@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import string
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +201,54 @@ def test_images_are_never_half_written(tmp_path):
 
         with Image.open(image) as im:
             assert np.asarray(im).shape[-1] == 3
+
+
+def test_a_second_sweep_on_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    here = Path(__file__).parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ADAPTERSWAP_LOAD_PLUGINS="", TOY_SLEEP="1.0")
+    args = ["sweep", "--backbone", "toy-dev", "--preset", "tiny", "--seeds", "0,1,2",
+            "--steps", "1,2,4,8", "--out", str(tmp_path), "--metrics", "sharpness"]
+    first = subprocess.Popen([sys.executable, str(here / "toy_cli.py"), *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def done() -> int:
+        try:
+            with sqlite3.connect(tmp_path / "results.sqlite", timeout=5) as db:
+                return db.execute("SELECT count(*) FROM cells").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    deadline = time.time() + 90
+    while done() < 1 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    second = CliRunner().invoke(main, args)  # the first is mid-run: its lock is held
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert 0 < done() and second.exit_code == 2, second.output
+    assert "another sweep" in second.stderr and str(tmp_path) in second.stderr
+    with RunStore(tmp_path, lock=False) as store:
+        keys = [r["key"] for r in store.rows()]
+    assert len(keys) == len(set(keys)) == 12
+
+
+def test_a_broken_plugin_leaves_sweeps_on_other_backbones_working(tmp_path, isolated_plugins):
+    from toy_plugin import ToyPlugin
+
+    from adapterswap import hookimpl
+
+    class Broken:
+        @hookimpl
+        def register_backbones(self, register):
+            raise RuntimeError("broken backbone plugin")
+
+    isolated_plugins.register_plugin(ToyPlugin(), name="toy-plugin")
+    isolated_plugins.register_plugin(Broken(), name="broken-plugin")
+    summary = run_sweep(tiny(tmp_path, seeds=[0], steps=[1, 2], metrics=["sharpness"]))
+    assert summary.done == 2
+    assert [f.plugin for f in isolated_plugins.plugin_failures()] == ["broken-plugin"]
