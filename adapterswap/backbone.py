@@ -234,6 +234,18 @@ class Backbone(Probed, ABC):
         source = source or configured_source(cls.name) or cls.default_source
         return weights_status(source, cls.required_files)
 
+    def compile(self, **options: Any) -> None:
+        """``torch.compile`` the denoiser (the pipeline's ``transformer`` or ``unet``) in place,
+        so adapters and probes that hold the module keep working. ``options`` go to
+        ``torch.compile`` (default ``mode="max-autotune-no-cudagraphs"``). The first calls at
+        each new shape are slow (compilation); outputs agree within bf16 tolerance."""
+        self.require_loaded()
+        denoiser = getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)
+        if denoiser is None:
+            raise UsageError(f"backbone {self.name!r} has no transformer or unet to compile")
+        options.setdefault("mode", "max-autotune-no-cudagraphs")
+        denoiser.compile(**options)
+
     @property
     def generator_device(self) -> str:
         """Device for ``torch.Generator`` objects (diffusers draws noise on CPU when offloading

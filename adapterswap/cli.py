@@ -354,6 +354,8 @@ def _common_sweep_options(func: Any) -> Any:
                      help="Option of one metric (repeatable), e.g. identity.recognizer=ir-se50."),
         click.option("--max-batch", default=None, type=int,
                      help="Most samples per denoiser forward (default 16)."),
+        click.option("--compile", "compile_", is_flag=True, default=None,
+                     help="torch.compile the denoisers (GPU sweeps: slow first call per shape)."),
         click.option("--dry-run", is_flag=True,
                      help="Validate the spec and print what would run; run nothing."),
         click.option("--config", "config", default=None, type=click.Path(),
@@ -370,7 +372,8 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
                 metrics: str | None, out: str | None, preset: str | None, device: str | None,
                 dtype: str | None, sources: tuple[str, ...], adapter_source: str | None,
                 adapter_options: tuple[str, ...], max_batch: int | None,
-                metric_options: tuple[str, ...] = (), dry_run: bool = False) -> dict[str, Any]:
+                metric_options: tuple[str, ...] = (), dry_run: bool = False,
+                compile_: bool | None = None) -> dict[str, Any]:
     from adapterswap.sweep.spec import parse_int_list, read_prompts_file
 
     prompt_list = list(prompts)
@@ -394,6 +397,7 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
         "adapter_options": _parse_options(adapter_options, "--adapter-option") or None,
         "metric_options": _metric_options(metric_options) or None,
         "max_batch": max_batch,
+        "compile": True if compile_ else None,
     }
 
 

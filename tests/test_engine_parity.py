@@ -60,3 +60,21 @@ def test_instruments_run_for_every_family(tmp_path, name):
     html = build_report(tmp_path).read_text()
     for section in ("Trajectories", "Attention-stream probes", "Adapter ablation"):
         assert section in html, section
+
+
+def test_compile_keeps_the_module_and_the_image():
+    import torch
+
+    from adapterswap.errors import UsageError
+
+    with pytest.raises(UsageError, match="no transformer or unet"):
+        get_backbone("toy-dev").tiny().compile()
+    if not installed("sd15"):
+        pytest.skip("sd15 is not installed")
+    backbone = get_backbone("sd15").tiny(seed=0)
+    before = denoise(backbone, "a cat", num_inference_steps=2, seeds=[0], output_type="pt")
+    unet = backbone.pipe.unet
+    backbone.compile(backend="eager")  # the mechanics; inductor is for GPUs
+    assert backbone.pipe.unet is unet
+    after = denoise(backbone, "a cat", num_inference_steps=2, seeds=[0], output_type="pt")
+    torch.testing.assert_close(after.images, before.images, atol=1e-5, rtol=0)

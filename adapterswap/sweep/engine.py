@@ -245,6 +245,8 @@ class SweepEngine:
             by_backbone.setdefault(cell.backbone, []).append((cell, key))
         for backbone_name, items in by_backbone.items():
             backbone = self.load_backbone(backbone_name)
+            if self.spec.compile:
+                backbone.compile()
             prompt_cache: dict[str, TensorBundle] = {}
             by_setting: dict[tuple[Any, ...], list[tuple[Cell, str]]] = {}
             for cell, key in items:

@@ -77,6 +77,8 @@ class SweepSpec:
         ``swap`` comparison).
     :ivar step_parallel: advance runs with different step counts together in one forward.
     :ivar max_batch: most samples in one denoiser forward.
+    :ivar compile: ``torch.compile`` each backbone's denoiser (faster steps after a slow
+        first call per shape; for long sweeps on a GPU).
     :ivar metric_options: per-metric options, e.g. ``{"identity": {"recognizer": "ir-se50"}}``.
     """
 
@@ -108,6 +110,7 @@ class SweepSpec:
     trajectory: bool = False
     probes: bool = False
     step_parallel: bool = True
+    compile: bool = False
     max_batch: int = 16
     timing_repeats: int = 1
     save_images: bool = True

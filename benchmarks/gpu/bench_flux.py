@@ -142,7 +142,7 @@ def main() -> None:
     ids = id_tokens(resampler, device, dtype)
     adapter = engine_adapter(controlnet, resampler, device, dtype)
     conditioning = TensorBundle({"id_embeds": ids})
-    results: dict[str, Any] = {"dtype": str(dtype), "runs": []}
+    results: dict[str, Any] = {"dtype": str(dtype), "compiled": args.compile, "runs": []}
     shared = None
     prompt = "a portrait photo of a person, soft studio light"
     for variant, cls, steps, guidance in (("dev", FluxDev, 28, 3.5),
@@ -150,6 +150,9 @@ def main() -> None:
         pipe, shared = build(variant, device, dtype, shared)
         backbone = cls.from_pipeline(pipe, device=device)
         backbone.dtype = dtype
+        if args.compile:  # the shared module: the diffusers loop runs compiled too
+            backbone.compile()
+            controlnet.compile(mode="max-autotune-no-cudagraphs")
         params = sum(p.numel() for p in pipe.transformer.parameters())
         for height, width in sizes:
             def engine(steps: int = steps, h: int = height, w: int = width,
