@@ -125,7 +125,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test)")
     parser.add_argument("--compile", action="store_true",
-                        help="also time with torch.compile on transformer and InfuseNet")
+                        help="torch.compile the transformer and InfuseNet (both paths)")
+    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    parser.add_argument("--variants", default="dev,schnell")
     args = parser.parse_args()
     if args.tiny:
         tiny_configs()
@@ -145,14 +147,15 @@ def main() -> None:
     results: dict[str, Any] = {"dtype": str(dtype), "compiled": args.compile, "runs": []}
     shared = None
     prompt = "a portrait photo of a person, soft studio light"
-    for variant, cls, steps, guidance in (("dev", FluxDev, 28, 3.5),
-                                          ("schnell", FluxSchnell, 4, None)):
+    runs = [r for r in (("dev", FluxDev, 28, 3.5), ("schnell", FluxSchnell, 4, None))
+            if r[0] in args.variants.split(",")]
+    for variant, cls, steps, guidance in runs:
         pipe, shared = build(variant, device, dtype, shared)
         backbone = cls.from_pipeline(pipe, device=device)
         backbone.dtype = dtype
         if args.compile:  # the shared module: the diffusers loop runs compiled too
-            backbone.compile()
-            controlnet.compile(mode="max-autotune-no-cudagraphs")
+            backbone.compile(mode=args.compile_mode)
+            controlnet.compile(mode=args.compile_mode)
         params = sum(p.numel() for p in pipe.transformer.parameters())
         for height, width in sizes:
             def engine(steps: int = steps, h: int = height, w: int = width,
