@@ -1041,6 +1041,24 @@ class DiffusersIPAdapter(Adapter):
         size = self.image_encoder.config.image_size
         self.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
 
+    @classmethod
+    def random(cls, backbone: Backbone, seed: int = 0, **kwargs: Any) -> DiffusersIPAdapter:
+        """Random weights at the published size fitting ``backbone``'s UNet, with its image
+        encoder (the ``random`` preset); the subclass supplies :meth:`random_weights`."""
+        kwargs.setdefault("device", backbone.device)
+        kwargs.setdefault("dtype", backbone.dtype)
+        adapter = cls(**kwargs)
+        adapter.state_dict, adapter.image_encoder, adapter.feature_extractor = \
+            cls.random_weights(backbone.pipe.unet, adapter.device, adapter.dtype, seed + 1)
+        adapter.loaded = True
+        return adapter
+
+    @staticmethod
+    def random_weights(unet: Any, device: Any, dtype: Any, seed: int) -> tuple[Any, ...]:
+        """(h94-style state dict, image encoder, image processor) with random weights at the
+        published size for ``unet``."""
+        raise UsageError("this IP-Adapter has no random (published-size) preset")
+
     # -- attach / detach -------------------------------------------------------------------
     def layer_scales(self, unet: Any) -> dict[str, float]:
         """Scale per IP processor at adapter scale 1 (all 1: a plain IP-Adapter)."""

@@ -43,19 +43,12 @@ class ObjectIPAdapter(DiffusersIPAdapter):
                   "layout as source.")
     description = "IP-Adapter Plus SD 1.5 (h94): resampled ViT-H patch features"
 
-    @classmethod
-    def random(cls, backbone: Backbone, seed: int = 0, **kwargs: Any) -> ObjectIPAdapter:
-        """Random weights at the published size fitting ``backbone``'s UNet, with its image
-        encoder (the ``random`` preset)."""
+    @staticmethod
+    def random_weights(unet: Any, device: Any, dtype: Any, seed: int) -> tuple[Any, ...]:
+        """Published-size random weights for the ``random`` preset."""
         from adapterswap_sd15.published import random_plus_weights
 
-        kwargs.setdefault("device", backbone.device)
-        kwargs.setdefault("dtype", backbone.dtype)
-        adapter = cls(**kwargs)
-        adapter.state_dict, adapter.image_encoder, adapter.feature_extractor = random_plus_weights(
-            backbone.pipe.unet, adapter.device, adapter.dtype, seed + 1)
-        adapter.loaded = True
-        return adapter
+        return random_plus_weights(unet, device, dtype, seed)
 
     @classmethod
     def tiny(cls, backbone: Backbone, seed: int = 0, *, cache_dir: str | None = None,

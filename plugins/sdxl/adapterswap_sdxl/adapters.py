@@ -78,19 +78,12 @@ class StyleIPAdapter(DiffusersIPAdapter):
         spec = TARGETS[self.target] if isinstance(self.target, str) else self.target
         return block_scales(unet, spec, argument="target", shown=self.target)
 
-    @classmethod
-    def random(cls, backbone: Backbone, seed: int = 0, **kwargs: Any) -> StyleIPAdapter:
-        """Random weights at the published size fitting ``backbone``'s UNet, with its image
-        encoder (the ``random`` preset)."""
+    @staticmethod
+    def random_weights(unet: Any, device: Any, dtype: Any, seed: int) -> tuple[Any, ...]:
+        """Published-size random weights for the ``random`` preset."""
         from adapterswap_sdxl.published import random_style_weights
 
-        kwargs.setdefault("device", backbone.device)
-        kwargs.setdefault("dtype", backbone.dtype)
-        adapter = cls(**kwargs)
-        adapter.state_dict, adapter.image_encoder, adapter.feature_extractor = random_style_weights(
-            backbone.pipe.unet, adapter.device, adapter.dtype, seed + 1)
-        adapter.loaded = True
-        return adapter
+        return random_style_weights(unet, device, dtype, seed)
 
     @classmethod
     def tiny(cls, backbone: Backbone, seed: int = 0, *, cache_dir: str | None = None,
