@@ -858,6 +858,26 @@ class UNetBackbone(Backbone):
         return cache
 
     # -- pipeline steps --------------------------------------------------------------------
+    @classmethod
+    def random(cls, *, device: str | None = None, dtype: Any = None,
+               seed: int = 0) -> UNetBackbone:
+        """Random weights at the published size (the ``random`` preset); the subclass
+        supplies :meth:`random_pipeline`, this configures it as :meth:`load` would."""
+        from adapterswap.backbone import default_device, default_dtype, parse_dtype
+
+        device = device or default_device()
+        dtype = parse_dtype(dtype) or default_dtype(device)
+        backbone = cls.from_pipeline(cls.random_pipeline(device, dtype, seed), source="random",
+                                     device=device)
+        backbone.dtype = dtype
+        backbone.pipe = backbone.configure_pipeline(backbone.pipe)
+        return backbone
+
+    @staticmethod
+    def random_pipeline(device: Any, dtype: Any, seed: int) -> Any:
+        """The diffusers pipeline at the published size with random weights."""
+        raise UsageError("this backbone has no random (published-size) preset")
+
     def uses_cfg(self, guidance_scale: float | None) -> bool:
         """Whether ``predict`` runs the unconditional branch for this scale."""
         return uses_cfg(guidance_scale)

@@ -95,20 +95,12 @@ class SD15Backbone(UNetBackbone):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
         return super().configure_pipeline(pipe)
 
-    @classmethod
-    def random(cls, *, device: str | None = None, dtype: Any = None,
-               seed: int = 0) -> SD15Backbone:
-        """Random weights at the published size (the ``random`` preset)."""
-        from adapterswap.backbone import default_device, default_dtype, parse_dtype
+    @staticmethod
+    def random_pipeline(device: Any, dtype: Any, seed: int) -> Any:
+        """The pipeline at the published size with random weights (``random`` preset)."""
         from adapterswap_sd15.published import random_sd15_pipeline
 
-        device = device or default_device()
-        dtype = parse_dtype(dtype) or default_dtype(device)
-        backbone = cls.from_pipeline(random_sd15_pipeline(device, dtype, seed), source="random",
-                                     device=device)
-        backbone.dtype = dtype
-        backbone.pipe = backbone.configure_pipeline(backbone.pipe)
-        return backbone
+        return random_sd15_pipeline(device, dtype, seed)
 
     @classmethod
     def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> SD15Backbone:

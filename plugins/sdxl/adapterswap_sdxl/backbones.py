@@ -83,20 +83,12 @@ class SDXLBackbone(UNetBackbone):
                                     local_files_only=local_files_only, add_watermarker=False)
         return self.configure_pipeline(pipe).to(self.device)
 
-    @classmethod
-    def random(cls, *, device: str | None = None, dtype: Any = None,
-               seed: int = 0) -> SDXLBackbone:
-        """Random weights at the published size (the ``random`` preset)."""
-        from adapterswap.backbone import default_device, default_dtype, parse_dtype
+    @staticmethod
+    def random_pipeline(device: Any, dtype: Any, seed: int) -> Any:
+        """The pipeline at the published size with random weights (``random`` preset)."""
         from adapterswap_sdxl.published import random_sdxl_pipeline
 
-        device = device or default_device()
-        dtype = parse_dtype(dtype) or default_dtype(device)
-        backbone = cls.from_pipeline(random_sdxl_pipeline(device, dtype, seed), source="random",
-                                     device=device)
-        backbone.dtype = dtype
-        backbone.pipe = backbone.configure_pipeline(backbone.pipe)
-        return backbone
+        return random_sdxl_pipeline(device, dtype, seed)
 
     @classmethod
     def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> SDXLBackbone:
