@@ -193,7 +193,6 @@ def doctor_command(as_json: bool) -> None:
                 click.echo(f"    {row['hint']}")
 
 
-DEFAULT_PROMPT = "a portrait photo of a person, soft studio light"  # = DEFAULT_PROMPTS[0]
 
 
 def _parse_options(pairs: tuple[str, ...], argument: str) -> dict[str, Any]:
@@ -282,7 +281,10 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
     tiny = preset == "tiny"
     if not tiny and prompt is None:
         raise InvalidArgumentError("--prompt", None, "required (or use --preset tiny)")
-    prompt = prompt or DEFAULT_PROMPT
+    if prompt is None:
+        from adapterswap.sweep.spec import DEFAULT_PROMPTS
+
+        prompt = DEFAULT_PROMPTS[0]
     image: Any = None
     if adapter_cls is not None:
         if reference is not None:

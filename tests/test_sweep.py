@@ -468,3 +468,19 @@ def test_metric_options_reach_the_metric_and_are_validated(tmp_path):
     finally:
         Sharpness.__init__ = original
     assert seen.get("mode") == 3
+
+
+def test_each_reference_is_encoded_once_per_backbone(tmp_path, monkeypatch):
+    from toy_plugin import ToyAdapter
+
+    calls = []
+    original = ToyAdapter.encode_reference
+
+    def counting(self, image, backbone):
+        calls.append(1)
+        return original(self, image, backbone)
+
+    monkeypatch.setattr(ToyAdapter, "encode_reference", counting)
+    run_sweep(tiny_spec(tmp_path, backbones=["toy-dev"], prompts=["a", "b", "c"],
+                        scales=[0.5, 1.0], seeds=[0, 1], steps=[1, 2]))
+    assert len(calls) == 1  # not once per prompt, scale or latency pass

@@ -96,6 +96,7 @@ class SweepEngine:
         self._adapters: dict[str, Any] = {}
         self._references: dict[str, Any] = {}
         self._oom_retries = 0
+        self._conditionings: dict[tuple[Any, ...], Any] = {}
 
     # ------------------------------------------------------------------ setup
     def versions(self) -> dict[str, str]:
@@ -200,6 +201,17 @@ class SweepEngine:
             self.spec.adapter_for(get_backbone(cell.backbone))
         return self.reference_image(cell.reference, name) if name else None
 
+    def _conditioning(self, adapter: Any, backbone: Any, cell: Cell) -> Any:
+        """The adapter's encoding of the cell's reference, computed once per loaded backbone
+        and reference (it does not depend on scale, window, prompt, seed or steps)."""
+        if adapter is None:
+            return None
+        key = (id(backbone), adapter.name, cell.reference)
+        if key not in self._conditionings:
+            image = self._reference_input(cell, self._reference_for(cell))
+            self._conditionings[key] = adapter.encode_reference(image, backbone)
+        return self._conditionings[key]
+
     @staticmethod
     def _reference_input(cell: Cell, image: Any) -> Any:
         """What the adapter encodes: the file path for real references (so its errors name
@@ -216,9 +228,9 @@ class SweepEngine:
             image.save(folder / name)
 
     # ------------------------------------------------------------------ run
-    def keyed_cells(self) -> list[tuple[Cell, str]]:
+    def keyed_cells(self, versions: dict[str, str] | None = None) -> list[tuple[Cell, str]]:
         """Every cell of the spec with its key."""
-        versions = self.versions()
+        versions = self.versions() if versions is None else versions
         return [(cell, cell.key(versions)) for cell in self.spec.cells()]
 
     def run(self, *, only_keys: set[str] | None = None,
@@ -226,9 +238,8 @@ class SweepEngine:
         """Run every unfinished cell (or, for a distributed shard, those in ``only_keys``);
         cells in ``finished_elsewhere`` (other shards, the merged store) are skipped too."""
         start = time.perf_counter()
-        keyed = self.keyed_cells()
         versions = self.versions()
-        cells = [c for c, _ in keyed]
+        keyed = self.keyed_cells(versions)
         finished = self.store.finished_keys() | (finished_elsewhere or set())
         mine = [(c, k) for c, k in keyed if only_keys is None or k in only_keys]
         todo = [(c, k) for c, k in mine if k not in finished]
@@ -236,7 +247,6 @@ class SweepEngine:
         self.store.set_meta("spec", self.spec.to_dict())
         self.store.set_meta("versions", versions)
         self.store.set_meta("cell_keys", [k for _, k in keyed])
-        del cells
         metrics = self.load_metrics()
         summary.unavailable_metrics = {m: r for m, (ok, r) in self.store.metric_status().items()
                                        if not ok and m in self.spec.metrics}
@@ -267,6 +277,7 @@ class SweepEngine:
                 if adapter.attached_to is backbone:
                     adapter.detach()
             backbone.unload()
+            self._conditionings.clear()
         self._store_notes(metrics)
         summary.seconds = time.perf_counter() - start
         return summary
@@ -281,14 +292,11 @@ class SweepEngine:
                         items: Sequence[tuple[Cell, str]]) -> None:
         """Time one image per step count (batch 1, synchronised), once per store."""
         first = items[0][0]
-        conditioning = None
-        if adapter is not None:
-            conditioning = adapter.encode_reference(
-                self._reference_input(first, self._reference_for(first)), backbone)
         for steps in sorted({c.steps for c, _ in items}):
             if self.store.latency(first.backbone, first.adapter, steps, first.height,
                                   first.width, first.start, first.end) is not None:
                 continue
+            conditioning = self._conditioning(adapter, backbone, first)
             runs = []
             warmups = 0 if getattr(backbone, "_latency_warm", False) else 1
             backbone._latency_warm = True
@@ -318,10 +326,7 @@ class SweepEngine:
                                                                 guidance_scale=guidance)
         prompt = prompt_cache[first.prompt]
         reference = self._reference_for(first)
-        conditioning = None
-        if adapter is not None:
-            conditioning = adapter.encode_reference(self._reference_input(first, reference),
-                                                    backbone)
+        conditioning = self._conditioning(adapter, backbone, first)
         samples = [_Sample(cell, key, cell.steps) for cell, key in items]
         if not self.spec.step_parallel:
             samples.sort(key=lambda s: s.steps)

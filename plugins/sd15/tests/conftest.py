@@ -1,6 +1,11 @@
 """Test settings of the adapterswap-sd15 plugin."""
 
+import os
+
 import pytest
+
+# tests never touch the network, also when this folder runs alone
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True, scope="module")
