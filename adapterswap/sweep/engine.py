@@ -97,6 +97,7 @@ class SweepEngine:
         self._references: dict[str, Any] = {}
         self._oom_retries = 0
         self._conditionings: dict[tuple[Any, ...], Any] = {}
+        self._timed: set[int] = set()
 
     # ------------------------------------------------------------------ setup
     def versions(self) -> dict[str, str]:
@@ -278,6 +279,7 @@ class SweepEngine:
                     adapter.detach()
             backbone.unload()
             self._conditionings.clear()
+            self._timed.clear()
         self._store_notes(metrics)
         summary.seconds = time.perf_counter() - start
         return summary
@@ -298,8 +300,8 @@ class SweepEngine:
                 continue
             conditioning = self._conditioning(adapter, backbone, first)
             runs = []
-            warmups = 0 if getattr(backbone, "_latency_warm", False) else 1
-            backbone._latency_warm = True
+            warmups = 0 if id(backbone) in self._timed else 1  # one warm-up per backbone
+            self._timed.add(id(backbone))
             for i in range(warmups + max(1, self.spec.timing_repeats)):
                 result = denoise(backbone, first.prompt, num_inference_steps=steps,
                                  seeds=[first.seed], height=first.height, width=first.width,
