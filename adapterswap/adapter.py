@@ -247,6 +247,12 @@ class Adapter(Probed, ABC):
     def _detach(self, backbone: Backbone) -> None:
         """Undo :meth:`_attach` completely."""
 
+    def fast_modules(self) -> dict[str, Any]:
+        """The adapter's own heavy modules that the fast path may compile, fuse or cast to
+        float8 along with the denoiser (e.g. InfuseNet's ControlNet). Modules that live inside
+        the denoiser (attention processors) are covered by the denoiser's; default: none."""
+        return {}
+
     # ------------------------------------------------------------------ per reference / step
     @abstractmethod
     def encode_reference(self, image: Image.Image | str | Path,

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from adapterswap.denoise import Schedule, StepContext, TensorBundle
+    from adapterswap.fastpath import FastPath
 
 #: Families the built-in plugins use. Third-party backbones may name a new family.
 KNOWN_FAMILIES = ("flux", "sdxl", "sd15")
@@ -112,6 +113,14 @@ class Backbone(Probed, ABC):
     default_adapter: ClassVar[str | None] = None
     how_to_get: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: ``torch.compile`` mode the fast path uses for this backbone's denoiser: compute-bound
+    #: transformers gain from autotuned kernels; launch-bound UNets from CUDA graphs.
+    compile_mode: ClassVar[str] = "default"
+    #: What the fast path compiles: ``"regions"`` (each repeated block: transformers, fast to
+    #: compile) or ``"model"`` (the whole forward, for CUDA graphs).
+    compile_scope: ClassVar[str] = "regions"
+    #: The fast path in force (:meth:`enable_fast_path`), ``None`` for plain eager diffusers.
+    fast_path: FastPath | None = None
 
     @classmethod
     def class_problems(cls, klass: type) -> list[str]:
@@ -225,6 +234,7 @@ class Backbone(Probed, ABC):
     def unload(self) -> None:
         """Drop the pipeline so its memory can be freed."""
         self.pipe = None
+        self.fast_path = None
 
     @classmethod
     def weights_status(cls, source: str | None = None) -> WeightsStatus:
@@ -234,17 +244,95 @@ class Backbone(Probed, ABC):
         source = source or configured_source(cls.name) or cls.default_source
         return weights_status(source, cls.required_files)
 
-    def compile(self, **options: Any) -> None:
-        """``torch.compile`` the denoiser (the pipeline's ``transformer`` or ``unet``) in place,
-        so adapters and probes that hold the module keep working. ``options`` go to
-        ``torch.compile`` (default ``mode="max-autotune-no-cudagraphs"``). The first calls at
-        each new shape are slow (compilation); outputs agree within bf16 tolerance."""
+    @property
+    def execution_device(self) -> Any:
+        """Where tensors go: the device the models run on (the GPU with model CPU offload)."""
+        self.require_loaded()
+        return getattr(self.pipe, "_execution_device", None) or self.device
+
+    def denoiser(self) -> Any:
+        """The pipeline's denoiser module (``transformer`` or ``unet``)."""
         self.require_loaded()
         denoiser = getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)
         if denoiser is None:
-            raise UsageError(f"backbone {self.name!r} has no transformer or unet to compile")
-        options.setdefault("mode", "max-autotune-no-cudagraphs")
-        denoiser.compile(**options)
+            raise UsageError(f"backbone {self.name!r} has no transformer or unet")
+        return denoiser
+
+    def fast_modules(self) -> dict[str, Any]:
+        """Modules the fast path compiles or casts: ``{"denoiser": transformer or unet}``; a
+        backbone whose pipeline has neither returns ``{}`` (only the attention choice applies)
+        or overrides this."""
+        self.require_loaded()
+        denoiser = getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)
+        return {} if denoiser is None else {"denoiser": denoiser}
+
+    def compile(self, **options: Any) -> None:
+        """``torch.compile`` the denoiser (the pipeline's ``transformer`` or ``unet``) in place,
+        so adapters and probes that hold the module keep working. ``options`` go to
+        ``torch.compile`` (default mode: :attr:`compile_mode`). The first calls at each new
+        shape are slow (compilation); outputs agree within bf16 tolerance."""
+        options.setdefault("mode", self.compile_mode)
+        self.denoiser().compile(**options)
+
+    def enable_fast_path(self, fast: FastPath | None = None, *,
+                         adapters: Sequence[Any] = ()) -> dict[str, Any]:
+        """Apply the fast path (:mod:`adapterswap.fastpath`) to this backbone and the modules
+        of ``adapters`` (:meth:`Adapter.fast_modules`); once per loaded pipeline. Returns what
+        was done, for logs and benchmark records. On CPU only the attention choice applies
+        (and does nothing there)."""
+        from adapterswap import fastpath
+
+        fast = fastpath.DEFAULT if fast is None else fast
+        self.require_loaded()
+        if self.fast_path == fast:
+            return {"attention": fast.attention, "already": True}
+        previous = self.fast_path
+        if previous is not None and (previous.compile or previous.fp8 or previous.fuse_qkv):
+            raise UsageError(f"backbone {self.name!r} already runs a fast path that changed "
+                             f"its modules ({previous}); reload it to change the switches")
+        on_cuda = str(self.execution_device).startswith("cuda")
+        modules = dict(self.fast_modules())
+        for adapter in adapters:
+            modules.update({f"{adapter.name}.{k}": m for k, m in adapter.fast_modules().items()})
+        report: dict[str, Any] = {"attention": fast.attention, "fused_qkv": [], "fp8_layers": 0,
+                                  "compiled": []}
+        if fast.fp8:
+            if not fastpath.fp8_supported(self.execution_device):
+                raise InvalidArgumentError("fp8", True, "float8 needs a CUDA GPU of compute "
+                                           f"capability 8.9+ (device: {self.execution_device})")
+            for module in modules.values():
+                report["fp8_layers"] += fastpath.to_float8(module)
+        if fast.fuse_qkv and on_cuda and not fast.fp8:
+            report["fused_qkv"] = [n for n, m in modules.items() if fastpath.fuse_qkv(m)]
+        if fast.compile:
+            mode = fast.compile_mode or self.compile_mode
+            for name, module in modules.items():
+                scope = self.compile_scope if name == "denoiser" else "regions"
+                parts = fastpath.compile_module(module, mode, scope)
+                report["compiled"].append(f"{name}: {', '.join(parts)} ({mode})")
+        self.fast_path = fast
+        return report
+
+    def begin_step(self) -> None:
+        """Called by the loop before each step's denoiser calls: with a CUDA-graph compile
+        mode, marks the step's start so the graphs may reuse the previous step's memory."""
+        from adapterswap import fastpath
+
+        fast = self.fast_path
+        if fast is not None and fast.compile and \
+                (fast.compile_mode or self.compile_mode) in fastpath.CUDAGRAPH_MODES:
+            fastpath.mark_step()
+
+    def step_context(self) -> Any:
+        """Context manager the engine holds around each denoiser step (adapter + denoiser):
+        the fast path's attention kernels, or nothing."""
+        import contextlib
+
+        from adapterswap import fastpath
+
+        if self.fast_path is None:
+            return contextlib.nullcontext()
+        return fastpath.attention_context(self.fast_path.attention, self.execution_device)
 
     @property
     def generator_device(self) -> str:

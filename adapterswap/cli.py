@@ -356,8 +356,15 @@ def _common_sweep_options(func: Any) -> Any:
                      help="Option of one metric (repeatable), e.g. identity.recognizer=ir-se50."),
         click.option("--max-batch", default=None, type=int,
                      help="Most samples per denoiser forward (default 16)."),
-        click.option("--compile", "compile_", is_flag=True, default=None,
-                     help="torch.compile the denoisers (GPU sweeps: slow first call per shape)."),
+        click.option("--compile/--no-compile", "compile_", default=None,
+                     help="torch.compile denoiser and adapter (default: on with a GPU; the "
+                          "first call per batch shape compiles)."),
+        click.option("--attention", default=None,
+                     type=click.Choice(["auto", "cudnn", "flash", "efficient", "math",
+                                        "default"]),
+                     help="SDPA kernel preference (default auto: cuDNN first on Hopper)."),
+        click.option("--fp8", is_flag=True, default=None,
+                     help="float8 linear layers (approximation, Hopper+; cells keyed apart)."),
         click.option("--dry-run", is_flag=True,
                      help="Validate the spec and print what would run; run nothing."),
         click.option("--config", "config", default=None, type=click.Path(),
@@ -375,7 +382,8 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
                 dtype: str | None, sources: tuple[str, ...], adapter_source: str | None,
                 adapter_options: tuple[str, ...], max_batch: int | None,
                 metric_options: tuple[str, ...] = (), dry_run: bool = False,
-                compile_: bool | None = None) -> dict[str, Any]:
+                compile_: bool | None = None, attention: str | None = None,
+                fp8: bool | None = None) -> dict[str, Any]:
     from adapterswap.sweep.spec import parse_int_list, read_prompts_file
 
     prompt_list = list(prompts)
@@ -399,7 +407,7 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
         "adapter_options": _parse_options(adapter_options, "--adapter-option") or None,
         "metric_options": _metric_options(metric_options) or None,
         "max_batch": max_batch,
-        "compile": True if compile_ else None,
+        "compile": compile_, "attention": attention, "fp8": True if fp8 else None,
     }
 
 
@@ -442,6 +450,8 @@ def _run_spec(spec: Any) -> Any:
             summary.total += extra.total
             summary.skipped += extra.skipped
             summary.seconds += extra.seconds
+            summary.forward_seconds += extra.forward_seconds
+            summary.forwards += extra.forwards
     return summary, build_report(spec.out)
 
 
@@ -720,7 +730,8 @@ def _print_summary(summary: Any, report: Any) -> None:
     for metric, reason in sorted(summary.unavailable_metrics.items()):
         click.echo(f"warning: metric {metric!r} unavailable: {reason}", err=True)
     click.echo(f"{summary.done} cells done, {summary.skipped} already finished, "
-               f"{summary.failed} failed, in {summary.seconds:.1f} s. "
+               f"{summary.failed} failed, in {summary.seconds:.1f} s "
+               f"({summary.forwards} denoiser forwards: {summary.forward_seconds:.1f} s). "
                f"Results: {report.parent} (report: {report})")
     if summary.failed:
         raise SystemExit(1)

@@ -54,13 +54,12 @@ class TensorBundle:
 
     def select(self, indices: Sequence[int]) -> TensorBundle:
         """A bundle with the given batch rows (repeat an index to repeat a row)."""
-        import torch
+        from adapterswap.fastpath import device_tensor
 
         def pick(value: Any) -> Any:
             if value is None:
                 return None
-            index = torch.as_tensor(list(indices), dtype=torch.long, device=value.device)
-            return value.index_select(0, index)
+            return value.index_select(0, device_tensor(indices, value.device))
 
         return TensorBundle({k: pick(v) for k, v in self.batched.items()}, dict(self.shared))
 
@@ -265,27 +264,29 @@ def denoise(
     schedule = backbone.schedule(num_inference_steps, height=height, width=width)
     batch = len(seeds)
     start = time.perf_counter()
-    for i in range(num_inference_steps):
-        t = schedule.timesteps[i]
-        ctx = StepContext(
-            timesteps=t.expand(batch) if t.ndim == 0 else t.repeat(batch),
-            step_indices=(i,) * batch,
-            num_steps=(num_inference_steps,) * batch,
-            height=height,
-            width=width,
-            sigmas=None if schedule.sigmas is None else schedule.sigmas[i].expand(batch),
-        )
-        adapter_inputs: Mapping[str, Any] | None = None
-        if adapter is not None and conditioning is not None:
-            adapter_inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx,
-                                                     prompt_encoding)
-        model_output = backbone.predict(latents, ctx, prompt_encoding,
-                                        guidance_scale=guidance_scale,
-                                        adapter_inputs=adapter_inputs)
-        x0 = backbone.predict_x0(model_output, latents, schedule, i) if on_step else None
-        latents = backbone.step(model_output, latents, schedule, i)
-        if on_step is not None:
-            on_step(StepRecord(i, num_inference_steps, t, latents, model_output, x0))
+    with backbone.step_context():
+        for i in range(num_inference_steps):
+            t = schedule.timesteps[i]
+            ctx = StepContext(
+                timesteps=t.expand(batch) if t.ndim == 0 else t.repeat(batch),
+                step_indices=(i,) * batch,
+                num_steps=(num_inference_steps,) * batch,
+                height=height,
+                width=width,
+                sigmas=None if schedule.sigmas is None else schedule.sigmas[i].expand(batch),
+            )
+            backbone.begin_step()
+            adapter_inputs: Mapping[str, Any] | None = None
+            if adapter is not None and conditioning is not None:
+                adapter_inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx,
+                                                         prompt_encoding)
+            model_output = backbone.predict(latents, ctx, prompt_encoding,
+                                            guidance_scale=guidance_scale,
+                                            adapter_inputs=adapter_inputs)
+            x0 = backbone.predict_x0(model_output, latents, schedule, i) if on_step else None
+            latents = backbone.step(model_output, latents, schedule, i)
+            if on_step is not None:
+                on_step(StepRecord(i, num_inference_steps, t, latents, model_output, x0))
     sync()
     timings["denoise_s"] = time.perf_counter() - start
     start = time.perf_counter()

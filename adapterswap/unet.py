@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from adapterswap.adapter import Adapter, load_image
 from adapterswap.backbone import Backbone
 from adapterswap.errors import InvalidArgumentError, UsageError, WeightsNotFoundError
+from adapterswap.fastpath import device_tensor
 from adapterswap.hub import resolve_source
 
 if TYPE_CHECKING:
@@ -578,23 +579,19 @@ def select_rows(values: Sequence[Any] | None, rows: list[int], batch: int) -> An
     """``values`` (a list of batch-first tensors) restricted to ``rows``."""
     if values is None or len(rows) == batch:
         return values
-    import torch
-
-    index = torch.as_tensor(rows, device=values[0].device)
+    index = device_tensor(rows, values[0].device)
     return [v.index_select(0, index) for v in values]
 
 
 def merge_rows(parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
     """Put group outputs back in batch order."""
-    import torch
-
     if len(parts) == 1:
         return parts[0][1]
     batch = sum(len(rows) for rows, _ in parts)
     first = parts[0][1]
     out = first.new_empty((batch, *first.shape[1:]))
     for rows, value in parts:
-        out[torch.as_tensor(rows, device=out.device)] = value
+        out[device_tensor(rows, out.device)] = value
     return out
 
 
@@ -803,6 +800,10 @@ class UNetBackbone(Backbone):
     option_names: ClassVar[tuple[str, ...]] = ("variant",)
     #: True when the scheduler draws fresh noise at every step (LCM).
     stochastic_steps: ClassVar[bool] = False
+    #: UNets at their usual batch are bound by kernel launches: the fast path compiles the
+    #: whole UNet with CUDA graphs (``reduce-overhead``).
+    compile_mode: ClassVar[str] = "reduce-overhead"
+    compile_scope: ClassVar[str] = "model"
 
     def __init__(self, source: str | None = None, *, device: str | None = None,
                  dtype: Any = None, **options: Any) -> None:
@@ -931,7 +932,7 @@ class UNetBackbone(Backbone):
                 if embeds is not None:
                     set_ip_scales(unet, scales)
                 whole = len(rows) == batch
-                index = torch.as_tensor(rows, device=self.device)
+                index = device_tensor(rows, self.device)
                 image_embeds = None
                 if embeds is not None:
                     image_embeds = select_rows(embeds, rows, batch)

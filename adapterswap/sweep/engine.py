@@ -23,6 +23,7 @@ from typing import Any
 
 from adapterswap.denoise import StepContext, TensorBundle, denoise
 from adapterswap.errors import MetricUnavailableError
+from adapterswap.fastpath import ForwardTimer, device_tensor
 from adapterswap.metrics.base import MetricBatch
 from adapterswap.sweep.spec import Cell, SweepSpec
 from adapterswap.sweep.store import RunStore
@@ -74,6 +75,11 @@ class SweepSummary:
     failed: int = 0
     unavailable_metrics: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: seconds inside denoiser forwards (adapter + denoiser), timed without host syncs
+    forward_seconds: float = 0.0
+    forwards: int = 0
+    #: what the fast path did per backbone (attention, compiled parts, float8 layers)
+    fast_path: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,9 +104,12 @@ class SweepEngine:
         self._oom_retries = 0
         self._conditionings: dict[tuple[Any, ...], Any] = {}
         self._timed: set[int] = set()
+        self._forward_timer = ForwardTimer()
 
     # ------------------------------------------------------------------ setup
     def versions(self) -> dict[str, str]:
+        """Software versions in every cell key; approximations of the fast path (float8) are
+        added so their cells never mix with exact ones."""
         from adapterswap.plugins import _dists, adapters, backbones
 
         plugins = set()
@@ -109,7 +118,10 @@ class SweepEngine:
         if self.spec.adapter not in (None, "none"):
             plugins.add(adapters().entry(self.spec.adapter).plugin)
         dists = [_dists[p][0] for p in sorted(plugins) if p in _dists]
-        return software_versions(dists)
+        versions = software_versions(dists)
+        if self.spec.fp8:
+            versions["approximation"] = "fp8"
+        return versions
 
     def load_metrics(self) -> dict[str, Any]:
         """Instantiate and load every requested metric; record the unavailable ones."""
@@ -256,8 +268,7 @@ class SweepEngine:
             by_backbone.setdefault(cell.backbone, []).append((cell, key))
         for backbone_name, items in by_backbone.items():
             backbone = self.load_backbone(backbone_name)
-            if self.spec.compile:
-                backbone.compile()
+            summary.fast_path[backbone_name] = self.enable_fast_path(backbone, items)
             prompt_cache: dict[str, TensorBundle] = {}
             by_setting: dict[tuple[Any, ...], list[tuple[Cell, str]]] = {}
             for cell, key in items:
@@ -281,8 +292,24 @@ class SweepEngine:
             self._conditionings.clear()
             self._timed.clear()
         self._store_notes(metrics)
+        summary.forward_seconds = self._forward_timer.total()
+        summary.forwards = self._forward_timer.count
         summary.seconds = time.perf_counter() - start
         return summary
+
+    def enable_fast_path(self, backbone: Any, items: Sequence[tuple[Cell, str]]) -> dict[
+            str, Any]:
+        """The spec's fast path on ``backbone`` and the adapters its cells use (loaded and
+        attached first, so their modules are compiled or cast along)."""
+        fast = self.spec.fast_path(str(backbone.device))
+        adapters = []
+        for name in sorted({cell.adapter for cell, _ in items} - {"none"}):
+            adapter = self.adapter_for(name, backbone)
+            adapter.attach(backbone)
+            adapters.append(adapter)
+        report = backbone.enable_fast_path(fast, adapters=adapters)
+        self.log(f"{backbone.name}: fast path {report}")
+        return report
 
     def _store_notes(self, metrics: dict[str, Any]) -> None:
         """Metrics' caveats (e.g. how many images had no face), after scoring."""
@@ -330,10 +357,11 @@ class SweepEngine:
         reference = self._reference_for(first)
         conditioning = self._conditioning(adapter, backbone, first)
         samples = [_Sample(cell, key, cell.steps) for cell, key in items]
-        if not self.spec.step_parallel:
+        parallel = self.spec.use_step_parallel(str(backbone.device))
+        if not parallel:
             samples.sort(key=lambda s: s.steps)
         done = failed = 0
-        pending = self._chunks(samples)
+        pending = self._chunks(samples, parallel)
         while pending:
             chunk = pending.pop(0)
             try:
@@ -364,9 +392,9 @@ class SweepEngine:
             failed += f
         return done, failed
 
-    def _chunks(self, samples: list[_Sample]) -> list[list[_Sample]]:
+    def _chunks(self, samples: list[_Sample], parallel: bool) -> list[list[_Sample]]:
         size = self.spec.max_batch
-        if self.spec.step_parallel:
+        if parallel:
             return [samples[i:i + size] for i in range(0, len(samples), size)]
         chunks: list[list[_Sample]] = []
         by_steps: dict[int, list[_Sample]] = {}
@@ -395,55 +423,59 @@ class SweepEngine:
         active = list(range(len(chunk)))
         done = failed = 0
         tick = 0
-        while active:
-            steps_of = [chunk[j].steps for j in active]
-            timesteps = torch.stack([schedules[n].timesteps[tick] for n in steps_of])
-            sigmas = None
-            if all(schedules[n].sigmas is not None for n in steps_of):
-                sigmas = torch.stack([schedules[n].sigmas[tick] for n in steps_of])
-            ctx = StepContext(timesteps=timesteps, step_indices=(tick,) * len(active),
-                              num_steps=tuple(steps_of), height=h, width=w, sigmas=sigmas)
-            index = torch.as_tensor(active, device=latents.device)
-            current = latents.index_select(0, index)
-            batch_prompt = prompt.repeat(len(active))
-            adapter_inputs = None
-            if adapter is not None and conditioning is not None:
-                adapter_inputs = adapter.denoiser_inputs(
-                    backbone, conditioning.repeat(len(active)), current, ctx, batch_prompt)
-            output = backbone.predict(current, ctx, batch_prompt, guidance_scale=guidance,
-                                      adapter_inputs=adapter_inputs)
-            if recorder is not None:
-                for block, quantity, values in recorder.drain():
-                    if len(values) != len(active):
-                        self.log(f"probe {block}/{quantity} gave {len(values)} values for a "
-                                 f"batch of {len(active)}; ignored")
-                        continue
-                    for r, value in enumerate(values):
-                        probes[active[r]].append((tick, block, quantity, value))
-            updated = torch.empty_like(current)
-            for n in sorted(set(steps_of)):
-                rows = [r for r, s in enumerate(steps_of) if s == n]
-                sel = torch.as_tensor(rows, device=current.device)
-                if any(active[r] in trajectories for r in rows):
-                    x0 = backbone.predict_x0(output.index_select(0, sel),
-                                             current.index_select(0, sel), schedules[n], tick)
-                    for k, r in enumerate(rows):
-                        if active[r] in trajectories:
-                            trajectories[active[r]].append(x0[k:k + 1].detach().cpu())
-                updated[sel] = backbone.step(output.index_select(0, sel),
-                                             current.index_select(0, sel), schedules[n], tick)
-            latents[index] = updated
-            tick += 1
-            finishing = [j for j in active if chunk[j].steps == tick]
-            if finishing:
-                sel = torch.as_tensor(finishing, device=latents.device)
-                d, f = self._finish(backbone, [chunk[j] for j in finishing],
-                                    latents.index_select(0, sel), reference, metrics,
-                                    [trajectories.get(j) for j in finishing],
-                                    [probes[j] for j in finishing])
-                done += d
-                failed += f
-            active = [j for j in active if chunk[j].steps > tick]
+        with backbone.step_context():
+            while active:
+                steps_of = [chunk[j].steps for j in active]
+                timesteps = torch.stack([schedules[n].timesteps[tick] for n in steps_of])
+                sigmas = None
+                if all(schedules[n].sigmas is not None for n in steps_of):
+                    sigmas = torch.stack([schedules[n].sigmas[tick] for n in steps_of])
+                ctx = StepContext(timesteps=timesteps, step_indices=(tick,) * len(active),
+                                  num_steps=tuple(steps_of), height=h, width=w, sigmas=sigmas)
+                index = device_tensor(active, latents.device)
+                current = latents.index_select(0, index)
+                batch_prompt = prompt.repeat(len(active))
+                adapter_inputs = None
+                timer = self._forward_timer.start()
+                backbone.begin_step()
+                if adapter is not None and conditioning is not None:
+                    adapter_inputs = adapter.denoiser_inputs(
+                        backbone, conditioning.repeat(len(active)), current, ctx, batch_prompt)
+                output = backbone.predict(current, ctx, batch_prompt, guidance_scale=guidance,
+                                          adapter_inputs=adapter_inputs)
+                self._forward_timer.stop(timer)
+                if recorder is not None:
+                    for block, quantity, values in recorder.drain():
+                        if len(values) != len(active):
+                            self.log(f"probe {block}/{quantity} gave {len(values)} values for a "
+                                     f"batch of {len(active)}; ignored")
+                            continue
+                        for r, value in enumerate(values):
+                            probes[active[r]].append((tick, block, quantity, value))
+                updated = torch.empty_like(current)
+                for n in sorted(set(steps_of)):
+                    rows = [r for r, s in enumerate(steps_of) if s == n]
+                    sel = device_tensor(rows, current.device)
+                    if any(active[r] in trajectories for r in rows):
+                        x0 = backbone.predict_x0(output.index_select(0, sel),
+                                                 current.index_select(0, sel), schedules[n], tick)
+                        for k, r in enumerate(rows):
+                            if active[r] in trajectories:
+                                trajectories[active[r]].append(x0[k:k + 1].detach().cpu())
+                    updated[sel] = backbone.step(output.index_select(0, sel),
+                                                 current.index_select(0, sel), schedules[n], tick)
+                latents[index] = updated
+                tick += 1
+                finishing = [j for j in active if chunk[j].steps == tick]
+                if finishing:
+                    sel = torch.as_tensor(finishing, device=latents.device)
+                    d, f = self._finish(backbone, [chunk[j] for j in finishing],
+                                        latents.index_select(0, sel), reference, metrics,
+                                        [trajectories.get(j) for j in finishing],
+                                        [probes[j] for j in finishing])
+                    done += d
+                    failed += f
+                active = [j for j in active if chunk[j].steps > tick]
         if recorder is not None:
             self._remove_probes(backbone, adapter)
         return done, failed

@@ -26,9 +26,12 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapterswap.errors import InvalidArgumentError, UsageError
+
+if TYPE_CHECKING:
+    from adapterswap.fastpath import FastPath
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,10 +78,15 @@ class SweepSpec:
         block.
     :ivar only_default_steps: run each backbone at its own default step count only (the
         ``swap`` comparison).
-    :ivar step_parallel: advance runs with different step counts together in one forward.
+    :ivar step_parallel: advance runs with different step counts together in one forward;
+        ``None`` (default): yes, unless the denoiser is compiled (compiled graphs want the
+        constant batch of the sequential order: one step count at a time, seeds batched).
     :ivar max_batch: most samples in one denoiser forward.
-    :ivar compile: ``torch.compile`` each backbone's denoiser (faster steps after a slow
-        first call per shape; for long sweeps on a GPU).
+    :ivar compile: ``torch.compile`` each backbone's denoiser and adapter (the fast path,
+        :mod:`adapterswap.fastpath`); ``None`` (default): on with a CUDA device, off elsewhere.
+        The first call at each batch shape compiles (seconds to minutes); sweeps amortise it.
+    :ivar attention: SDPA kernel preference (:data:`adapterswap.fastpath.ATTENTION_CHOICES`).
+    :ivar fp8: float8 linear layers (an approximation: its cells get keys of their own).
     :ivar metric_options: per-metric options, e.g. ``{"identity": {"recognizer": "ir-se50"}}``.
     """
 
@@ -109,12 +117,27 @@ class SweepSpec:
     adapter_off: bool = False
     trajectory: bool = False
     probes: bool = False
-    step_parallel: bool = True
-    compile: bool = False
+    step_parallel: bool | None = None
+    compile: bool | None = None
+    attention: str = "auto"
+    fp8: bool = False
     max_batch: int = 16
     timing_repeats: int = 1
     save_images: bool = True
     defaults_used: list[str] = field(default_factory=list, repr=False)
+
+    def fast_path(self, device: str) -> FastPath:
+        """The fast-path switches for a backbone on ``device``."""
+        from adapterswap.fastpath import FastPath
+
+        compile_ = self.compile if self.compile is not None else str(device).startswith("cuda")
+        return FastPath(attention=self.attention, compile=bool(compile_), fp8=self.fp8)
+
+    def use_step_parallel(self, device: str) -> bool:
+        """Whether runs with different step counts share forwards (see ``step_parallel``)."""
+        if self.step_parallel is not None:
+            return self.step_parallel
+        return not self.fast_path(device).compile
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -222,6 +245,10 @@ class SweepSpec:
         if not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool) \
                 or self.max_batch < 1:
             raise InvalidArgumentError("max_batch", self.max_batch, "must be an integer >= 1")
+        for name in ("step_parallel", "compile"):
+            if getattr(self, name) not in (None, True, False):
+                raise InvalidArgumentError(name, getattr(self, name), "must be true or false")
+        self.fast_path("cpu")  # validates attention and fp8 by name
         if not isinstance(self.timing_repeats, int) or self.timing_repeats < 0:
             raise InvalidArgumentError("timing_repeats", self.timing_repeats,
                                        "must be an integer >= 0")

@@ -6,7 +6,13 @@ with random weights: adapterswap's engine against the plain diffusers pipeline, 
 
 Per backbone (base and distilled): one image end to end, engine vs ``pipe(...)`` with the same
 IP-Adapter embeddings. Then the sweep target: steps {1,2,4,8,16,28} x 4 seeds with the adapter
-attached, adapterswap's step-parallel sweep against one pipeline call per cell.
+attached, adapterswap's sweep against one eager pipeline call per cell (measured first, before
+anything is compiled), in the modes of ``--modes``: ``eager-parallel`` / ``eager-sequential``
+(no compilation), ``fast-cold`` (the default GPU fast path: compiled UNet with CUDA graphs,
+compilation included) and ``fast-warm`` (the same sweep again in a fresh store: compilation
+amortised). Each records the sum of its denoiser forwards (CUDA events, no host syncs).
+
+    python benchmarks/gpu/bench_unet.py --skip-single --modes fast-cold,fast-warm  # targets
 """
 
 from __future__ import annotations
@@ -98,6 +104,9 @@ def main() -> None:
     parser.add_argument("--sweep-steps", default="1,2,4,8,16,28")
     parser.add_argument("--sweep-seeds", type=int, default=4)
     parser.add_argument("--max-batch", type=int, default=24)
+    parser.add_argument("--modes", default="eager-parallel,eager-sequential,fast-cold,fast-warm")
+    parser.add_argument("--skip-single", action="store_true",
+                        help="only the sweep target (no single-image rows)")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     if args.tiny:
@@ -135,7 +144,7 @@ def main() -> None:
         pipe, weights = build(device, dtype)
         adapter = adapter_in_memory(adapter_cls, weights, device, dtype)
         size = SIZE[family]
-        for cls, steps in variants:
+        for cls, steps in ([] if args.skip_single else variants):
             backbone = cls.from_pipeline(pipe, device=device)
             backbone.dtype = dtype
             backbone.pipe = backbone.configure_pipeline(pipe)
@@ -178,6 +187,7 @@ def main() -> None:
         backbone.pipe = backbone.configure_pipeline(pipe)
         results["sweeps"].append(sweep_benchmark(backbone, adapter, scales, size, args))
         print(results["sweeps"][-1], flush=True)
+        write(results, args.out)
         adapter.detach()
         del pipe, backbone
         sync()
@@ -187,11 +197,9 @@ def main() -> None:
 
 
 def sweep_benchmark(backbone: Any, adapter: Any, scales: Any, size: int, args: Any) -> dict:
-    """steps x seeds with the adapter attached: adapterswap's sweep engine (step-parallel)
-    against one pipeline call per cell (pipeline loaded once)."""
+    """steps x seeds with the adapter attached: adapterswap's sweep engine in each mode of
+    ``--modes`` against one eager pipeline call per cell (pipeline loaded once)."""
     import time
-
-    import torch
 
     from adapterswap.sweep.engine import SweepEngine
     from adapterswap.sweep.spec import SweepSpec
@@ -208,24 +216,12 @@ def sweep_benchmark(backbone: Any, adapter: Any, scales: Any, size: int, args: A
             return adapter
 
     backbone.unload = lambda: None  # keep the pipeline for the baseline
-    results = {}
-    for mode, parallel in (("step-parallel", True), ("sequential", False)):
-        with tempfile.TemporaryDirectory() as out:
-            spec = SweepSpec(backbones=[backbone.name], seeds=seeds, steps=steps,
-                             metrics=["sharpness"], timing_repeats=0, prompts=["a red chair"],
-                             references=["synthetic:0"], height=size, width=size, out=out,
-                             save_images=False, step_parallel=parallel,
-                             max_batch=args.max_batch).validate()
-            with RunStore(out) as store:
-                sync()
-                start = time.perf_counter()
-                summary = InMemoryEngine(spec, store).run()
-                sync()
-                results[f"engine_{mode}_s"] = time.perf_counter() - start
-                assert summary.done == len(steps) * len(seeds), summary
+    results: dict[str, Any] = {}
+    # the baseline first: compilation changes the UNet in place, and the pipeline shares it
     adapter.attach(backbone)
     conditioning = adapter.encode_reference(adapter.tiny_reference(0), backbone)
     guidance = backbone.resolve_guidance_scale(None)
+    pipeline_call(backbone.pipe, conditioning, 1, guidance, size, 0, scales)  # warm-up
     sync()
     start = time.perf_counter()
     for n in steps:
@@ -233,24 +229,31 @@ def sweep_benchmark(backbone: Any, adapter: Any, scales: Any, size: int, args: A
             pipeline_call(backbone.pipe, conditioning, n, guidance, size, seed, scales)
     sync()
     results["diffusers_per_cell_s"] = time.perf_counter() - start
-    # the denoiser forwards alone: the floor for the sweep
-    from adapterswap.denoise import StepContext
-
-    prompt = backbone.encode_prompt(["a red chair"], guidance_scale=guidance)
-    latents = backbone.prepare_latents([torch.Generator().manual_seed(0)], height=size,
-                                       width=size)
-    sched = backbone.schedule(4, height=size, width=size)
-    ctx = StepContext(sched.timesteps[:1], (1,), (4,), size, size, None)
-    inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx, prompt)
-    one = timed(lambda: backbone.predict(latents, ctx, prompt, guidance_scale=guidance,
-                                         adapter_inputs=inputs), repeats=5)
-    results["denoiser_forward_b1_s"] = one["median_s"]
-    results["sum_of_forwards_b1_s"] = one["median_s"] * sum(steps) * len(seeds)
+    modes = {"eager-parallel": (True, False), "eager-sequential": (False, False),
+             "fast-cold": (False, True), "fast-warm": (False, True)}
+    for mode in args.modes.split(","):
+        parallel, compiled = modes[mode]
+        with tempfile.TemporaryDirectory() as out:
+            spec = SweepSpec(backbones=[backbone.name], seeds=seeds, steps=steps,
+                             metrics=["sharpness"], timing_repeats=0, prompts=["a red chair"],
+                             references=["synthetic:0"], height=size, width=size, out=out,
+                             save_images=False, step_parallel=parallel, compile=compiled,
+                             max_batch=args.max_batch).validate()
+            with RunStore(out) as store:
+                sync()
+                start = time.perf_counter()
+                summary = InMemoryEngine(spec, store).run()
+                sync()
+                wall = time.perf_counter() - start
+                assert summary.done == len(steps) * len(seeds), summary
+        results[mode] = {"wall_s": wall, "forward_s": summary.forward_seconds,
+                         "forwards": summary.forwards,
+                         "wall_over_forwards": wall / max(summary.forward_seconds, 1e-9),
+                         "speedup_vs_diffusers": results["diffusers_per_cell_s"] / wall,
+                         "fast_path": summary.fast_path}
+        print(mode, results[mode], flush=True)
     results.update(backbone=backbone.name, steps=steps, seeds=len(seeds), size=size,
-                   speedup_step_parallel=results["diffusers_per_cell_s"]
-                   / results["engine_step-parallel_s"],
-                   speedup_sequential=results["diffusers_per_cell_s"]
-                   / results["engine_sequential_s"])
+                   device=str(backbone.device))
     return results
 
 

@@ -170,12 +170,6 @@ class FluxBackbone(Backbone):
             quanto.freeze(model)
         return {"transformer": transformer, "text_encoder_2": text_encoder_2}
 
-    @property
-    def execution_device(self) -> Any:
-        """Where tensors go: the GPU models are moved to (with offload) or the pipe's device."""
-        self.require_loaded()
-        return self.pipe._execution_device
-
     def unload(self) -> None:
         self.set_probe(None)
         super().unload()

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterswap.adapter import Adapter, load_image
 from adapterswap.errors import InvalidArgumentError, WeightsNotFoundError
+from adapterswap.fastpath import device_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -276,6 +277,11 @@ class InfuseNet(Adapter):
             self.load()
 
     # ------------------------------------------------------------------ attach / detach
+    def fast_modules(self) -> dict[str, Any]:
+        """InfuseNet (a FLUX ControlNet) is compiled, fused and cast along with the
+        transformer; the resampler runs once per reference and is left alone."""
+        return {"infusenet": self.infusenet} if self.infusenet is not None else {}
+
     def _attach(self, backbone: Backbone) -> None:
         """Move (never reload) InfuseNet and the resampler to the backbone's device and dtype;
         nothing is installed in the pipeline: the residuals go through ``predict``."""
@@ -411,9 +417,8 @@ class InfuseNet(Adapter):
         timestep = timesteps.expand(batch) if timesteps.numel() == 1 else timesteps
         guidance = None
         if self.infusenet.config.guidance_embeds:
-            guidance = torch.tensor([1.0], device=device).expand(batch)
-        h, w = _latent_grid(backbone, ctx.height, ctx.width)
-        img_ids = backbone.pipe._prepare_latent_image_ids(1, h, w, device, latents.dtype)
+            guidance = torch.ones(1, device=device).expand(batch)  # no host-to-device copy
+        img_ids = backbone.latent_image_ids(ctx.height, ctx.width)  # cached per size
         txt_ids = torch.zeros(id_embeds.shape[1], 3, device=device, dtype=latents.dtype)
         uniform = len(set(scales)) == 1
         with torch.no_grad():
@@ -431,7 +436,7 @@ class InfuseNet(Adapter):
                 return_dict=False,
             )
         if not uniform:
-            factor = torch.tensor(scales, device=device, dtype=latents.dtype).reshape(-1, 1, 1)
+            factor = device_tensor(scales, device, latents.dtype).reshape(-1, 1, 1)
             blocks = None if blocks is None else [b * factor for b in blocks]
             singles = None if singles is None else [s * factor for s in singles]
         return {
@@ -517,12 +522,6 @@ def _execution_device(backbone: Backbone) -> Any:
     if device is None:
         device = getattr(backbone.pipe, "_execution_device", None) or backbone.device
     return device
-
-
-def _latent_grid(backbone: Backbone, height: int, width: int) -> tuple[int, int]:
-    """Packed token grid ``(H/16, W/16)`` of a FLUX pipeline."""
-    factor = backbone.pipe.vae_scale_factor * 2
-    return int(height) // factor, int(width) // factor
 
 
 class _RandomIdentity:

@@ -151,9 +151,13 @@ class SD15Backbone(UNetBackbone):
         timestep_cond = None
         proj_dim = self.pipe.unet.config.time_cond_proj_dim
         if proj_dim is not None:  # LCM-distilled UNet: guidance as the w-embedding
-            w = torch.tensor((guidance_scale or 1.0) - 1).repeat(model_input.shape[0])
-            timestep_cond = self.pipe.get_guidance_scale_embedding(
-                w, embedding_dim=proj_dim).to(device=self.device, dtype=model_input.dtype)
+            key = (guidance_scale, model_input.shape[0], proj_dim, model_input.dtype)
+            cache = self.__dict__.setdefault("_w_embeddings", {})
+            if key not in cache:  # once: a host-to-device copy every step syncs the loop
+                w = torch.tensor((guidance_scale or 1.0) - 1).repeat(model_input.shape[0])
+                cache[key] = self.pipe.get_guidance_scale_embedding(
+                    w, embedding_dim=proj_dim).to(device=self.device, dtype=model_input.dtype)
+            timestep_cond = cache[key]
         added = {"image_embeds": image_embeds} if image_embeds is not None else None
         noise = self.pipe.unet(model_input, timesteps, encoder_hidden_states=embeds,
                                timestep_cond=timestep_cond, added_cond_kwargs=added,

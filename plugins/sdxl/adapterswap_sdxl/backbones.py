@@ -129,11 +129,15 @@ class SDXLBackbone(UNetBackbone):
         })
 
     def _time_ids(self, height: int, width: int, dtype: Any) -> torch.Tensor:
-        """SDXL's micro-conditioning: original size, crop (0, 0), target size (1, 6)."""
+        """SDXL's micro-conditioning: original size, crop (0, 0), target size (1, 6); made
+        once per size (a host-to-device copy every step would synchronise the loop)."""
+        from adapterswap.fastpath import device_tensor
+
         encoder_2 = self.pipe.text_encoder_2
-        return self.pipe._get_add_time_ids(
+        ids = self.pipe._get_add_time_ids(
             (height, width), (0, 0), (height, width), dtype=dtype,
-            text_encoder_projection_dim=encoder_2.config.projection_dim).to(self.device)
+            text_encoder_projection_dim=encoder_2.config.projection_dim)
+        return device_tensor(ids.flatten().tolist(), self.device, dtype).reshape(ids.shape)
 
     def denoise_rows(self, model_input: torch.Tensor, timesteps: torch.Tensor, prompt: Any, *,
                      cfg: bool, guidance_scale: float | None, height: int, width: int,

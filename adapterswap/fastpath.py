@@ -1,0 +1,327 @@
+"""The GPU fast path: how the engine runs a denoiser close to the hardware limit.
+
+Two kinds of switch, kept apart because they differ in what they promise:
+
+**Exact within bf16 tolerance** (on by default on CUDA, see :data:`DEFAULT`):
+
+- ``attention``: which scaled-dot-product-attention kernels the denoiser and the adapter may
+  use, in priority order. ``"auto"`` prefers cuDNN's fused attention on Hopper (H100/H200),
+  where it is faster than FlashAttention-2 for the long sequences of FLUX, then
+  FlashAttention, then memory-efficient attention, then the math kernel; on other devices it
+  leaves PyTorch's own choice alone.
+- ``fuse_qkv`` (off by default): one matrix product for the query, key and value projections
+  (diffusers' ``fuse_qkv_projections``) where the attention processors allow it (not with
+  IP-Adapter processors). Measured on an H100 for FLUX + InfuseNet it gained nothing (0.229 s
+  per step against 0.224 s) and keeps a second copy of the projections (+4.4 GiB).
+- ``compile``: ``torch.compile`` of the denoiser, the adapter's modules and the VAE decoder,
+  each in the mode the backbone prefers (``Backbone.compile_mode``: launch-bound UNets take
+  CUDA graphs, compute-bound FLUX takes autotuned kernels). The first call at each new shape
+  compiles; sweeps amortise it.
+
+**Approximations** (opt-in, reported separately with their fidelity cost):
+
+- ``fp8``: the large linear layers of the denoiser and adapter in float8 (e4m3) with dynamic
+  per-row activation scales and per-channel weight scales (``torch._scaled_mm``); Hopper or
+  newer only.
+
+Probe-guided adapter exit (``sweep --probe-exit``) is the third approximation; it lives in
+:mod:`adapterswap.sweep.exit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from adapterswap.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    import torch
+
+#: Accepted values of :attr:`FastPath.attention`.
+ATTENTION_CHOICES = ("auto", "cudnn", "flash", "efficient", "math", "default")
+
+#: The float8 format's largest finite value (e4m3).
+_FP8_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """Switches of the fast path (see the module docstring).
+
+    :ivar attention: one of :data:`ATTENTION_CHOICES`: ``"auto"`` (best known order for the
+        device), a kernel to prefer (``"cudnn"``, ``"flash"``, ``"efficient"``, ``"math"``;
+        the others stay allowed as fallbacks), or ``"default"`` (PyTorch's own choice).
+    :ivar fuse_qkv: fuse query/key/value projections where the processors allow it.
+    :ivar compile: ``torch.compile`` the denoiser, adapter modules and VAE decoder.
+    :ivar compile_mode: a ``torch.compile`` mode, or ``None`` for the backbone's preferred one.
+    :ivar fp8: float8 linear layers (approximation; opt-in).
+    """
+
+    attention: str = "auto"
+    fuse_qkv: bool = False
+    compile: bool = False
+    compile_mode: str | None = None
+    fp8: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_CHOICES:
+            raise InvalidArgumentError("attention", self.attention,
+                                       f"choose one of {', '.join(ATTENTION_CHOICES)}")
+        for name in ("fuse_qkv", "compile", "fp8"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgumentError(name, getattr(self, name), "must be true or false")
+        modes = (None, "default", "reduce-overhead", "max-autotune",
+                 "max-autotune-no-cudagraphs")
+        if self.compile_mode not in modes:
+            raise InvalidArgumentError("compile_mode", self.compile_mode,
+                                       "choose one of " + ", ".join(m for m in modes if m))
+
+    @property
+    def approximate(self) -> bool:
+        """Whether any switch changes outputs beyond bf16 rounding."""
+        return self.fp8
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_(self, **changes: Any) -> FastPath:
+        """A copy with some switches changed."""
+        return replace(self, **changes)
+
+
+#: What the engine uses on CUDA unless told otherwise: the exact switches, no compilation
+#: (the CLI's sweeps turn compilation on; a single ``generate`` would pay more than it saves).
+DEFAULT = FastPath()
+#: Everything off: plain eager diffusers behaviour.
+OFF = FastPath(attention="default", fuse_qkv=False, compile=False, fp8=False)
+
+
+_DEVICE_TENSORS: dict[tuple[Any, ...], Any] = {}
+_DEVICE_TENSORS_MAX = 512
+
+
+def device_tensor(values: Any, device: Any, dtype: Any = None) -> torch.Tensor:
+    """A small constant tensor (row indices, per-row scales) on ``device``, made once and then
+    reused: building it from Python data is a host-to-device copy, which synchronises the
+    stream and stalls the queue of kernels, so the denoising loop must not do it every step.
+    The returned tensor is shared; never modify it in place."""
+    import torch
+
+    values = tuple(values)
+    key = (values, str(device), dtype)
+    tensor = _DEVICE_TENSORS.get(key)
+    if tensor is None:
+        if len(_DEVICE_TENSORS) >= _DEVICE_TENSORS_MAX:
+            _DEVICE_TENSORS.clear()
+        if dtype is None:
+            dtype = torch.long if all(isinstance(v, int) for v in values) else torch.float32
+        tensor = _DEVICE_TENSORS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return tensor
+
+
+def sdpa_backends(choice: str, device: Any) -> list[Any] | None:
+    """The SDPA backends, in priority order, for ``choice`` on ``device`` (``None``: leave
+    PyTorch's default alone)."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    if choice == "default" or not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if choice == "auto":
+        index = torch.device(device).index
+        major, _ = torch.cuda.get_device_capability(index if index is not None else 0)
+        if major < 9:  # cuDNN attention is tuned for Hopper; elsewhere FlashAttention leads
+            order = order[1:] + order[:1]
+        return order
+    preferred = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[choice]
+    return [preferred] + [b for b in order if b != preferred]
+
+
+@contextlib.contextmanager
+def attention_context(choice: str, device: Any) -> Iterator[None]:
+    """Run the block with the SDPA kernels of :func:`sdpa_backends` (priority order)."""
+    backends = sdpa_backends(choice, device)
+    if backends is None:
+        yield
+        return
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backends, set_priority=True):
+        yield
+
+
+def fp8_supported(device: Any) -> bool:
+    """float8 matrix products need a CUDA device of compute capability 8.9 or newer."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return False
+    index = torch.device(device).index
+    return torch.cuda.get_device_capability(index if index is not None else 0) >= (8, 9)
+
+
+_FLOAT8_CLASS: list[type] = []
+
+
+def float8_linear_class() -> type:
+    """The :class:`Float8Linear` module class (built on first use: importing this module must
+    not import torch, so that ``adapterswap list`` stays fast)."""
+    if _FLOAT8_CLASS:
+        return _FLOAT8_CLASS[0]
+    import torch
+
+    class Float8Linear(torch.nn.Module):
+        """A linear layer with float8 (e4m3) weights and dynamically quantised activations.
+
+        Weights are scaled per output channel once; activations per row (token) at every call, so
+        outliers in one token do not crush the others. The product runs on the tensor cores'
+        float8 path (``torch._scaled_mm``) and comes back in the layer's original dtype.
+        """
+
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            weight = linear.weight.detach()
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.out_dtype = weight.dtype
+            scale = weight.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / _FP8_MAX
+            quantised = (weight.float() / scale).to(torch.float8_e4m3fn)
+            # _scaled_mm wants the second operand column-major: keep (out, in) and pass .t()
+            self.register_buffer("weight_fp8", quantised)
+            self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            shape = x.shape
+            rows = x.reshape(-1, self.in_features)
+            scale = rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / _FP8_MAX
+            quantised = (rows.float() / scale).to(torch.float8_e4m3fn)
+            out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=scale,
+                                   scale_b=self.weight_scale, out_dtype=self.out_dtype)
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*shape[:-1], self.out_features)
+
+        def extra_repr(self) -> str:
+            return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                    "float8_e4m3")
+
+    _FLOAT8_CLASS.append(Float8Linear)
+    return Float8Linear
+
+
+def to_float8(module: torch.nn.Module, *, min_features: int = 1024) -> int:
+    """Replace, in place, every ``nn.Linear`` under ``module`` whose sides are both at least
+    ``min_features`` and multiples of 16 by a :class:`Float8Linear`. Returns how many."""
+    import torch
+
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is torch.nn.Linear and child.in_features >= min_features
+                    and child.out_features >= min_features and child.in_features % 16 == 0
+                    and child.out_features % 16 == 0):
+                setattr(parent, name, float8_linear_class()(child))
+                replaced += 1
+    return replaced
+
+
+#: ``torch.compile`` modes that capture CUDA graphs (the loop marks each step's start for them).
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compile_module(module: torch.nn.Module, mode: str, scope: str) -> list[str]:
+    """``torch.compile`` ``module`` in place and return what was compiled.
+
+    ``scope="regions"`` compiles each block of the module's block lists (``nn.ModuleList``
+    children, e.g. FLUX's 19 double and 38 single blocks) instead of the whole forward: blocks of
+    one class share the compiled code, so compilation takes seconds instead of minutes for
+    almost the same speed (what diffusers calls regional compilation). ``scope="model"``
+    compiles the whole forward, which CUDA graphs need to remove every launch."""
+    import torch
+
+    if scope not in ("regions", "model"):
+        raise InvalidArgumentError("scope", scope, "choose regions or model")
+    if scope == "regions":
+        compiled = []
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) > 1:
+                for block in child:
+                    block.compile(mode=mode)
+                compiled.append(f"{name}[{len(child)}]")
+        if compiled:
+            return compiled
+    module.compile(mode=mode)
+    return ["forward"]
+
+
+def mark_step() -> None:
+    """Tell CUDA-graph trees a new step begins (outputs of the previous one may be reused)."""
+    import torch
+
+    mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
+    if mark is not None:
+        mark()
+
+
+def fuse_qkv(module: torch.nn.Module) -> bool:
+    """diffusers' ``fuse_qkv_projections`` on ``module`` if it has it and its attention
+    processors allow it (no added-KV or adapter processors). Returns whether it fused."""
+    fuse = getattr(module, "fuse_qkv_projections", None)
+    processors = getattr(module, "attn_processors", None)
+    if fuse is None or processors is None:
+        return False
+    allowed = ("AttnProcessor2_0", "FluxAttnProcessor", "FluxAttnProcessor2_0",
+               "FusedAttnProcessor2_0", "FusedFluxAttnProcessor2_0")
+    if any(type(p).__name__ not in allowed for p in processors.values()):
+        return False
+    fuse()
+    return True
+
+
+class ForwardTimer:
+    """Sums the time of the denoiser forwards of a run without synchronising inside the loop:
+    on CUDA each forward is bracketed by a pair of events, read once at the end (:meth:`total`);
+    elsewhere the wall clock is used (CPU work is synchronous)."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[Any, Any]] = []
+        self._seconds = 0.0
+        self.count = 0
+
+    def start(self) -> Any:
+        import time
+
+        import torch
+
+        self.count += 1
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            return begin
+        return time.perf_counter()
+
+    def stop(self, begin: Any) -> None:
+        import time
+
+        import torch
+
+        if isinstance(begin, float):
+            self._seconds += time.perf_counter() - begin
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._events.append((begin, end))
+
+    def total(self) -> float:
+        """Seconds spent in forwards so far (synchronises once on CUDA)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(b.elapsed_time(e) for b, e in self._events) / 1000
+            self._events = []
+        return self._seconds

@@ -1,0 +1,214 @@
+"""One denoiser step (adapter + denoiser) under each switch of the fast path, at the published
+size with random weights: time per step, achieved TFLOP/s, compile time, host syncs inside the
+step, and the output's distance from the eager step (the fidelity cost of each switch).
+
+    python benchmarks/gpu/bench_fastpath.py --backbone flux-schnell --out results/fast-flux.json
+    python benchmarks/gpu/bench_fastpath.py --backbone sd15 --batch 8 --variants eager,graphs
+    python benchmarks/gpu/bench_fastpath.py --backbone sd15 --tiny      # CPU smoke test
+
+Variants apply in the order given and build on each other where they must (fusion and float8
+change the modules in place): ``eager`` (PyTorch's default attention), ``flash``, ``cudnn``,
+``fuse`` (fused QKV, with cuDNN attention), ``compile`` / ``compile-default`` /
+``compile-overhead`` / ``compile-autotune`` (the backbone's mode, ``default``,
+``reduce-overhead``, ``max-autotune``), ``fp8`` (float8 linears, eager) and ``fp8-compile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import count_flops, sync, write  # noqa: E402
+
+DEFAULT_VARIANTS = "eager,flash,cudnn,fuse,compile,fp8,fp8-compile"
+
+
+def build(name: str, tiny: bool, device: str, dtype: Any) -> tuple[Any, Any]:
+    from adapterswap import plugins
+
+    backbone_cls = plugins.backbones().get(name)
+    adapter_cls = plugins.adapters().get(backbone_cls.default_adapter)
+    if tiny:
+        backbone = backbone_cls.tiny()
+        adapter = adapter_cls.tiny(backbone)
+    else:
+        backbone = backbone_cls.random(device=device, dtype=dtype)
+        adapter = adapter_cls.random(backbone)
+    return backbone, adapter
+
+
+def main() -> None:
+    import torch
+
+    from adapterswap import fastpath
+    from adapterswap.denoise import StepContext
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="flux-schnell")
+    parser.add_argument("--batch", type=int, default=1, help="images per step (before CFG)")
+    parser.add_argument("--size", default=None, help="HxW (default: the backbone's)")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (smoke test)")
+    parser.add_argument("--profile", default="",
+                        help="comma-separated variants whose step is profiled (top kernels)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    start = time.perf_counter()
+    backbone, adapter = build(args.backbone, args.tiny, device, dtype)
+    build_s = time.perf_counter() - start
+    if args.size:
+        height, width = (int(v) for v in args.size.split("x"))
+    else:
+        height, width = backbone.default_height, backbone.default_width
+    if args.tiny:
+        height = width = 64
+    guidance = backbone.resolve_guidance_scale(None)
+    adapter.attach(backbone)
+    prompt = backbone.encode_prompt(["a portrait photo, soft light"], guidance_scale=guidance)
+    prompt = prompt.repeat(args.batch)
+    conditioning = adapter.encode_reference(adapter.tiny_reference(), backbone)
+    conditioning = conditioning.repeat(args.batch)
+    latents = backbone.prepare_latents(
+        [torch.Generator(backbone.generator_device).manual_seed(s) for s in range(args.batch)],
+        height=height, width=width)
+    steps = backbone.default_steps
+    schedule = backbone.schedule(steps, height=height, width=width)
+    index = min(1, steps - 1)
+    ctx = StepContext(timesteps=schedule.timesteps[index].expand(args.batch),
+                      step_indices=(index,) * args.batch, num_steps=(steps,) * args.batch,
+                      height=height, width=width,
+                      sigmas=None if schedule.sigmas is None
+                      else schedule.sigmas[index].expand(args.batch))
+
+    def step() -> Any:
+        with torch.no_grad(), backbone.step_context():
+            inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx, prompt)
+            return backbone.predict(latents, ctx, prompt, guidance_scale=guidance,
+                                    adapter_inputs=inputs)
+
+    modules = {**backbone.fast_modules(), **adapter.fast_modules()}
+    flops = count_flops(step)
+    results: dict[str, Any] = {
+        "backbone": backbone.name, "adapter": adapter.name, "batch": args.batch,
+        "height": height, "width": width, "build_s": build_s, "step_tflop": flops / 1e12,
+        "torch": torch.__version__, "variants": []}
+    reference = None
+    for variant in args.variants.split(","):
+        try:
+            compile_s = apply(variant, backbone, modules, fastpath)
+        except Exception as exc:  # report and go on: one broken switch must not hide the rest
+            results["variants"].append({"variant": variant, "error": repr(exc)[:500]})
+            print(variant, "failed:", repr(exc)[:500], flush=True)
+            continue
+        sync()
+        begin = time.perf_counter()
+        try:
+            out = step()
+        except Exception as exc:
+            results["variants"].append({"variant": variant, "error": repr(exc)[:500]})
+            print(variant, "failed:", repr(exc)[:500], flush=True)
+            continue
+        sync()
+        first_s = time.perf_counter() - begin
+        for _ in range(2):
+            step()
+        times = []
+        for _ in range(args.repeats):
+            sync()
+            begin = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - begin)
+        per_step = statistics.median(times)
+        out = step().float()
+        if reference is None:
+            reference = out
+        error = float((out - reference).norm() / reference.norm().clamp_min(1e-12))
+        row = {"variant": variant, "per_step_s": per_step, "min_s": min(times),
+               "achieved_tflops": flops / per_step / 1e12, "first_call_s": first_s,
+               "compile_s": compile_s, "relative_l2_vs_eager": error,
+               "max_abs_vs_eager": float((out - reference).abs().max()),
+               "host_syncs": host_syncs(step) if device == "cuda" else "not checked (CPU)",
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30
+               if device == "cuda" else None}
+        if variant in args.profile.split(","):
+            row["profile"] = profile(step)
+            print(row["profile"], flush=True)
+        results["variants"].append(row)
+        print({k: v for k, v in row.items() if k != "profile"}, flush=True)
+        if args.out:
+            write(results, args.out)
+    if args.out:
+        write(results, args.out)
+
+
+def apply(variant: str, backbone: Any, modules: dict[str, Any], fastpath: Any) -> float:
+    """Change the backbone/modules to ``variant``; returns seconds spent (compile setup)."""
+    begin = time.perf_counter()
+    attention = {"eager": "default", "flash": "flash", "cudnn": "cudnn"}.get(variant, "auto")
+    backbone.fast_path = fastpath.FastPath(attention=attention, fuse_qkv=False)
+    if variant in ("eager", "flash", "cudnn"):
+        return 0.0
+    if variant == "fuse":
+        for module in modules.values():
+            fastpath.fuse_qkv(module)
+        return 0.0
+    if variant.startswith("compile") or variant == "fp8-compile":
+        mode = {"compile": backbone.compile_mode, "compile-default": "default",
+                "compile-overhead": "reduce-overhead", "compile-autotune": "max-autotune",
+                "fp8-compile": backbone.compile_mode}[variant]
+        import torch
+
+        torch._dynamo.reset()
+        for module in modules.values():
+            module.compile(mode=mode)
+        return time.perf_counter() - begin
+    if variant == "fp8":
+        for module in modules.values():
+            module._compiled_call_impl = None  # eager again
+            if hasattr(module, "unfuse_qkv_projections"):
+                module.unfuse_qkv_projections()
+            fastpath.to_float8(module)
+        return time.perf_counter() - begin
+    raise SystemExit(f"--variants: unknown variant {variant!r}")
+
+
+def profile(step: Any, rows: int = 25) -> str:
+    """Top kernels of two steps by GPU time (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows,
+                                     max_name_column_width=60)
+
+
+def host_syncs(step: Any) -> str:
+    """Run one step with CUDA's sync debug mode set to error: 'none' or the first sync."""
+    import torch
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return "none"
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0][:200]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+if __name__ == "__main__":
+    main()
