@@ -69,7 +69,12 @@ def run_scheduler(scheduler: Any, num_inference_steps: int, device: Any) -> Any:
 
 class StepSchedulers:
     """Reference schedulers per step count, for per-row ``scale_model_input`` and the
-    initial noise scale. Cached: ``set_timesteps`` runs once per step count."""
+    initial noise scale. Cached: ``set_timesteps`` runs once per step count.
+
+    The schedulers live on the CPU: their per-step arithmetic is on scalars (DDIM indexes
+    ``alphas_cumprod`` by the timestep, LCM compares timesteps), and doing it with device
+    tensors would copy each scalar back to the host, synchronising the loop at every step.
+    Only the timesteps the denoiser takes are copied to the device, once per schedule."""
 
     def __init__(self, scheduler: Any, device: Any) -> None:
         self.scheduler = scheduler
@@ -80,19 +85,21 @@ class StepSchedulers:
     def __call__(self, num_inference_steps: int) -> Any:
         if num_inference_steps not in self._by_steps:
             self._by_steps[num_inference_steps] = run_scheduler(
-                self.scheduler, num_inference_steps, self.device)
+                self.scheduler, num_inference_steps, "cpu")
         return self._by_steps[num_inference_steps]
 
     def schedule(self, num_inference_steps: int) -> Schedule:
-        """A :class:`Schedule` whose ``state`` is a scheduler of its own."""
+        """A :class:`Schedule` whose ``state`` is a (CPU) scheduler of its own; its
+        ``timesteps`` are on the device."""
         from adapterswap.denoise import Schedule
 
-        run = run_scheduler(self.scheduler, num_inference_steps, self.device)
+        run = run_scheduler(self.scheduler, num_inference_steps, "cpu")
         sigmas = getattr(run, "sigmas", None)
         # Euler-type schedulers have N + 1 sigmas ending in 0; DDIM/LCM have none
         if sigmas is None or len(sigmas) != num_inference_steps + 1:
             sigmas = None
-        return Schedule(num_inference_steps, run.timesteps, sigmas=sigmas, state=run)
+        return Schedule(num_inference_steps, run.timesteps.to(self.device), sigmas=sigmas,
+                        state=run)
 
     @property
     def noise_sigma_depends_on_steps(self) -> bool:
@@ -152,7 +159,8 @@ def scheduler_step(schedule: Schedule, model_output: torch.Tensor, latents: torc
     kwargs: dict[str, Any] = {}
     if generators is not None:
         kwargs["generator"] = list(generators)
-    return scheduler.step(model_output, schedule.timesteps[step_index], latents, **kwargs,
+    # the scheduler's own (CPU) timestep: no device-to-host copy inside the loop
+    return scheduler.step(model_output, scheduler.timesteps[step_index], latents, **kwargs,
                           return_dict=True)
 
 

@@ -1,0 +1,157 @@
+"""The fast path (adapterswap.fastpath): switches, validation, float8 layers, compilation on
+tiny models, and (on a GPU) no host synchronisation inside the denoising loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterswap import fastpath
+from adapterswap.denoise import StepContext, denoise
+from adapterswap.errors import InvalidArgumentError, UsageError
+from adapterswap.plugins import get_adapter, get_backbone
+
+
+def test_fast_path_validates_each_switch_by_name() -> None:
+    with pytest.raises(InvalidArgumentError, match="attention"):
+        fastpath.FastPath(attention="fastest")
+    with pytest.raises(InvalidArgumentError, match="fp8"):
+        fastpath.FastPath(fp8="yes")
+    with pytest.raises(InvalidArgumentError, match="compile_mode"):
+        fastpath.FastPath(compile_mode="turbo")
+    assert not fastpath.FastPath().approximate
+    assert fastpath.FastPath(fp8=True).approximate
+
+
+def test_attention_choice_leaves_cpu_alone() -> None:
+    assert fastpath.sdpa_backends("auto", "cpu") is None
+    with fastpath.attention_context("cudnn", "cpu"):
+        out = torch.nn.functional.scaled_dot_product_attention(*[torch.ones(1, 2, 4, 8)] * 3)
+    assert out.shape == (1, 2, 4, 8)
+
+
+def test_device_tensor_is_made_once_per_value() -> None:
+    a = fastpath.device_tensor([0, 2, 3], "cpu")
+    b = fastpath.device_tensor((0, 2, 3), "cpu")
+    assert a is b and a.dtype == torch.long and a.tolist() == [0, 2, 3]
+    scales = fastpath.device_tensor([0.5, 1.0], "cpu", torch.float32)
+    assert scales.dtype == torch.float32 and scales is not a
+
+
+def test_float8_linear_is_close_to_the_bf16_layer() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 2048), torch.nn.GELU(),
+                                torch.nn.Linear(2048, 1024, bias=False), torch.nn.Linear(1024, 8))
+    x = torch.randn(3, 5, 1024)
+    with torch.no_grad():
+        reference = model(x)
+        replaced = fastpath.to_float8(model)
+        out = model(x)
+    assert replaced == 2  # the 1024 -> 8 head stays (too small for the float8 path)
+    assert type(model[3]) is torch.nn.Linear
+    error = float((out - reference).norm() / reference.norm())
+    assert 0 < error < 0.08, error  # e4m3 keeps ~2 significant digits per value
+    assert "float8_e4m3" in repr(model[0])
+
+
+def test_compile_regions_compiles_each_block() -> None:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+            self.head = torch.nn.Linear(4, 1)
+
+    net = Net()
+    assert fastpath.compile_module(net, "default", "regions") == ["blocks[3]"]
+    assert all(block._compiled_call_impl is not None for block in net.blocks)
+    assert net._compiled_call_impl is None
+    flat = torch.nn.Linear(2, 2)
+    assert fastpath.compile_module(flat, "default", "regions") == ["forward"]
+    with pytest.raises(InvalidArgumentError, match="scope"):
+        fastpath.compile_module(flat, "default", "everything")
+
+
+def test_forward_timer_sums_cpu_forwards() -> None:
+    timer = fastpath.ForwardTimer()
+    for _ in range(3):
+        begin = timer.start()
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        timer.stop(begin)
+    assert timer.count == 3 and timer.total() > 0
+
+
+def test_enable_fast_path_refuses_changing_compiled_modules() -> None:
+    backbone = get_backbone("sd15").tiny()
+    report = backbone.enable_fast_path(fastpath.FastPath(compile=True))
+    assert report["compiled"] == ["denoiser: forward (reduce-overhead)"]
+    assert backbone.enable_fast_path(fastpath.FastPath(compile=True))["already"]
+    with pytest.raises(UsageError, match="reload"):
+        backbone.enable_fast_path(fastpath.FastPath())
+    with pytest.raises(InvalidArgumentError, match="fp8"):
+        get_backbone("sd15").tiny().enable_fast_path(fastpath.FastPath(fp8=True))
+
+
+@pytest.mark.slow
+def test_compiled_flux_matches_eager_on_tiny_weights() -> None:
+    eager = get_backbone("flux-schnell").tiny()
+    fast = get_backbone("flux-schnell").tiny()
+    adapter = get_adapter("infusenet").tiny(eager)
+    reference = adapter.encode_reference(adapter.tiny_reference(), eager)
+    expected = denoise(eager, "a photo", num_inference_steps=2, seeds=[0, 1], height=64,
+                       width=64, adapter=adapter, conditioning=reference, output_type="pt").images
+    adapter.attach(fast)
+    report = fast.enable_fast_path(fastpath.FastPath(compile=True), adapters=[adapter])
+    assert [part.split(":")[0] for part in report["compiled"]] == ["denoiser",
+                                                                   "infusenet.infusenet"]
+    assert all("transformer_blocks[" in part for part in report["compiled"])
+    got = denoise(fast, "a photo", num_inference_steps=2, seeds=[0, 1], height=64, width=64,
+                  adapter=adapter, conditioning=reference, output_type="pt").images
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- GPU
+LOOPS = ["flux-dev", "flux-schnell", "sdxl", "sdxl-lightning", "sd15"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", LOOPS)
+def test_no_host_sync_inside_the_loop(name: str) -> None:
+    """Steps after the first (which makes the cached constants) never synchronise with the
+    host: CUDA's sync debug mode turns any synchronising call into an error. (sd15-lcm is left
+    out: LCM draws fresh noise at every step from CPU generators, as diffusers does.)"""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    backbone = get_backbone(name).tiny()
+    assert str(backbone.device).startswith("cuda")
+    adapter = get_adapter(backbone.default_adapter).tiny(backbone)
+    adapter.attach(backbone)
+    backbone.enable_fast_path()
+    guidance = backbone.resolve_guidance_scale(None)
+    prompt = backbone.encode_prompt(["a photo"], guidance_scale=guidance).repeat(2)
+    conditioning = adapter.encode_reference(adapter.tiny_reference(), backbone).repeat(2)
+    size = 64
+    latents = backbone.prepare_latents(
+        [torch.Generator(backbone.generator_device).manual_seed(s) for s in (0, 1)],
+        height=size, width=size)
+    steps = 4
+    schedule = backbone.schedule(steps, height=size, width=size)
+
+    def step(i: int, latents: torch.Tensor) -> torch.Tensor:
+        ctx = StepContext(schedule.timesteps[i].expand(2), (i, i), (steps, steps), size, size,
+                          None if schedule.sigmas is None else schedule.sigmas[i].expand(2))
+        backbone.begin_step()
+        inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx, prompt)
+        out = backbone.predict(latents, ctx, prompt, guidance_scale=guidance,
+                               adapter_inputs=inputs)
+        return backbone.step(out, latents, schedule, i)
+
+    with torch.no_grad(), backbone.step_context():
+        latents = step(0, latents)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(1, steps):
+                latents = step(i, latents)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(latents).all()
