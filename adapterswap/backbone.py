@@ -231,6 +231,21 @@ class Backbone(Probed, ABC):
         if self.pipe is None:
             raise UsageError(f"backbone {self.name!r} is not loaded: call .load() first")
 
+    def to(self, device: str) -> Backbone:
+        """Move the loaded pipeline to ``device`` (e.g. a tiny preset onto a GPU for tests);
+        caches made for the old device are dropped (:meth:`clear_caches`)."""
+        self.require_loaded()
+        if self.fast_path is not None and (self.fast_path.compile or self.fast_path.fp8):
+            raise UsageError(f"backbone {self.name!r} runs a compiled or float8 fast path; "
+                             "move it before enabling that")
+        self.pipe.to(device)
+        self.device = str(device)
+        self.clear_caches()
+        return self
+
+    def clear_caches(self) -> None:
+        """Forget per-device caches (position ids, schedulers, ...); subclasses extend it."""
+
     def unload(self) -> None:
         """Drop the pipeline so its memory can be freed."""
         self.pipe = None

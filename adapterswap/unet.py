@@ -857,6 +857,10 @@ class UNetBackbone(Backbone):
         backbone.pipe = backbone.configure_pipeline(pipe)
         return backbone
 
+    def clear_caches(self) -> None:
+        self._step_schedulers = None
+        self.__dict__.pop("_w_embeddings", None)
+
     @property
     def step_schedulers(self) -> StepSchedulers:
         """Reference schedulers of the pipeline's current scheduler, per step count."""

@@ -80,6 +80,16 @@ def test_forward_timer_sums_cpu_forwards() -> None:
     assert timer.count == 3 and timer.total() > 0
 
 
+def test_backbone_to_moves_and_forgets_device_caches() -> None:
+    backbone = get_backbone("sd15").tiny()
+    first = backbone.step_schedulers
+    assert backbone.to("cpu") is backbone and backbone.step_schedulers is not first
+    flux = get_backbone("flux-schnell").tiny()
+    flux.latent_image_ids(64, 64)
+    flux.to("cpu")
+    assert flux._image_ids == {}
+
+
 def test_enable_fast_path_refuses_changing_compiled_modules() -> None:
     backbone = get_backbone("sd15").tiny()
     report = backbone.enable_fast_path(fastpath.FastPath(compile=True))
@@ -121,10 +131,10 @@ def test_no_host_sync_inside_the_loop(name: str) -> None:
     out: LCM draws fresh noise at every step from CPU generators, as diffusers does.)"""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    backbone = get_backbone(name).tiny()
-    assert str(backbone.device).startswith("cuda")
+    backbone = get_backbone(name).tiny().to("cuda")
     adapter = get_adapter(backbone.default_adapter).tiny(backbone)
     adapter.attach(backbone)
+    assert next(backbone.denoiser().parameters()).is_cuda
     backbone.enable_fast_path()
     guidance = backbone.resolve_guidance_scale(None)
     prompt = backbone.encode_prompt(["a photo"], guidance_scale=guidance).repeat(2)

@@ -173,6 +173,9 @@ class FluxBackbone(Backbone):
     def unload(self) -> None:
         self.set_probe(None)
         super().unload()
+        self.clear_caches()
+
+    def clear_caches(self) -> None:
         self._image_ids.clear()
 
     def set_probe(self, recorder: Any) -> None:
