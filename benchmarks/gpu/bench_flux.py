@@ -1,17 +1,33 @@
 """FLUX dev/schnell + InfuseNet at the published sizes with random weights: adapterswap's engine
 against a hand-written diffusers loop (InfiniteYou's pipeline logic) in the same process.
 
-    python benchmarks/gpu/bench_flux.py --out results/flux.json            # H100: ~5 min
-    python benchmarks/gpu/bench_flux.py --tiny --out /tmp/flux-tiny.json    # CPU smoke test
+    python benchmarks/gpu/bench_flux.py --out results/flux.json             # H100: ~6 min
+    python benchmarks/gpu/bench_flux.py --sweep --out results/flux.json     # + the sweep target
+    python benchmarks/gpu/bench_flux.py --tiny --out /tmp/flux-tiny.json     # CPU smoke test
+
+Rows, in this order (each change to the shared modules comes after the rows it would affect):
+
+1. ``flux-dev`` 28 steps: the eager diffusers loop (the baseline every speed-up is against)
+   and the eager engine;
+2. ``flux-schnell`` 4 steps: eager diffusers loop, eager engine, then the engine on the fast
+   path (regional ``torch.compile`` of transformer and InfuseNet, cuDNN attention), then with
+   float8 linears (opt-in approximation; fidelity against the eager engine's image, same seed);
+3. with ``--sweep``: steps {1,2,4,8,16,28} x 4 seeds, one eager diffusers-loop call per cell
+   against the compiled engine sweep (sum of forwards beside the wall time);
+4. memory options on a fresh schnell transformer: model CPU offload (bf16) and 8-bit weights
+   (optimum-quanto ``qint8``, as InfiniteYou's ``--quantize_8bit``), peak memory and latency.
 
 Weights do not change latency, so nothing is downloaded. Face detection is not included (as in
 the reference figures); the ID tokens come from the resampler applied to a random embedding.
+Per-image end-to-end times include text encoding and the control-image VAE encoding (the
+engine's control-latent cache is cleared before each timed image).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -121,86 +137,276 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/gpu/results/flux.json")
-    parser.add_argument("--sizes", default="1024x1024,864x1152")
+    parser.add_argument("--size", default="1024x1024")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the transformer and InfuseNet (both paths)")
-    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
-    parser.add_argument("--variants", default="dev,schnell")
+    parser.add_argument("--no-fp8", action="store_true", help="skip the float8 rows")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory-option rows")
+    parser.add_argument("--sweep", action="store_true", help="also the steps x seeds sweep")
+    parser.add_argument("--sweep-steps", default="1,2,4,8,16,28")
+    parser.add_argument("--sweep-seeds", type=int, default=4)
     args = parser.parse_args()
     if args.tiny:
         tiny_configs()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    if args.tiny:
-        sizes = [(64, 64)]
+    height, width = (64, 64) if args.tiny else (int(v) for v in args.size.split("x"))
     from adapterswap_flux.backbones import FluxDev, FluxSchnell
 
-    from adapterswap.denoise import TensorBundle, denoise
+    from adapterswap import fastpath
+    from adapterswap.denoise import TensorBundle
 
     controlnet, resampler = build_infusenet(device, dtype)
     ids = id_tokens(resampler, device, dtype)
     adapter = engine_adapter(controlnet, resampler, device, dtype)
     conditioning = TensorBundle({"id_embeds": ids})
-    results: dict[str, Any] = {"dtype": str(dtype), "compiled": args.compile, "runs": []}
-    shared = None
-    prompt = "a portrait photo of a person, soft studio light"
-    runs = [r for r in (("dev", FluxDev, 28, 3.5), ("schnell", FluxSchnell, 4, None))
-            if r[0] in args.variants.split(",")]
-    for variant, cls, steps, guidance in runs:
-        pipe, shared = build(variant, device, dtype, shared)
-        backbone = cls.from_pipeline(pipe, device=device)
-        backbone.dtype = dtype
-        if args.compile:  # the shared module: the diffusers loop runs compiled too
-            backbone.compile(mode=args.compile_mode)
-            controlnet.compile(mode=args.compile_mode)
-        params = sum(p.numel() for p in pipe.transformer.parameters())
-        for height, width in sizes:
-            def engine(steps: int = steps, h: int = height, w: int = width,
-                       backbone: Any = backbone) -> Any:
-                return denoise(backbone, prompt, num_inference_steps=steps, seeds=[0],
-                               height=h, width=w, adapter=adapter, conditioning=conditioning,
-                               output_type="pt")
+    results: dict[str, Any] = {"dtype": str(dtype), "height": height, "width": width,
+                               "rows": []}
+    bench = Bench(adapter, conditioning, ids, height, width, args.repeats, results, args.out)
 
-            def baseline(steps: int = steps, h: int = height, w: int = width, pipe: Any = pipe,
-                         guidance: float | None = guidance) -> Any:
-                return diffusers_loop(pipe, controlnet, ids, prompt, steps, guidance, h, w, 0)
+    # 1. flux-dev, eager: the baseline
+    pipe, shared = build("dev", device, dtype, None)
+    dev = FluxDev.from_pipeline(pipe, device=device)
+    dev.dtype = dtype
+    bench.flops(dev, 3.5)
+    base_dev = bench.row("flux-dev", "diffusers loop, eager", dev, 28, 3.5, engine=False)
+    eager_dev = bench.row("flux-dev", "engine, eager", dev, 28, 3.5)
+    del dev, pipe
+    free()
 
-            same = engine().images.float().cpu()
-            ref = baseline().float().cpu()
-            max_diff = float((same - ref).abs().max())
-            eng = timed(engine, repeats=args.repeats)
-            base = timed(baseline, repeats=args.repeats)
-            step_flops = _step_flops(backbone, adapter, conditioning, height, width, guidance)
-            denoise_s = engine().timings["denoise_s"]
-            row = {
-                "backbone": f"flux-{variant}", "adapter": "infusenet", "steps": steps,
-                "height": height, "width": width, "transformer_params": params,
-                "engine_s": eng["median_s"], "diffusers_loop_s": base["median_s"],
-                "ratio_engine_over_diffusers": eng["median_s"] / base["median_s"],
-                "engine_denoise_s": denoise_s, "per_step_s": denoise_s / steps,
-                "peak_gib_engine": eng["peak_gib"], "peak_gib_diffusers": base["peak_gib"],
-                "step_tflop": step_flops / 1e12,
-                "achieved_tflops": step_flops * steps / denoise_s / 1e12,
-                "max_abs_pixel_diff_vs_diffusers": max_diff,
-            }
-            results["runs"].append(row)
-            print(row, flush=True)
-        del backbone, pipe
+    # 2. flux-schnell: eager, fast path, float8
+    pipe, shared = build("schnell", device, dtype, shared)
+    schnell = FluxSchnell.from_pipeline(pipe, device=device)
+    schnell.dtype = dtype
+    bench.flops(schnell, None)
+    base = bench.row("flux-schnell", "diffusers loop, eager", schnell, 4, None, engine=False)
+    eager = bench.row("flux-schnell", "engine, eager", schnell, 4, None, keep_image=True)
+    if args.sweep:  # the baseline while the modules are still eager
+        results["sweep"] = sweep_baseline(schnell, controlnet, ids, height, width, args)
+    start = time.perf_counter()
+    report = schnell.enable_fast_path(fastpath.FastPath(compile=True), adapters=[adapter])
+    fast = bench.row("flux-schnell", "engine, fast path", schnell, 4, None,
+                     setup_s=time.perf_counter() - start, fast_path=report)
+    summary = results.setdefault("summary", {})
+    summary.update({
+        "swap_speedup_eager_engine": eager_dev["end_to_end_s"] / eager["end_to_end_s"],
+        "swap_speedup_diffusers_loop": base_dev["end_to_end_s"] / base["end_to_end_s"],
+        "fast_schnell_vs_eager_dev_baseline": base_dev["end_to_end_s"] / fast["end_to_end_s"],
+        "fast_schnell_vs_eager_schnell_baseline": base["end_to_end_s"] / fast["end_to_end_s"],
+    })
+    if args.sweep:
+        results["sweep"].update(sweep(schnell, adapter, conditioning, height, width, args))
+        for label in ("cold", "warm"):
+            results["sweep"][f"speedup_{label}"] = results["sweep"]["diffusers_per_cell_s"] \
+                / results["sweep"][f"engine_{label}"]["wall_s"]
+        bench.save()
+    if not args.no_fp8 and fastpath.fp8_supported(device):
+        start = time.perf_counter()
+        layers = 0
+        for module in (schnell.pipe.transformer, controlnet):
+            layers += fastpath.to_float8(module)
+        torch._dynamo.reset()
+        for module in (schnell.pipe.transformer, controlnet):
+            fastpath.compile_module(module, "default", "regions")
+        fp8 = bench.row("flux-schnell", "engine, fast path + float8 (approximation)", schnell,
+                        4, None, setup_s=time.perf_counter() - start, fp8_layers=layers)
+        summary["fp8_schnell_vs_eager_dev_baseline"] = \
+            base_dev["end_to_end_s"] / fp8["end_to_end_s"]
+    elif not args.no_fp8:
+        results["fp8"] = f"not run: float8 needs compute capability 8.9+ (device {device})"
+    bench.save()
+    del schnell, pipe
+    free()
+
+    # 4. memory options, on a fresh transformer (float8 changed the one above)
+    if not args.no_memory:
+        memory_rows(bench, shared, device, dtype, controlnet)
+    bench.save()
+
+
+class Bench:
+    """Times rows (engine or diffusers loop) and keeps the results file up to date."""
+
+    def __init__(self, adapter: Any, conditioning: Any, ids: Any, height: int, width: int,
+                 repeats: int, results: dict[str, Any], out: str) -> None:
+        self.adapter, self.conditioning, self.ids = adapter, conditioning, ids
+        self.height, self.width, self.repeats = height, width, repeats
+        self.results, self.out = results, out
+        self.step_flops: dict[str, float] = {}
+        self.reference_image: Any = None
+
+    def flops(self, backbone: Any, guidance: float | None) -> None:
+        self.step_flops[backbone.name] = _step_flops(backbone, self.adapter, self.conditioning,
+                                                     self.height, self.width, guidance)
+
+    def row(self, backbone_name: str, label: str, backbone: Any, steps: int,
+            guidance: float | None, *, engine: bool = True, keep_image: bool = False,
+            **extra: Any) -> dict[str, Any]:
+        import torch
+
+        from adapterswap.denoise import denoise
+
+        prompt = "a portrait photo of a person, soft studio light"
+        denoise_s: list[float] = []
+
+        def run() -> Any:
+            if not engine:
+                return diffusers_loop(backbone.pipe, self.adapter.infusenet, self.ids, prompt,
+                                      steps, guidance, self.height, self.width, 0)
+            self.adapter._control_cache.clear()  # per image: encode the control canvas too
+            result = denoise(backbone, prompt, num_inference_steps=steps, seeds=[0],
+                             height=self.height, width=self.width, adapter=self.adapter,
+                             conditioning=self.conditioning, output_type="pt")
+            denoise_s.append(result.timings["denoise_s"])
+            return result.images
+
         sync()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    schnell = {(r["height"], r["width"]): r for r in results["runs"]
-               if r["backbone"] == "flux-schnell"}
-    for r in results["runs"]:
-        if r["backbone"] == "flux-dev" and (r["height"], r["width"]) in schnell:
-            s = schnell[(r["height"], r["width"])]
-            results.setdefault("swap_speedup", {})[f"{r['height']}x{r['width']}"] = {
-                "engine": r["engine_s"] / s["engine_s"],
-                "diffusers_loop": r["diffusers_loop_s"] / s["diffusers_loop_s"]}
-    write(results, args.out)
+        begin = time.perf_counter()
+        image = run().float().cpu()
+        sync()
+        first_s = time.perf_counter() - begin
+        timing = timed(run, warmup=1, repeats=self.repeats)
+        flops = self.step_flops.get(backbone.name, 0.0)
+        row: dict[str, Any] = {"backbone": backbone_name, "row": label, "steps": steps,
+                               "end_to_end_s": timing["median_s"], "min_s": timing["min_s"],
+                               "first_call_s": first_s, "peak_gib": timing["peak_gib"],
+                               "step_tflop": flops / 1e12, **extra}
+        if denoise_s:
+            per_step = sorted(denoise_s)[len(denoise_s) // 2] / steps
+            row.update(per_step_s=per_step, achieved_tflops=flops / per_step / 1e12)
+        if keep_image:
+            self.reference_image = image
+        elif self.reference_image is not None and engine and \
+                self.reference_image.shape == image.shape:
+            diff = (image - self.reference_image).abs()
+            mse = float((diff ** 2).mean())
+            row.update(max_abs_pixel_diff_vs_eager=float(diff.max()),
+                       psnr_db_vs_eager=float(10 * torch.log10(torch.tensor(1.0 / max(mse,
+                                                                                  1e-12)))))
+        self.results["rows"].append(row)
+        print(row, flush=True)
+        self.save()
+        return row
+
+    def save(self) -> None:
+        write(self.results, self.out, quiet=True)
+
+
+def free() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    sync()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def memory_rows(bench: Bench, shared: dict[str, Any], device: str, dtype: Any,
+                controlnet: Any) -> None:
+    """Model CPU offload (bf16) and 8-bit weights, each on a fresh schnell pipeline."""
+    import torch
+    from adapterswap_flux.backbones import FluxSchnell
+
+    if device != "cuda":
+        bench.results["memory"] = "not run: CPU offload and the 8-bit timings need a GPU"
+        return
+    pipe, shared = build("schnell", device, dtype, shared)
+    pipe.to("cpu")
+    free()
+    pipe.enable_model_cpu_offload(device=device)
+    backbone = FluxSchnell("<in-memory>", device=device, dtype=dtype, cpu_offload=True)
+    backbone.pipe = pipe  # from_pipeline would move the offloaded pipeline to the GPU
+    torch.cuda.reset_peak_memory_stats()
+    bench.row("flux-schnell", "engine, model CPU offload (bf16)", backbone, 4, None,
+              note="InfuseNet stays on the GPU, as in InfiniteYou")
+    pipe.remove_all_hooks()
+    del backbone
+    try:
+        import optimum.quanto as quanto
+    except ImportError:
+        bench.results["memory_8bit"] = "not run: optimum-quanto is not installed"
+        return
+    pipe.to(device)
+    start = time.perf_counter()
+    for module in (pipe.transformer, pipe.text_encoder_2, controlnet):
+        quanto.quantize(module, weights=quanto.qint8)
+        quanto.freeze(module)
+    setup_s = time.perf_counter() - start
+    free()
+    backbone = FluxSchnell.from_pipeline(pipe, device=device)
+    backbone.dtype = dtype
+    torch.cuda.reset_peak_memory_stats()
+    bench.row("flux-schnell", "engine, 8-bit weights (quanto qint8: transformer, T5, "
+              "InfuseNet)", backbone, 4, None, setup_s=setup_s,
+              weights_gib=torch.cuda.memory_allocated() / 2**30)
+
+
+SWEEP_PROMPT = "a portrait photo of a person, soft studio light"
+
+
+def sweep_baseline(backbone: Any, controlnet: Any, ids: Any, height: int, width: int,
+                   args: Any) -> dict:
+    """One eager diffusers-loop call per cell of the steps x seeds grid."""
+    steps = [int(s) for s in args.sweep_steps.split(",")]
+    seeds = list(range(args.sweep_seeds))
+    sync()
+    begin = time.perf_counter()
+    for n in steps:
+        for seed in seeds:
+            diffusers_loop(backbone.pipe, controlnet, ids, SWEEP_PROMPT, n, None, height,
+                           width, seed)
+    sync()
+    result = {"steps": steps, "seeds": len(seeds),
+              "diffusers_per_cell_s": time.perf_counter() - begin}
+    print("sweep baseline", result, flush=True)
+    return result
+
+
+def sweep(backbone: Any, adapter: Any, conditioning: Any, height: int, width: int,
+          args: Any) -> dict[str, Any]:
+    """The engine's sweep of the same grid on the (already compiled) fast path: cold (first
+    sweep at this batch shape) and warm (again, in a fresh store)."""
+    import tempfile
+
+    from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.spec import SweepSpec
+    from adapterswap.sweep.store import RunStore
+
+    steps = [int(s) for s in args.sweep_steps.split(",")]
+    seeds = list(range(args.sweep_seeds))
+    prompt = SWEEP_PROMPT
+    results: dict[str, Any] = {}
+
+    class InMemoryEngine(SweepEngine):
+        def load_backbone(self, name: str) -> Any:
+            return backbone
+
+        def adapter_for(self, name: str, b: Any) -> Any:
+            return adapter
+
+        def _conditioning(self, adapter: Any, b: Any, cell: Any) -> Any:
+            return conditioning
+
+    backbone.unload = lambda: None
+    for label in ("cold", "warm"):
+        with tempfile.TemporaryDirectory() as out:
+            spec = SweepSpec(backbones=[backbone.name], seeds=seeds, steps=steps,
+                             metrics=["sharpness"], timing_repeats=0, prompts=[prompt],
+                             references=["synthetic:0"], height=height, width=width, out=out,
+                             save_images=False, compile=True).validate()
+            with RunStore(out) as store:
+                sync()
+                begin = time.perf_counter()
+                summary = InMemoryEngine(spec, store).run()
+                sync()
+                wall = time.perf_counter() - begin
+        results[f"engine_{label}"] = {"wall_s": wall, "forward_s": summary.forward_seconds,
+                                      "forwards": summary.forwards,
+                                      "wall_over_forwards": wall / summary.forward_seconds}
+        print(label, results[f"engine_{label}"], flush=True)
+    return results
 
 
 def _step_flops(backbone: Any, adapter: Any, conditioning: Any, height: int, width: int,

@@ -61,9 +61,11 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def write(results: dict[str, Any], out: str | Path) -> None:
+def write(results: dict[str, Any], out: str | Path, *, quiet: bool = False) -> None:
+    """Write ``results`` (with the device name) as JSON; print it unless ``quiet``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"device": device_name(), **results}
     out.write_text(json.dumps(results, indent=2, default=str))
-    print(json.dumps(results, indent=2, default=str))
+    if not quiet:
+        print(json.dumps(results, indent=2, default=str))
