@@ -299,9 +299,10 @@ class Backbone(Probed, ABC):
 
         fast = fastpath.DEFAULT if fast is None else fast
         self.require_loaded()
-        if self.fast_path == fast:
-            return {"attention": fast.attention, "already": True}
         previous = self.fast_path
+        if previous is not None and previous.same_modules(fast):
+            self.fast_path = previous.with_(attention=fast.attention)
+            return {"attention": fast.attention, "already": True}
         if previous is not None and (previous.compile or previous.fp8 or previous.fuse_qkv):
             raise UsageError(f"backbone {self.name!r} already runs a fast path that changed "
                              f"its modules ({previous}); reload it to change the switches")
@@ -322,7 +323,8 @@ class Backbone(Probed, ABC):
         if fast.compile:
             mode = fast.compile_mode or self.compile_mode
             for name, module in modules.items():
-                scope = self.compile_scope if name == "denoiser" else "regions"
+                scope = (fast.compile_scope or self.compile_scope) if name == "denoiser" \
+                    else "regions"
                 parts = fastpath.compile_module(module, mode, scope)
                 report["compiled"].append(f"{name}: {', '.join(parts)} ({mode})")
         self.fast_path = fast

@@ -69,6 +69,10 @@ def test_compile_regions_compiles_each_block() -> None:
     assert fastpath.compile_module(flat, "default", "regions") == ["forward"]
     with pytest.raises(InvalidArgumentError, match="scope"):
         fastpath.compile_module(flat, "default", "everything")
+    unet = get_backbone("sd15").tiny().denoiser()
+    parts = fastpath.compile_module(unet, "default", "blocks")
+    assert [p.split("[")[0] for p in parts] == ["BasicTransformerBlock", "ResnetBlock2D"]
+    assert unet._compiled_call_impl is None
 
 
 def test_forward_timer_sums_cpu_forwards() -> None:
@@ -78,6 +82,38 @@ def test_forward_timer_sums_cpu_forwards() -> None:
         torch.ones(64, 64) @ torch.ones(64, 64)
         timer.stop(begin)
     assert timer.count == 3 and timer.total() > 0
+
+
+def test_sweep_decides_compilation_from_the_planned_forwards() -> None:
+    from adapterswap.sweep.spec import SweepSpec
+
+    spec = SweepSpec(backbones=["sd15"], preset="tiny").validate()
+    assert not spec.fast_path("cpu", 10**6).compile  # never on a CPU by itself
+    assert not spec.fast_path("cuda", fastpath.AUTO_COMPILE_FORWARDS - 1).compile
+    assert spec.fast_path("cuda", fastpath.AUTO_COMPILE_FORWARDS).compile
+    assert spec.use_step_parallel(compiled=False) and not spec.use_step_parallel(compiled=True)
+    spec.compile, spec.step_parallel = False, True
+    assert not spec.fast_path("cuda", 10**6).compile and spec.use_step_parallel(compiled=True)
+    for field, value in (("attention", "quick"), ("fp8", 1), ("compile", "yes")):
+        bad = SweepSpec(backbones=["sd15"], preset="tiny")
+        setattr(bad, field, value)
+        with pytest.raises(InvalidArgumentError, match=field):
+            bad.validate()
+
+
+def test_fp8_cells_get_keys_of_their_own(tmp_path) -> None:  # noqa: ANN001
+    from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.spec import SweepSpec
+    from adapterswap.sweep.store import RunStore
+
+    keys = []
+    for fp8 in (False, True):
+        spec = SweepSpec(backbones=["sd15"], preset="tiny", steps=[1], fp8=fp8,
+                         out=str(tmp_path / str(fp8))).validate()
+        with RunStore(spec.out) as store:
+            engine = SweepEngine(spec, store)
+            keys.append({k for _, k in engine.keyed_cells(engine.versions())})
+    assert keys[0] and not keys[0] & keys[1]
 
 
 def test_backbone_to_moves_and_forgets_device_caches() -> None:

@@ -301,7 +301,9 @@ class SweepEngine:
             str, Any]:
         """The spec's fast path on ``backbone`` and the adapters its cells use (loaded and
         attached first, so their modules are compiled or cast along)."""
-        fast = self.spec.fast_path(str(backbone.device))
+        per_forward = max(1, min(self.spec.max_batch, len(self.spec.seeds)))
+        forwards = sum(cell.steps for cell, _ in items) // per_forward
+        fast = self.spec.fast_path(str(backbone.device), forwards)
         adapters = []
         for name in sorted({cell.adapter for cell, _ in items} - {"none"}):
             adapter = self.adapter_for(name, backbone)
@@ -357,7 +359,8 @@ class SweepEngine:
         reference = self._reference_for(first)
         conditioning = self._conditioning(adapter, backbone, first)
         samples = [_Sample(cell, key, cell.steps) for cell, key in items]
-        parallel = self.spec.use_step_parallel(str(backbone.device))
+        fast = backbone.fast_path
+        parallel = self.spec.use_step_parallel(bool(fast is not None and fast.compile))
         if not parallel:
             samples.sort(key=lambda s: s.steps)
         done = failed = 0

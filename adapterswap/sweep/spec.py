@@ -83,8 +83,10 @@ class SweepSpec:
         constant batch of the sequential order: one step count at a time, seeds batched).
     :ivar max_batch: most samples in one denoiser forward.
     :ivar compile: ``torch.compile`` each backbone's denoiser and adapter (the fast path,
-        :mod:`adapterswap.fastpath`); ``None`` (default): on with a CUDA device, off elsewhere.
-        The first call at each batch shape compiles (seconds to minutes); sweeps amortise it.
+        :mod:`adapterswap.fastpath`); ``None`` (default): on with a CUDA device for backbones
+        whose cells plan enough forwards to repay it
+        (:data:`adapterswap.fastpath.AUTO_COMPILE_FORWARDS`), off elsewhere. The first call
+        at each batch shape compiles (seconds to minutes).
     :ivar attention: SDPA kernel preference (:data:`adapterswap.fastpath.ATTENTION_CHOICES`).
     :ivar fp8: float8 linear layers (an approximation: its cells get keys of their own).
     :ivar metric_options: per-metric options, e.g. ``{"identity": {"recognizer": "ir-se50"}}``.
@@ -126,18 +128,23 @@ class SweepSpec:
     save_images: bool = True
     defaults_used: list[str] = field(default_factory=list, repr=False)
 
-    def fast_path(self, device: str) -> FastPath:
-        """The fast-path switches for a backbone on ``device``."""
-        from adapterswap.fastpath import FastPath
+    def fast_path(self, device: str, forwards: int = 0) -> FastPath:
+        """The fast-path switches for a backbone on ``device`` whose cells plan ``forwards``
+        denoiser forwards: with ``compile=None``, compile on CUDA from
+        :data:`adapterswap.fastpath.AUTO_COMPILE_FORWARDS` forwards on (where the measured
+        compile time is repaid)."""
+        from adapterswap.fastpath import AUTO_COMPILE_FORWARDS, FastPath
 
-        compile_ = self.compile if self.compile is not None else str(device).startswith("cuda")
+        compile_ = self.compile
+        if compile_ is None:
+            compile_ = str(device).startswith("cuda") and forwards >= AUTO_COMPILE_FORWARDS
         return FastPath(attention=self.attention, compile=bool(compile_), fp8=self.fp8)
 
-    def use_step_parallel(self, device: str) -> bool:
+    def use_step_parallel(self, compiled: bool) -> bool:
         """Whether runs with different step counts share forwards (see ``step_parallel``)."""
         if self.step_parallel is not None:
             return self.step_parallel
-        return not self.fast_path(device).compile
+        return not compiled
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -9,8 +9,10 @@ step, and the output's distance from the eager step (the fidelity cost of each s
 Variants apply in the order given and build on each other where they must (fusion and float8
 change the modules in place): ``eager`` (PyTorch's default attention), ``flash``, ``cudnn``,
 ``fuse`` (fused QKV, with cuDNN attention), ``compile`` / ``compile-default`` /
-``compile-overhead`` / ``compile-autotune`` (the backbone's mode, ``default``,
-``reduce-overhead``, ``max-autotune``), ``fp8`` (float8 linears, eager) and ``fp8-compile``.
+``compile-overhead`` / ``compile-autotune`` (the backbone's mode and scope, ``default``,
+``reduce-overhead``, ``max-autotune`` on the whole model), ``compile-regions`` and
+``compile-blocks`` (default mode, per block list / per UNet transformer and ResNet block:
+compile time against speed), ``fp8`` (float8 linears, eager) and ``fp8-compile``.
 """
 
 from __future__ import annotations
@@ -163,14 +165,22 @@ def apply(variant: str, backbone: Any, modules: dict[str, Any], fastpath: Any) -
             fastpath.fuse_qkv(module)
         return 0.0
     if variant.startswith("compile") or variant == "fp8-compile":
-        mode = {"compile": backbone.compile_mode, "compile-default": "default",
-                "compile-overhead": "reduce-overhead", "compile-autotune": "max-autotune",
-                "fp8-compile": backbone.compile_mode}[variant]
+        mode, scope = {
+            "compile": (backbone.compile_mode, backbone.compile_scope),
+            "compile-default": ("default", "model"),
+            "compile-overhead": ("reduce-overhead", "model"),
+            "compile-autotune": ("max-autotune", "model"),
+            "compile-regions": ("default", "regions"),
+            "compile-blocks": ("default", "blocks"),
+            "fp8-compile": (backbone.compile_mode, backbone.compile_scope)}[variant]
         import torch
 
         torch._dynamo.reset()
         for module in modules.values():
-            module.compile(mode=mode)
+            module._compiled_call_impl = None
+            for sub in module.modules():
+                sub._compiled_call_impl = None
+            fastpath.compile_module(module, mode, scope)
         return time.perf_counter() - begin
     if variant == "fp8":
         for module in modules.values():

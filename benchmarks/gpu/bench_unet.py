@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--sweep-seeds", type=int, default=4)
     parser.add_argument("--max-batch", type=int, default=24)
     parser.add_argument("--modes", default="eager-parallel,eager-sequential,fast-cold,fast-warm")
+    parser.add_argument("--compile-scope", default=None, choices=["model", "blocks"],
+                        help="what the fast modes compile (default: the backbone's: model)")
     parser.add_argument("--skip-single", action="store_true",
                         help="only the sweep target (no single-image rows)")
     parser.add_argument("--tiny", action="store_true")
@@ -233,6 +235,11 @@ def sweep_benchmark(backbone: Any, adapter: Any, scales: Any, size: int, args: A
              "fast-cold": (False, True), "fast-warm": (False, True)}
     for mode in args.modes.split(","):
         parallel, compiled = modes[mode]
+        if compiled and args.compile_scope:  # the engine keeps an equivalent fast path
+            from adapterswap.fastpath import FastPath
+
+            backbone.enable_fast_path(FastPath(compile=True, compile_scope=args.compile_scope),
+                                      adapters=[adapter])
         with tempfile.TemporaryDirectory() as out:
             spec = SweepSpec(backbones=[backbone.name], seeds=seeds, steps=steps,
                              metrics=["sharpness"], timing_repeats=0, prompts=["a red chair"],
