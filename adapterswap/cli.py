@@ -732,7 +732,8 @@ def _print_summary(summary: Any, report: Any) -> None:
         click.echo(f"warning: metric {metric!r} unavailable: {reason}", err=True)
     click.echo(f"{summary.done} cells done, {summary.skipped} already finished, "
                f"{summary.failed} failed, in {summary.seconds:.1f} s "
-               f"({summary.forwards} denoiser forwards: {summary.forward_seconds:.1f} s). "
+               f"({summary.forwards} denoiser forwards: {summary.forward_seconds:.1f} s; "
+               f"decoding, scoring, storing: {summary.finish_seconds:.1f} s). "
                f"Results: {report.parent} (report: {report})")
     if summary.failed:
         raise SystemExit(1)

@@ -116,6 +116,25 @@ def test_fp8_cells_get_keys_of_their_own(tmp_path) -> None:  # noqa: ANN001
     assert keys[0] and not keys[0] & keys[1]
 
 
+@pytest.mark.parametrize("parallel, forwards", [(False, 3), (True, 2)])
+def test_sweep_summary_accounts_forwards_and_finishing(tmp_path, parallel: bool,  # noqa: ANN001
+                                                       forwards: int) -> None:
+    from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.spec import SweepSpec
+    from adapterswap.sweep.store import RunStore
+
+    # steps {1, 2} x 2 seeds: sequential = 1 + 2 forwards, step-parallel = 2 ticks
+    spec = SweepSpec(backbones=["sd15"], preset="tiny", steps=[1, 2], seeds=[0, 1],
+                     step_parallel=parallel, timing_repeats=0, metrics=["sharpness"],
+                     out=str(tmp_path)).validate()
+    with RunStore(spec.out) as store:
+        summary = SweepEngine(spec, store).run()
+    assert summary.done == 4 and summary.forwards == forwards
+    assert summary.forward_seconds > 0 and 0 < summary.decode_seconds <= summary.finish_seconds
+    assert summary.forward_seconds + summary.finish_seconds <= summary.seconds
+    assert summary.fast_path["sd15"]["compiled"] == []  # a CPU sweep does not compile
+
+
 def test_backbone_to_moves_and_forgets_device_caches() -> None:
     backbone = get_backbone("sd15").tiny()
     first = backbone.step_schedulers

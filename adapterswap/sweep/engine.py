@@ -78,6 +78,9 @@ class SweepSummary:
     #: seconds inside denoiser forwards (adapter + denoiser), timed without host syncs
     forward_seconds: float = 0.0
     forwards: int = 0
+    #: seconds finishing cells (decode, scoring, storing), of which decoding
+    finish_seconds: float = 0.0
+    decode_seconds: float = 0.0
     #: what the fast path did per backbone (attention, compiled parts, float8 layers)
     fast_path: dict[str, Any] = field(default_factory=dict)
 
@@ -105,6 +108,8 @@ class SweepEngine:
         self._conditionings: dict[tuple[Any, ...], Any] = {}
         self._timed: set[int] = set()
         self._forward_timer = ForwardTimer()
+        self._finish_seconds = 0.0
+        self._decode_seconds = 0.0
 
     # ------------------------------------------------------------------ setup
     def versions(self) -> dict[str, str]:
@@ -294,6 +299,8 @@ class SweepEngine:
         self._store_notes(metrics)
         summary.forward_seconds = self._forward_timer.total()
         summary.forwards = self._forward_timer.count
+        summary.finish_seconds = self._finish_seconds
+        summary.decode_seconds = self._decode_seconds
         summary.seconds = time.perf_counter() - start
         return summary
 
@@ -535,6 +542,18 @@ class SweepEngine:
                 metrics: dict[str, Any], trajectories: list[list[Any] | None],
                 probes: list[list[tuple[int, str, str, float]]]) -> tuple[int, int]:
         """Decode, score and commit finished samples (one transaction per cell)."""
+        backbone.synchronize()  # the queued forwards are not finishing time
+        start = time.perf_counter()
+        try:
+            return self._finish_cells(backbone, samples, latents, reference, metrics,
+                                      trajectories, probes)
+        finally:
+            self._finish_seconds += time.perf_counter() - start
+
+    def _finish_cells(self, backbone: Any, samples: list[_Sample], latents: Any,
+                      reference: Any, metrics: dict[str, Any],
+                      trajectories: list[list[Any] | None],
+                      probes: list[list[tuple[int, str, str, float]]]) -> tuple[int, int]:
         import torch
 
         finite = torch.isfinite(latents.flatten(1)).all(dim=1).tolist()
@@ -543,8 +562,10 @@ class SweepEngine:
         images: list[Any] = [None] * len(samples)
         if ok:
             sel = torch.as_tensor(ok, device=latents.device)
+            begin = time.perf_counter()
             decoded = backbone.decode(latents.index_select(0, sel), height=first.height,
                                       width=first.width, output_type="pil")
+            self._decode_seconds += time.perf_counter() - begin
             for slot, image in zip(ok, decoded):
                 images[slot] = image
         timings = []

@@ -404,6 +404,8 @@ def sweep(backbone: Any, adapter: Any, conditioning: Any, height: int, width: in
                 wall = time.perf_counter() - begin
         results[f"engine_{label}"] = {"wall_s": wall, "forward_s": summary.forward_seconds,
                                       "forwards": summary.forwards,
+                                      "finish_s": summary.finish_seconds,
+                                      "decode_s": summary.decode_seconds,
                                       "wall_over_forwards": wall / summary.forward_seconds}
         print(label, results[f"engine_{label}"], flush=True)
     return results

@@ -254,7 +254,8 @@ def sweep_benchmark(backbone: Any, adapter: Any, scales: Any, size: int, args: A
                 wall = time.perf_counter() - start
                 assert summary.done == len(steps) * len(seeds), summary
         results[mode] = {"wall_s": wall, "forward_s": summary.forward_seconds,
-                         "forwards": summary.forwards,
+                         "forwards": summary.forwards, "finish_s": summary.finish_seconds,
+                         "decode_s": summary.decode_seconds,
                          "wall_over_forwards": wall / max(summary.forward_seconds, 1e-9),
                          "speedup_vs_diffusers": results["diffusers_per_cell_s"] / wall,
                          "fast_path": summary.fast_path}
