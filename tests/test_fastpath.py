@@ -220,3 +220,26 @@ def test_no_host_sync_inside_the_loop(name: str) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(latents).all()
+
+
+def test_cli_fast_path_flags(tmp_path) -> None:  # noqa: ANN001
+    """--attention is checked by click; --fp8 on a CPU is one clear error naming fp8 (exit 2);
+    the summary line reports forwards and finishing time."""
+    from click.testing import CliRunner
+
+    from adapterswap.cli import main
+
+    runner = CliRunner()
+    bad = runner.invoke(main, ["sweep", "--backbone", "toy-dev", "--preset", "tiny",
+                               "--attention", "fastest", "--out", str(tmp_path / "a")])
+    assert bad.exit_code == 2 and "fastest" in bad.stderr
+    fp8 = runner.invoke(main, ["sweep", "--backbone", "sd15", "--preset", "tiny", "--steps",
+                               "1", "--fp8", "--out", str(tmp_path / "b")])
+    assert fp8.exit_code == 2, fp8.stderr
+    errors = [line for line in fp8.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "fp8" in errors[0] and "8.9" in errors[0]
+    ok = runner.invoke(main, ["sweep", "--backbone", "sd15", "--preset", "tiny", "--steps",
+                              "1", "--no-compile", "--attention", "flash", "--out",
+                              str(tmp_path / "c")])
+    assert ok.exit_code == 0, ok.stderr
+    assert "denoiser forwards" in ok.stdout and "decoding, scoring, storing" in ok.stdout
