@@ -251,14 +251,20 @@ def _parse_options(pairs: tuple[str, ...], argument: str) -> dict[str, Any]:
               help="tiny: tiny random-initialised models; needs no other argument.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Output image path (default: ./adapterswap-<backbone>-<adapter>-s<seed>.png).")
+@click.option("--attention", default="auto",
+              type=click.Choice(["auto", "cudnn", "flash", "efficient", "math", "default"]),
+              help="SDPA kernel preference (default auto: cuDNN first on Hopper).")
+@click.option("--fp8", is_flag=True, help="float8 linear layers (approximation, Hopper+).")
 def generate_command(backbone: str | None, adapter: str | None, reference: str | None,
                      prompt: str | None, seed: int, num_inference_steps: int | None,
                      guidance_scale: float | None, scale: float | None, start: float, end: float,
                      height: int | None, width: int | None, source: str | None,
                      adapter_source: str | None, backbone_options: tuple[str, ...],
                      adapter_options: tuple[str, ...], device: str | None, dtype: str | None,
-                     preset: str | None, out: str | None) -> None:
-    """Generate one image with a backbone and (optionally) an adapter."""
+                     preset: str | None, out: str | None, attention: str = "auto",
+                     fp8: bool = False) -> None:
+    """Generate one image with a backbone and (optionally) an adapter (on the fast path's
+    exact switches; one image does not repay compilation, so nothing is compiled)."""
     from pathlib import Path
 
     from adapterswap.adapter import load_image
@@ -308,6 +314,12 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
             ad = adapter_cls(adapter_source, **adapter_kwargs)
             ad.check_backbone(backbone_cls)
         loaded.load()
+    from adapterswap.fastpath import FastPath
+
+    if ad is not None:
+        ad.attach(loaded)
+    loaded.enable_fast_path(FastPath(attention=attention, fp8=fp8),
+                            adapters=[ad] if ad is not None else [])
     result = denoise(loaded, prompt, num_inference_steps=num_inference_steps, seeds=[seed],
                      height=height, width=width, guidance_scale=guidance_scale, adapter=ad,
                      reference=image)
