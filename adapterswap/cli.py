@@ -378,6 +378,9 @@ def _common_sweep_options(func: Any) -> Any:
                      help="SDPA kernel preference (default auto: cuDNN first on Hopper)."),
         click.option("--fp8", is_flag=True, default=None,
                      help="float8 linear layers (approximation, Hopper+; cells keyed apart)."),
+        click.option("--overlap/--no-overlap", default=None,
+                     help="Finish cells (images, metrics, store) on a background thread while "
+                          "the next forwards run (default: on with a GPU)."),
         click.option("--dry-run", is_flag=True,
                      help="Validate the spec and print what would run; run nothing."),
         click.option("--config", "config", default=None, type=click.Path(),
@@ -396,7 +399,7 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
                 adapter_options: tuple[str, ...], max_batch: int | None,
                 metric_options: tuple[str, ...] = (), dry_run: bool = False,
                 compile_: bool | None = None, attention: str | None = None,
-                fp8: bool | None = None) -> dict[str, Any]:
+                fp8: bool | None = None, overlap: bool | None = None) -> dict[str, Any]:
     from adapterswap.sweep.spec import parse_int_list, read_prompts_file
 
     prompt_list = list(prompts)
@@ -421,6 +424,7 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
         "metric_options": _metric_options(metric_options) or None,
         "max_batch": max_batch,
         "compile": compile_, "attention": attention, "fp8": True if fp8 else None,
+        "overlap": overlap,
     }
 
 

@@ -243,3 +243,57 @@ def test_cli_fast_path_flags(tmp_path) -> None:  # noqa: ANN001
                               str(tmp_path / "c")])
     assert ok.exit_code == 0, ok.stderr
     assert "denoiser forwards" in ok.stdout and "decoding, scoring, storing" in ok.stdout
+
+
+@pytest.mark.parametrize("name", ["sd15", "flux-schnell"])
+def test_overlapped_finishing_stores_the_same_cells(tmp_path, name: str) -> None:  # noqa: ANN001
+    """Finishing on the background thread (as on a GPU) gives the same cells, scores and
+    images as finishing inline, and every cell is stored once."""
+    import hashlib
+
+    from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.spec import SweepSpec
+    from adapterswap.sweep.store import RunStore
+
+    results = []
+    for overlap in (False, True):
+        spec = SweepSpec(backbones=[name], preset="tiny", steps=[1, 2], seeds=[0, 1],
+                         overlap=overlap, timing_repeats=0, metrics=["sharpness", "contrast"],
+                         out=str(tmp_path / str(overlap))).validate()
+        with RunStore(spec.out) as store:
+            summary = SweepEngine(spec, store).run()
+            rows = sorted(store.rows(), key=lambda r: r["key"])
+        assert summary.done == 4 and summary.failed == 0 and len(rows) == 4
+        images = [hashlib.sha256((tmp_path / str(overlap) / r["image"]).read_bytes()).hexdigest()
+                  for r in rows]
+        results.append(([(r["key"], r["scores"]) for r in rows], images))
+    assert results[0] == results[1]
+
+
+def test_a_failing_finishing_job_stops_the_sweep_and_keeps_finished_cells(
+        tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from adapterswap.errors import StoreWriteError
+    from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.spec import SweepSpec
+    from adapterswap.sweep.store import RunStore
+
+    spec = SweepSpec(backbones=["sd15"], preset="tiny", steps=[1, 2], seeds=[0], overlap=True,
+                     step_parallel=False, timing_repeats=0, metrics=["sharpness"],
+                     out=str(tmp_path)).validate()
+    original = RunStore.record_cell
+    calls = []
+
+    def flaky(self, key, config, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        calls.append(key)
+        if len(calls) == 2:
+            raise StoreWriteError("disk full (injected)")
+        return original(self, key, config, **kwargs)
+
+    monkeypatch.setattr(RunStore, "record_cell", flaky)
+    with RunStore(spec.out) as store, pytest.raises(StoreWriteError, match="injected"):
+        SweepEngine(spec, store).run()
+    monkeypatch.setattr(RunStore, "record_cell", original)
+    with RunStore(spec.out) as store:
+        assert len(store.finished_keys()) == 1  # the first cell, stored before the failure
+        summary = SweepEngine(spec, store).run()  # resume finishes the other one
+        assert summary.done == 1 and summary.skipped == 1

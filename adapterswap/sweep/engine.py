@@ -85,6 +85,68 @@ class SweepSummary:
     fast_path: dict[str, Any] = field(default_factory=dict)
 
 
+def tensor_to_pil(images: Any) -> list[Any]:
+    """``(B, 3, H, W)`` images in [0, 1] to PIL images, rounding as diffusers'
+    ``output_type="pil"`` does (so overlapped finishing stores the same pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    array = images.permute(0, 2, 3, 1).float().numpy()
+    return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
+
+
+class _Finisher:
+    """Runs cell-finishing jobs on one background thread (``overlap``) or inline.
+
+    Jobs return ``(done, failed)``; the counts add up in :attr:`done` / :attr:`failed`. The
+    first error of a job is raised again on the engine's thread at the next :meth:`submit` or
+    :meth:`drain`, so a failing store or metric stops the sweep as it would inline."""
+
+    def __init__(self, overlap: bool) -> None:
+        self.overlap = overlap
+        self.done = self.failed = 0
+        self._pool: Any = None
+        self._pending: list[Any] = []
+
+    def submit(self, job: Callable[[], tuple[int, int]]) -> None:
+        self._collect(block=False)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapterswap-finish")
+        self._pending.append(self._pool.submit(job))
+
+    def drain(self) -> None:
+        """Wait for every queued job (their cells are stored); raise the first error."""
+        self._collect(block=True)
+
+    def _collect(self, block: bool) -> None:
+        error = None
+        keep = []
+        for future in self._pending:
+            if not block and not future.done():
+                keep.append(future)
+                continue
+            try:
+                done, failed = future.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the rest
+                error = error or exc
+                continue
+            self.done += done
+            self.failed += failed
+        self._pending = keep
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
 @dataclass
 class _Sample:
     cell: Cell
@@ -110,6 +172,7 @@ class SweepEngine:
         self._forward_timer = ForwardTimer()
         self._finish_seconds = 0.0
         self._decode_seconds = 0.0
+        self._finisher = _Finisher(False)
 
     # ------------------------------------------------------------------ setup
     def versions(self) -> dict[str, str]:
@@ -271,31 +334,44 @@ class SweepEngine:
         by_backbone: dict[str, list[tuple[Cell, str]]] = {}
         for cell, key in todo:
             by_backbone.setdefault(cell.backbone, []).append((cell, key))
-        for backbone_name, items in by_backbone.items():
-            backbone = self.load_backbone(backbone_name)
-            summary.fast_path[backbone_name] = self.enable_fast_path(backbone, items)
-            prompt_cache: dict[str, TensorBundle] = {}
-            by_setting: dict[tuple[Any, ...], list[tuple[Cell, str]]] = {}
-            for cell, key in items:
-                by_setting.setdefault(cell.setting(), []).append((cell, key))
-            for setting_items in by_setting.values():
-                adapter = self.apply_setting(backbone, setting_items[0][0])
-                if "latency" in metrics and self.spec.timing_repeats > 0:
-                    self.measure_latency(backbone, adapter, setting_items)
-                groups: dict[tuple[Any, ...], list[tuple[Cell, str]]] = {}
-                for cell, key in setting_items:
-                    groups.setdefault(cell.group(), []).append((cell, key))
-                for group_items in groups.values():
-                    done, failed = self.run_group(backbone, adapter, group_items, metrics,
-                                                  prompt_cache)
-                    summary.done += done
-                    summary.failed += failed
-            for adapter in self._adapters.values():
-                if adapter.attached_to is backbone:
-                    adapter.detach()
-            backbone.unload()
-            self._conditionings.clear()
-            self._timed.clear()
+        self._finisher = _Finisher(self.spec.use_overlap())
+        try:
+            for backbone_name, items in by_backbone.items():
+                backbone = self.load_backbone(backbone_name)
+                summary.fast_path[backbone_name] = self.enable_fast_path(backbone, items)
+                prompt_cache: dict[str, TensorBundle] = {}
+                by_setting: dict[tuple[Any, ...], list[tuple[Cell, str]]] = {}
+                for cell, key in items:
+                    by_setting.setdefault(cell.setting(), []).append((cell, key))
+                for setting_items in by_setting.values():
+                    adapter = self.apply_setting(backbone, setting_items[0][0])
+                    if "latency" in metrics and self.spec.timing_repeats > 0:
+                        self.measure_latency(backbone, adapter, setting_items)
+                    groups: dict[tuple[Any, ...], list[tuple[Cell, str]]] = {}
+                    for cell, key in setting_items:
+                        groups.setdefault(cell.group(), []).append((cell, key))
+                    for group_items in groups.values():
+                        done, failed = self.run_group(backbone, adapter, group_items, metrics,
+                                                      prompt_cache)
+                        summary.done += done
+                        summary.failed += failed
+                self._finisher.drain()  # every cell of this backbone stored before unloading
+                for adapter in self._adapters.values():
+                    if adapter.attached_to is backbone:
+                        adapter.detach()
+                backbone.unload()
+                self._conditionings.clear()
+                self._timed.clear()
+        except BaseException:
+            # also on errors and Ctrl-C: cells already decoded are stored, never dropped
+            try:
+                self._finisher.close()
+            except Exception as exc:  # the first error is the one to report
+                self.log(f"while stopping, a finishing job failed too: {exc}")
+            raise
+        self._finisher.close()
+        summary.done += self._finisher.done
+        summary.failed += self._finisher.failed
         self._store_notes(metrics)
         summary.forward_seconds = self._forward_timer.total()
         summary.forwards = self._forward_timer.count
@@ -381,9 +457,11 @@ class SweepEngine:
                 if not is_out_of_memory(exc):
                     raise
                 free_device_memory()
+                self._finisher.drain()
                 finished = self.store.finished_keys()
                 rest = [s for s in chunk if s.key not in finished]
-                done += len(chunk) - len(rest)
+                if not self._finisher.overlap:  # overlapped jobs count their own cells
+                    done += len(chunk) - len(rest)
                 if len(rest) > 1:
                     half = (len(rest) + 1) // 2
                     self.log(f"out of memory at batch {len(chunk)}; retrying as "
@@ -541,7 +619,18 @@ class SweepEngine:
     def _finish(self, backbone: Any, samples: list[_Sample], latents: Any, reference: Any,
                 metrics: dict[str, Any], trajectories: list[list[Any] | None],
                 probes: list[list[tuple[int, str, str, float]]]) -> tuple[int, int]:
-        """Decode, score and commit finished samples (one transaction per cell)."""
+        """Decode, score and commit finished samples (one transaction per cell).
+
+        When finishing overlaps (:attr:`SweepSpec.overlap`), the decode is queued on the
+        device here and everything after it (copy to host, images, metrics, store) runs on the
+        finishing thread while this thread goes on with the next forwards; the counts then
+        come from the finisher. Trajectories (which decode every step) finish inline."""
+        if self._finisher.overlap and not any(trajectories):
+            start = time.perf_counter()
+            job = self._finish_later(backbone, samples, latents, reference, metrics, probes)
+            self._finish_seconds += time.perf_counter() - start
+            self._finisher.submit(job)
+            return 0, 0
         backbone.synchronize()  # the queued forwards are not finishing time
         start = time.perf_counter()
         try:
@@ -549,6 +638,44 @@ class SweepEngine:
                                       trajectories, probes)
         finally:
             self._finish_seconds += time.perf_counter() - start
+
+    def _finish_later(self, backbone: Any, samples: list[_Sample], latents: Any,
+                      reference: Any, metrics: dict[str, Any],
+                      probes: list[list[tuple[int, str, str, float]]]) -> Callable[
+                          [], tuple[int, int]]:
+        """Queue the decode and the copies to the host; return the job that finishes the
+        cells once they have arrived (no synchronisation on this thread)."""
+        import torch
+
+        first = samples[0].cell
+        finite = torch.isfinite(latents.flatten(1)).all(dim=1)
+        images = backbone.decode(latents, height=first.height, width=first.width,
+                                 output_type="pt")  # non-finite rows are dropped later
+        on_cuda = images.is_cuda
+        host = torch.empty(images.shape, dtype=images.dtype, device="cpu", pin_memory=on_cuda)
+        host.copy_(images, non_blocking=on_cuda)
+        finite_host = finite.to("cpu", non_blocking=on_cuda)
+        ready = None
+        if on_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        timings = [self.store.latency(s.cell.backbone, s.cell.adapter, s.steps, s.cell.height,
+                                      s.cell.width, s.cell.start, s.cell.end) or {}
+                   for s in samples]
+
+        def job() -> tuple[int, int]:
+            begin = time.perf_counter()
+            if ready is not None:
+                ready.synchronize()
+            flags = finite_host.tolist()
+            pil = tensor_to_pil(host)
+            try:
+                return self._commit(samples, pil, flags, timings, reference, metrics,
+                                    [None] * len(samples), probes)
+            finally:
+                self._finish_seconds += time.perf_counter() - begin
+
+        return job
 
     def _finish_cells(self, backbone: Any, samples: list[_Sample], latents: Any,
                       reference: Any, metrics: dict[str, Any],
@@ -573,6 +700,18 @@ class SweepEngine:
             measured = self.store.latency(s.cell.backbone, s.cell.adapter, s.steps,
                                           s.cell.height, s.cell.width, s.cell.start, s.cell.end)
             timings.append(measured or {})
+        trajectory_rows = [self._trajectory(backbone, sample, trajectories[i], reference,
+                                            metrics) if trajectories[i] and finite[i] else None
+                           for i, sample in enumerate(samples)]
+        return self._commit(samples, images, finite, timings, reference, metrics,
+                            trajectory_rows, probes)
+
+    def _commit(self, samples: list[_Sample], images: list[Any], finite: list[bool],
+                timings: list[dict[str, float]], reference: Any, metrics: dict[str, Any],
+                trajectories: list[dict[int, dict[str, Any]] | None],
+                probes: list[list[tuple[int, str, str, float]]]) -> tuple[int, int]:
+        """Score the finite images and store every cell (failed ones with the reason)."""
+        ok = [i for i, good in enumerate(finite) if good]
         good_scores = self._score([images[i] for i in ok], [samples[i].cell for i in ok],
                                   reference, [timings[i] for i in ok], metrics)
         scores: list[dict[str, Any]] = [{} for _ in samples]
@@ -587,15 +726,11 @@ class SweepEngine:
                 failed += 1
                 self.on_cell(sample.cell, "failed")
                 continue
-            trajectory = None
-            if trajectories[i]:
-                trajectory = self._trajectory(backbone, sample, trajectories[i], reference,
-                                              metrics)
             image_path = self.store.save_image(sample.key, images[i]) \
                 if self.spec.save_images else None
             self.store.record_cell(sample.key, config, status="done", scores=scores[i],
-                                   image=image_path, timings=timings[i], trajectory=trajectory,
-                                   probes=probes[i])
+                                   image=image_path, timings=timings[i],
+                                   trajectory=trajectories[i], probes=probes[i])
             done += 1
             self.on_cell(sample.cell, "done")
         return done, failed

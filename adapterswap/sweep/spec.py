@@ -89,6 +89,8 @@ class SweepSpec:
         at each batch shape compiles (seconds to minutes).
     :ivar attention: SDPA kernel preference (:data:`adapterswap.fastpath.ATTENTION_CHOICES`).
     :ivar fp8: float8 linear layers (an approximation: its cells get keys of their own).
+    :ivar overlap: finish cells (copy to host, images, metrics, store) on a background thread
+        while the next forwards run; ``None`` (default): on when the sweep runs on CUDA.
     :ivar metric_options: per-metric options, e.g. ``{"identity": {"recognizer": "ir-se50"}}``.
     """
 
@@ -123,6 +125,7 @@ class SweepSpec:
     compile: bool | None = None
     attention: str = "auto"
     fp8: bool = False
+    overlap: bool | None = None
     max_batch: int = 16
     timing_repeats: int = 1
     save_images: bool = True
@@ -139,6 +142,18 @@ class SweepSpec:
         if compile_ is None:
             compile_ = str(device).startswith("cuda") and forwards >= AUTO_COMPILE_FORWARDS
         return FastPath(attention=self.attention, compile=bool(compile_), fp8=self.fp8)
+
+    def use_overlap(self) -> bool:
+        """Whether finishing overlaps the forwards (see ``overlap``)."""
+        if self.overlap is not None:
+            return self.overlap
+        if self.preset == "tiny":
+            return False  # the tiny preset runs on the CPU
+        if self.device is not None:
+            return str(self.device).startswith("cuda")
+        from adapterswap.backbone import default_device
+
+        return default_device().startswith("cuda")
 
     def use_step_parallel(self, compiled: bool) -> bool:
         """Whether runs with different step counts share forwards (see ``step_parallel``)."""
@@ -252,7 +267,7 @@ class SweepSpec:
         if not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool) \
                 or self.max_batch < 1:
             raise InvalidArgumentError("max_batch", self.max_batch, "must be an integer >= 1")
-        for name in ("step_parallel", "compile"):
+        for name in ("step_parallel", "compile", "overlap"):
             if getattr(self, name) not in (None, True, False):
                 raise InvalidArgumentError(name, getattr(self, name), "must be true or false")
         self.fast_path("cpu")  # validates attention and fp8 by name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -69,11 +70,15 @@ class RunStore:
             raise UsageError(f"invalid --out={str(self.out)!r}: cannot create the output "
                              f"directory ({exc.strerror or exc})") from None
         self.path = self.out / "results.sqlite"
+        self.mutex = threading.RLock()
         self._lock_handle: Any = None
         if lock:
             self._acquire_lock()
         try:
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            # one connection shared by the engine and its finishing thread, serialised by
+            # self.mutex (a transaction holds it from BEGIN to COMMIT)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                      check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
@@ -117,6 +122,10 @@ class RunStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self.mutex:
+            yield from self._transaction()
+
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -146,12 +155,15 @@ class RunStore:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     def meta(self, key: str, default: Any = None) -> Any:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        with self.mutex:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
     # ------------------------------------------------------------------ cells
     def finished_keys(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT key FROM cells WHERE status = 'done'")}
+        with self.mutex:
+            return {r[0] for r in
+                    self.db.execute("SELECT key FROM cells WHERE status = 'done'")}
 
     def image_path(self, key: str) -> Path:
         return self.out / "images" / f"{key}.png"
@@ -214,10 +226,11 @@ class RunStore:
 
     def latency(self, backbone: str, adapter: str, steps: int, height: int, width: int,
                 start: float = 0.0, end: float = 1.0) -> dict[str, float] | None:
-        row = self.db.execute(
-            "SELECT total_s, denoise_s FROM latency WHERE backbone=? AND adapter=? AND steps=? "
-            "AND height=? AND width=? AND start=? AND \"end\"=?",
-            (backbone, adapter, steps, height, width, start, end)).fetchone()
+        with self.mutex:
+            row = self.db.execute(
+                "SELECT total_s, denoise_s FROM latency WHERE backbone=? AND adapter=? AND "
+                "steps=? AND height=? AND width=? AND start=? AND \"end\"=?",
+                (backbone, adapter, steps, height, width, start, end)).fetchone()
         return None if row is None else {"total_s": row[0], "denoise_s": row[1]}
 
     def latency_rows(self) -> list[dict[str, Any]]:
@@ -240,14 +253,16 @@ class RunStore:
     # ------------------------------------------------------------------ reading
     def rows(self, keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """One dict per cell: its columns plus one entry per metric."""
-        self.db.row_factory = sqlite3.Row
-        try:
-            cells = [dict(r) for r in self.db.execute("SELECT * FROM cells ORDER BY rowid")]
-            scores: dict[str, dict[str, float | None]] = {}
-            for cell, metric, value in self.db.execute("SELECT cell, metric, value FROM scores"):
-                scores.setdefault(cell, {})[metric] = value
-        finally:
-            self.db.row_factory = None
+        with self.mutex:
+            self.db.row_factory = sqlite3.Row
+            try:
+                cells = [dict(r) for r in self.db.execute("SELECT * FROM cells ORDER BY rowid")]
+                scores: dict[str, dict[str, float | None]] = {}
+                for cell, metric, value in self.db.execute(
+                        "SELECT cell, metric, value FROM scores"):
+                    scores.setdefault(cell, {})[metric] = value
+            finally:
+                self.db.row_factory = None
         wanted = set(keys) if keys is not None else None
         out = []
         for cell in cells:
