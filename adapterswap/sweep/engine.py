@@ -393,7 +393,12 @@ class SweepEngine:
             adapter.attach(backbone)
             adapters.append(adapter)
         report = backbone.enable_fast_path(fast, adapters=adapters)
-        self.log(f"{backbone.name}: fast path {report}")
+        if report.get("compiled"):
+            self.log(f"{backbone.name}: compiling {'; '.join(report['compiled'])} "
+                     f"(~{forwards} forwards planned; the first call per batch shape is slow)")
+        if report.get("fp8_layers"):
+            self.log(f"{backbone.name}: {report['fp8_layers']} linear layers in float8 "
+                     "(approximation)")
         return report
 
     def _store_notes(self, metrics: dict[str, Any]) -> None:
