@@ -267,8 +267,7 @@ class Backbone(Probed, ABC):
 
     def denoiser(self) -> Any:
         """The pipeline's denoiser module (``transformer`` or ``unet``)."""
-        self.require_loaded()
-        denoiser = getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)
+        denoiser = self.fast_modules().get("denoiser")
         if denoiser is None:
             raise UsageError(f"backbone {self.name!r} has no transformer or unet")
         return denoiser

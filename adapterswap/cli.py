@@ -469,6 +469,8 @@ def _run_spec(spec: Any) -> Any:
             summary.seconds += extra.seconds
             summary.forward_seconds += extra.forward_seconds
             summary.forwards += extra.forwards
+            summary.finish_seconds += extra.finish_seconds
+            summary.decode_seconds += extra.decode_seconds
     return summary, build_report(spec.out)
 
 

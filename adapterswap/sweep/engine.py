@@ -561,7 +561,7 @@ class SweepEngine:
                 tick += 1
                 finishing = [j for j in active if chunk[j].steps == tick]
                 if finishing:
-                    sel = torch.as_tensor(finishing, device=latents.device)
+                    sel = device_tensor(finishing, latents.device)
                     d, f = self._finish(backbone, [chunk[j] for j in finishing],
                                         latents.index_select(0, sel), reference, metrics,
                                         [trajectories.get(j) for j in finishing],

@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from adapterswap_flux import published  # noqa: E402
-from common import count_flops, sync, timed, write  # noqa: E402
+from common import count_flops, sync, timed, timed_sweep, write  # noqa: E402
 
 
 def tiny_configs() -> None:
@@ -368,45 +368,13 @@ def sweep(backbone: Any, adapter: Any, conditioning: Any, height: int, width: in
           args: Any) -> dict[str, Any]:
     """The engine's sweep of the same grid on the (already compiled) fast path: cold (first
     sweep at this batch shape) and warm (again, in a fresh store)."""
-    import tempfile
-
-    from adapterswap.sweep.engine import SweepEngine
-    from adapterswap.sweep.spec import SweepSpec
-    from adapterswap.sweep.store import RunStore
-
     steps = [int(s) for s in args.sweep_steps.split(",")]
     seeds = list(range(args.sweep_seeds))
-    prompt = SWEEP_PROMPT
     results: dict[str, Any] = {}
-
-    class InMemoryEngine(SweepEngine):
-        def load_backbone(self, name: str) -> Any:
-            return backbone
-
-        def adapter_for(self, name: str, b: Any) -> Any:
-            return adapter
-
-        def _conditioning(self, adapter: Any, b: Any, cell: Any) -> Any:
-            return conditioning
-
-    backbone.unload = lambda: None
     for label in ("cold", "warm"):
-        with tempfile.TemporaryDirectory() as out:
-            spec = SweepSpec(backbones=[backbone.name], seeds=seeds, steps=steps,
-                             metrics=["sharpness"], timing_repeats=0, prompts=[prompt],
-                             references=["synthetic:0"], height=height, width=width, out=out,
-                             save_images=False, compile=True).validate()
-            with RunStore(out) as store:
-                sync()
-                begin = time.perf_counter()
-                summary = InMemoryEngine(spec, store).run()
-                sync()
-                wall = time.perf_counter() - begin
-        results[f"engine_{label}"] = {"wall_s": wall, "forward_s": summary.forward_seconds,
-                                      "forwards": summary.forwards,
-                                      "finish_s": summary.finish_seconds,
-                                      "decode_s": summary.decode_seconds,
-                                      "wall_over_forwards": wall / summary.forward_seconds}
+        results[f"engine_{label}"] = timed_sweep(
+            backbone, adapter, conditioning, seeds=seeds, steps=steps, prompts=[SWEEP_PROMPT],
+            height=height, width=width, compile=True)
         print(label, results[f"engine_{label}"], flush=True)
     return results
 

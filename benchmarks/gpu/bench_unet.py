@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from adapterswap_sd15 import published as sd15_published  # noqa: E402
 from adapterswap_sdxl import published as sdxl_published  # noqa: E402
-from common import count_flops, sync, timed, write  # noqa: E402
+from common import count_flops, sync, timed, timed_sweep, write  # noqa: E402
 
 SIZE = {"sdxl": 1024, "sd15": 512}
 
@@ -203,21 +202,8 @@ def sweep_benchmark(backbone: Any, adapter: Any, scales: Any, size: int, args: A
     ``--modes`` against one eager pipeline call per cell (pipeline loaded once)."""
     import time
 
-    from adapterswap.sweep.engine import SweepEngine
-    from adapterswap.sweep.spec import SweepSpec
-    from adapterswap.sweep.store import RunStore
-
     steps = [int(s) for s in args.sweep_steps.split(",")]
     seeds = list(range(args.sweep_seeds))
-
-    class InMemoryEngine(SweepEngine):
-        def load_backbone(self, name: str) -> Any:
-            return backbone
-
-        def adapter_for(self, name: str, b: Any) -> Any:
-            return adapter
-
-    backbone.unload = lambda: None  # keep the pipeline for the baseline
     results: dict[str, Any] = {}
     # the baseline first: compilation changes the UNet in place, and the pipeline shares it
     adapter.attach(backbone)
@@ -240,25 +226,12 @@ def sweep_benchmark(backbone: Any, adapter: Any, scales: Any, size: int, args: A
 
             backbone.enable_fast_path(FastPath(compile=True, compile_scope=args.compile_scope),
                                       adapters=[adapter])
-        with tempfile.TemporaryDirectory() as out:
-            spec = SweepSpec(backbones=[backbone.name], seeds=seeds, steps=steps,
-                             metrics=["sharpness"], timing_repeats=0, prompts=["a red chair"],
-                             references=["synthetic:0"], height=size, width=size, out=out,
-                             save_images=False, step_parallel=parallel, compile=compiled,
-                             max_batch=args.max_batch).validate()
-            with RunStore(out) as store:
-                sync()
-                start = time.perf_counter()
-                summary = InMemoryEngine(spec, store).run()
-                sync()
-                wall = time.perf_counter() - start
-                assert summary.done == len(steps) * len(seeds), summary
-        results[mode] = {"wall_s": wall, "forward_s": summary.forward_seconds,
-                         "forwards": summary.forwards, "finish_s": summary.finish_seconds,
-                         "decode_s": summary.decode_seconds,
-                         "wall_over_forwards": wall / max(summary.forward_seconds, 1e-9),
-                         "speedup_vs_diffusers": results["diffusers_per_cell_s"] / wall,
-                         "fast_path": summary.fast_path}
+        results[mode] = timed_sweep(backbone, adapter, seeds=seeds, steps=steps,
+                                    prompts=["a red chair"], height=size, width=size,
+                                    step_parallel=parallel, compile=compiled,
+                                    max_batch=args.max_batch)
+        results[mode]["speedup_vs_diffusers"] = \
+            results["diffusers_per_cell_s"] / results[mode]["wall_s"]
         print(mode, results[mode], flush=True)
     results.update(backbone=backbone.name, steps=steps, seeds=len(seeds), size=size,
                    device=str(backbone.device))

@@ -69,3 +69,47 @@ def write(results: dict[str, Any], out: str | Path, *, quiet: bool = False) -> N
     out.write_text(json.dumps(results, indent=2, default=str))
     if not quiet:
         print(json.dumps(results, indent=2, default=str))
+
+
+def timed_sweep(backbone: Any, adapter: Any, conditioning: Any = None,
+                **spec_fields: Any) -> dict[str, Any]:
+    """Run one sweep of the engine on an already loaded backbone and adapter (kept loaded
+    afterwards) in a temporary store; return its wall time beside the summary's forward and
+    finishing times. ``conditioning`` replaces the adapter's reference encoding (adapters
+    built in memory without face models); ``spec_fields`` go to :class:`SweepSpec`."""
+    import tempfile
+
+    from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.spec import SweepSpec
+    from adapterswap.sweep.store import RunStore
+
+    class InMemoryEngine(SweepEngine):
+        def load_backbone(self, name: str) -> Any:
+            return backbone
+
+        def adapter_for(self, name: str, b: Any) -> Any:
+            return adapter
+
+        def _conditioning(self, adapter: Any, b: Any, cell: Any) -> Any:
+            if conditioning is None:
+                return super()._conditioning(adapter, b, cell)
+            return conditioning
+
+    backbone.unload = lambda: None  # keep the pipeline for the baseline and the next sweep
+    with tempfile.TemporaryDirectory() as out:
+        spec = SweepSpec(backbones=[backbone.name], timing_repeats=0, metrics=["sharpness"],
+                         references=["synthetic:0"], out=out, save_images=False,
+                         **spec_fields).validate()
+        with RunStore(out) as store:
+            sync()
+            start = time.perf_counter()
+            summary = InMemoryEngine(spec, store).run()
+            sync()
+            wall = time.perf_counter() - start
+    cells = len(spec.steps) * len(spec.seeds) * len(spec.prompts)
+    if summary.done != cells:
+        raise RuntimeError(f"sweep finished {summary.done} of {cells} cells: {summary}")
+    return {"wall_s": wall, "forward_s": summary.forward_seconds, "forwards": summary.forwards,
+            "finish_s": summary.finish_seconds, "decode_s": summary.decode_seconds,
+            "wall_over_forwards": wall / max(summary.forward_seconds, 1e-9),
+            "fast_path": summary.fast_path}
