@@ -59,6 +59,8 @@ class Probed:
 
     supports_probes: bool = False
     probe: ProbeRecorder | None = None
+    #: the installed measuring hooks (anything with ``remove()``), or ``None``
+    _probe_hooks: Any = None
 
     def set_probe(self, recorder: ProbeRecorder | None) -> None:
         """Install (or with ``None`` remove) the recorder. Implementations measure only
@@ -69,3 +71,17 @@ class Probed:
             raise UsageError(f"{type(self).__name__} {getattr(self, 'name', '')!r} has no "
                              "probes")
         self.probe = recorder
+
+    def _install_probe_hooks(self, target: Any) -> None:
+        """Remove the installed hooks, then, while a recorder is set and ``target`` (the
+        backbone the hooks go on) is not ``None``, install :meth:`_make_probe_hooks`'s."""
+        if self._probe_hooks is not None:
+            self._probe_hooks.remove()
+            self._probe_hooks = None
+        if self.probe is not None and target is not None:
+            self._probe_hooks = self._make_probe_hooks(target)
+
+    def _make_probe_hooks(self, target: Any) -> Any:
+        """Hooks on ``target``'s modules that feed ``self.probe`` (read-only); an object with
+        ``remove()``. Implementations that use :meth:`_install_probe_hooks` override this."""
+        raise NotImplementedError

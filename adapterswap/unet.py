@@ -1025,7 +1025,6 @@ class DiffusersIPAdapter(Adapter):
                 raise InvalidArgumentError(
                     key, value, f"adapter {self.name!r} takes the options "
                                 f"{', '.join(self.option_names)}")
-        self._probe_hooks: ProbeHooks | None = None
         self._probe_rows: tuple[list[int], int] = ([], 0)
         super().__init__(source, scale=scale, start=start, end=end, device=device,
                          dtype=dtype, **options)
@@ -1134,12 +1133,8 @@ class DiffusersIPAdapter(Adapter):
         super().set_probe(recorder)
         self._install_probe_hooks(self.attached_to)
 
-    def _install_probe_hooks(self, backbone: Backbone | None) -> None:
-        if self._probe_hooks is not None:
-            self._probe_hooks.remove()
-            self._probe_hooks = None
-        if self.probe is not None and backbone is not None:
-            self._probe_hooks = ProbeHooks(backbone.pipe.unet, self._record_probe)
+    def _make_probe_hooks(self, backbone: Backbone) -> ProbeHooks:
+        return ProbeHooks(backbone.pipe.unet, self._record_probe)
 
     def _record_probe(self, layer: str, values: Any) -> None:
         """Spread one UNet forward's values (the active rows, ``[uncond; cond]`` with CFG) over

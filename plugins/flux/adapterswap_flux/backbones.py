@@ -112,7 +112,6 @@ class FluxBackbone(Backbone):
         self.cpu_offload = bool(options.get("cpu_offload", False))
         self.quantize_8bit = bool(options.get("quantize_8bit", False))
         self._image_ids: dict[tuple[int, int], Any] = {}
-        self._probe_hooks: Any = None
 
     # ------------------------------------------------------------------ loading
     def load(self) -> FluxBackbone:
@@ -182,14 +181,14 @@ class FluxBackbone(Backbone):
         """Record the text/image stream RMS ratio (``text/image``) after every double and
         single block while ``recorder`` is set; ``None`` removes the hooks."""
         super().set_probe(recorder)
-        if self._probe_hooks is not None:
-            self._probe_hooks.remove()
-            self._probe_hooks = None
         if recorder is not None:
-            from adapterswap_flux.probes import stream_probe
-
             self.require_loaded()
-            self._probe_hooks = stream_probe(self.pipe.transformer, self._record_probe)
+        self._install_probe_hooks(self)
+
+    def _make_probe_hooks(self, backbone: Any) -> Any:
+        from adapterswap_flux.probes import stream_probe
+
+        return stream_probe(self.pipe.transformer, self._record_probe)
 
     def _record_probe(self, block: str, quantity: str, values: Any) -> None:
         if self.probe is not None:

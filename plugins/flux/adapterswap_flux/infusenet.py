@@ -150,7 +150,6 @@ class InfuseNet(Adapter):
         self.control_image: Image.Image | None = None
         self.control_image_name = ""
         self._control_cache: dict[tuple[int, int, int], Any] = {}
-        self._probe_hooks: Any = None
         self.set_control_image(options.get("control_image"))
 
     # ------------------------------------------------------------------ settings
@@ -324,14 +323,10 @@ class InfuseNet(Adapter):
         super().set_probe(recorder)
         self._install_probe_hooks(self.attached_to)
 
-    def _install_probe_hooks(self, backbone: Backbone | None) -> None:
-        if self._probe_hooks is not None:
-            self._probe_hooks.remove()
-            self._probe_hooks = None
-        if self.probe is not None and backbone is not None:
-            from adapterswap_flux.probes import residual_probe
+    def _make_probe_hooks(self, backbone: Backbone) -> Any:
+        from adapterswap_flux.probes import residual_probe
 
-            self._probe_hooks = residual_probe(backbone.pipe.transformer, self._record_probe)
+        return residual_probe(backbone.pipe.transformer, self._record_probe)
 
     def _record_probe(self, block: str, quantity: str, values: Any) -> None:
         if self.probe is not None:
