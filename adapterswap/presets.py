@@ -42,13 +42,21 @@ def tiny_dir(name: str, seed: int = 0, cache_dir: str | os.PathLike[str] | None 
 def build_in_dtype(device: Any, dtype: Any, make: Callable[[], Any]) -> Any:
     """Call ``make`` with torch's default dtype and device set, so modules are created
     directly in ``dtype`` on ``device`` (the ``random`` preset builds billions of parameters:
-    no float32 copy on the CPU first)."""
+    no float32 copy on the CPU first). Every module returned (alone, or in a dict, list or
+    tuple) is put in eval mode: a freshly constructed model is in training mode, where T5's
+    dropout would make each prompt encoding random."""
     import torch
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return make()
+            built = make()
     finally:
         torch.set_default_dtype(previous)
+    parts = built.values() if isinstance(built, dict) else \
+        built if isinstance(built, (list, tuple)) else [built]
+    for part in parts:
+        if isinstance(part, torch.nn.Module):
+            part.eval()
+    return built

@@ -65,3 +65,20 @@ def test_random_preset_runs_a_sweep(tmp_path, small_published, name):
         latency = store.latency_rows()
     assert {r["adapter"] for r in rows} == {backbones().get(name).default_adapter}
     assert all("latency" in r["scores"] for r in rows) and latency
+
+
+def test_random_preset_parts_are_built_in_eval_mode() -> None:
+    """A constructed model is in training mode; the presets must not run dropout (T5's
+    would make every prompt encoding random)."""
+    import torch
+
+    from adapterswap.presets import build_in_dtype
+
+    parts = build_in_dtype("cpu", torch.float32, lambda: {
+        "encoder": torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)),
+        "name": "not a module"})
+    single = build_in_dtype("cpu", torch.float32, lambda: torch.nn.Dropout(0.5))
+    pair = build_in_dtype("cpu", torch.float32, lambda: (torch.nn.Dropout(0.5), None))
+    assert not parts["encoder"].training and not single.training and not pair[0].training
+    x = torch.randn(8, 4)
+    assert torch.equal(parts["encoder"](x), parts["encoder"](x))
