@@ -121,6 +121,8 @@ class Backbone(Probed, ABC):
     compile_scope: ClassVar[str] = "regions"
     #: The fast path in force (:meth:`enable_fast_path`), ``None`` for plain eager diffusers.
     fast_path: FastPath | None = None
+    #: The block cache the fast path installed (:mod:`adapterswap.blockcache`), or ``None``.
+    block_cache: Any = None
 
     @classmethod
     def class_problems(cls, klass: type) -> list[str]:
@@ -250,6 +252,7 @@ class Backbone(Probed, ABC):
         """Drop the pipeline so its memory can be freed."""
         self.pipe = None
         self.fast_path = None
+        self.block_cache = None
 
     @classmethod
     def weights_status(cls, source: str | None = None) -> WeightsStatus:
@@ -280,6 +283,12 @@ class Backbone(Probed, ABC):
         denoiser = getattr(self.pipe, "transformer", None) or getattr(self.pipe, "unet", None)
         return {} if denoiser is None else {"denoiser": denoiser}
 
+    def decoder_module(self) -> Any:
+        """The VAE decoder the fast path compiles beside the denoiser on CUDA (every finished
+        image goes through it), or ``None``."""
+        self.require_loaded()
+        return getattr(getattr(self.pipe, "vae", None), "decoder", None)
+
     def compile(self, **options: Any) -> None:
         """``torch.compile`` the denoiser (the pipeline's ``transformer`` or ``unet``) in place,
         so adapters and probes that hold the module keep working. ``options`` go to
@@ -300,8 +309,11 @@ class Backbone(Probed, ABC):
         self.require_loaded()
         previous = self.fast_path
         if previous is not None and previous.same_modules(fast):
-            self.fast_path = previous.with_(attention=fast.attention)
-            return {"attention": fast.attention, "already": True}
+            self.fast_path = previous.with_(attention=fast.attention, cache=fast.cache)
+            report = {"attention": fast.attention, "already": True}
+            if (previous.cache or None) != (fast.cache or None):
+                report["cache"] = self._set_block_cache(fast.cache)
+            return report
         if previous is not None and (previous.compile or previous.fp8 or previous.fuse_qkv):
             raise UsageError(f"backbone {self.name!r} already runs a fast path that changed "
                              f"its modules ({previous}); reload it to change the switches")
@@ -310,7 +322,7 @@ class Backbone(Probed, ABC):
         for adapter in adapters:
             modules.update({f"{adapter.name}.{k}": m for k, m in adapter.fast_modules().items()})
         report: dict[str, Any] = {"attention": fast.attention, "fused_qkv": [], "fp8_layers": 0,
-                                  "compiled": []}
+                                  "compiled": [], "cache": self._set_block_cache(fast.cache)}
         if fast.fp8:
             if not fastpath.fp8_supported(self.execution_device):
                 raise InvalidArgumentError("fp8", True, "float8 needs a CUDA GPU of compute "
@@ -326,8 +338,30 @@ class Backbone(Probed, ABC):
                     else "regions"
                 parts = fastpath.compile_module(module, mode, scope)
                 report["compiled"].append(f"{name}: {', '.join(parts)} ({mode})")
+            decoder = self.decoder_module()
+            if decoder is not None and on_cuda:
+                decoder.compile(mode="default")  # no CUDA graphs: its batch varies
+                report["compiled"].append("vae.decoder: forward (default)")
         self.fast_path = fast
         return report
+
+    def _set_block_cache(self, policy: str | None) -> str | None:
+        """Install (or remove, for ``None``) the block cache on the denoiser, before any
+        compilation so the compiled blocks include it."""
+        from adapterswap.blockcache import BlockCache
+
+        if self.block_cache is not None:
+            self.block_cache.remove()
+            self.block_cache = None
+        if policy:
+            self.block_cache = BlockCache(self.denoiser(), policy).install()
+        return policy
+
+    def begin_run(self) -> None:
+        """Called by the loop before the first step of new latents: the block cache (if any)
+        forgets the previous run's residuals."""
+        if self.block_cache is not None:
+            self.block_cache.reset()
 
     def begin_step(self) -> None:
         """Called by the loop before each step's denoiser calls: with a CUDA-graph compile

@@ -255,6 +255,8 @@ def _parse_options(pairs: tuple[str, ...], argument: str) -> dict[str, Any]:
               type=click.Choice(["auto", "cudnn", "flash", "efficient", "math", "default"]),
               help="SDPA kernel preference (default auto: cuDNN first on Hopper).")
 @click.option("--fp8", is_flag=True, help="float8 linear layers (approximation, Hopper+).")
+@click.option("--cache", default=None, metavar="POLICY",
+              help="Block cache, threshold:T or interval:N (approximation, FLUX only).")
 def generate_command(backbone: str | None, adapter: str | None, reference: str | None,
                      prompt: str | None, seed: int, num_inference_steps: int | None,
                      guidance_scale: float | None, scale: float | None, start: float, end: float,
@@ -262,7 +264,7 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
                      adapter_source: str | None, backbone_options: tuple[str, ...],
                      adapter_options: tuple[str, ...], device: str | None, dtype: str | None,
                      preset: str | None, out: str | None, attention: str = "auto",
-                     fp8: bool = False) -> None:
+                     fp8: bool = False, cache: str | None = None) -> None:
     """Generate one image with a backbone and (optionally) an adapter (on the fast path's
     exact switches; one image does not repay compilation, so nothing is compiled)."""
     from pathlib import Path
@@ -318,7 +320,7 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
 
     if ad is not None:
         ad.attach(loaded)
-    loaded.enable_fast_path(FastPath(attention=attention, fp8=fp8),
+    loaded.enable_fast_path(FastPath(attention=attention, fp8=fp8, cache=cache),
                             adapters=[ad] if ad is not None else [])
     result = denoise(loaded, prompt, num_inference_steps=num_inference_steps, seeds=[seed],
                      height=height, width=width, guidance_scale=guidance_scale, adapter=ad,
@@ -378,6 +380,9 @@ def _common_sweep_options(func: Any) -> Any:
                      help="SDPA kernel preference (default auto: cuDNN first on Hopper)."),
         click.option("--fp8", is_flag=True, default=None,
                      help="float8 linear layers (approximation, Hopper+; cells keyed apart)."),
+        click.option("--cache", default=None, metavar="POLICY",
+                     help="Block cache, threshold:T or interval:N (approximation, FLUX only; "
+                          "cells keyed apart)."),
         click.option("--overlap/--no-overlap", default=None,
                      help="Finish cells (images, metrics, store) on a background thread while "
                           "the next forwards run (default: on with a GPU)."),
@@ -399,7 +404,8 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
                 adapter_options: tuple[str, ...], max_batch: int | None,
                 metric_options: tuple[str, ...] = (), dry_run: bool = False,
                 compile_: bool | None = None, attention: str | None = None,
-                fp8: bool | None = None, overlap: bool | None = None) -> dict[str, Any]:
+                fp8: bool | None = None, overlap: bool | None = None,
+                cache: str | None = None) -> dict[str, Any]:
     from adapterswap.sweep.spec import parse_int_list, read_prompts_file
 
     prompt_list = list(prompts)
@@ -424,7 +430,7 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
         "metric_options": _metric_options(metric_options) or None,
         "max_batch": max_batch,
         "compile": compile_, "attention": attention, "fp8": True if fp8 else None,
-        "overlap": overlap,
+        "overlap": overlap, "cache": cache,
     }
 
 

@@ -264,6 +264,7 @@ def denoise(
     schedule = backbone.schedule(num_inference_steps, height=height, width=width)
     batch = len(seeds)
     start = time.perf_counter()
+    backbone.begin_run()
     with backbone.step_context():
         for i in range(num_inference_steps):
             t = schedule.timesteps[i]

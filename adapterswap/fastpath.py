@@ -15,17 +15,22 @@ Two kinds of switch, kept apart because they differ in what they promise:
   IP-Adapter processors). Measured on an H100 for FLUX + InfuseNet it gained nothing (0.229 s
   per step against 0.224 s) and keeps a second copy of the projections (+4.4 GiB).
 - ``compile``: ``torch.compile`` of the denoiser and the adapter's modules, in the mode and
-  scope the backbone prefers (``Backbone.compile_mode`` / ``compile_scope``: launch-bound
-  UNets whole with CUDA graphs, compute-bound FLUX block by block). The first call at each
-  new shape compiles; sweeps turn it on where the planned forwards repay it
+  scope the backbone prefers (``Backbone.compile_mode`` / ``compile_scope``: SD1.5's UNet
+  whole with CUDA graphs, SDXL's per block, compute-bound FLUX block by block), and on CUDA of
+  the VAE decoder (default mode: its batch varies). The first call at each new shape
+  compiles; sweeps turn it on where the planned forwards repay it
   (:data:`AUTO_COMPILE_FORWARDS`). Compiled kernels round differently from eager ones: on
-  random FLUX weights one compiled step is 4.8% (relative L2) from the eager bf16 step.
+  random FLUX weights (H100) one regionally compiled step is 1.3% (relative L2) from the eager
+  bf16 step, a whole-model compiled one 4.8%.
 
 **Approximations** (opt-in, reported separately with their fidelity cost):
 
 - ``fp8``: the large linear layers of the denoiser and adapter in float8 (e4m3) with dynamic
   per-row activation scales and per-channel weight scales (``torch._scaled_mm``); Hopper or
   newer only.
+
+- ``cache``: caching of slowly changing blocks (``"threshold:T"`` first-block cache or
+  ``"interval:N"``), FLUX transformers only; see :mod:`adapterswap.blockcache`.
 
 Probe-guided adapter exit (``sweep --probe-exit``) is the third approximation; it lives in
 :mod:`adapterswap.sweep.exit`.
@@ -63,6 +68,8 @@ class FastPath:
     :ivar compile_scope: ``"regions"``, ``"blocks"`` or ``"model"`` (see :func:`compile_module`),
         or ``None`` for the backbone's preferred one.
     :ivar fp8: float8 linear layers (approximation; opt-in).
+    :ivar cache: block-cache policy (approximation; opt-in): ``"threshold:T"`` or
+        ``"interval:N"`` (:class:`adapterswap.blockcache.CachePolicy`), or ``None``.
     """
 
     attention: str = "auto"
@@ -71,6 +78,7 @@ class FastPath:
     compile_mode: str | None = None
     compile_scope: str | None = None
     fp8: bool = False
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_CHOICES:
@@ -87,6 +95,10 @@ class FastPath:
         if self.compile_scope not in (None, "regions", "blocks", "model"):
             raise InvalidArgumentError("compile_scope", self.compile_scope,
                                        "choose regions, blocks or model")
+        if self.cache is not None:
+            from adapterswap.blockcache import CachePolicy
+
+            object.__setattr__(self, "cache", str(CachePolicy.parse(self.cache)))
 
     def same_modules(self, other: FastPath) -> bool:
         """Whether ``other`` changes the modules the same way (what cannot be undone)."""
@@ -96,7 +108,13 @@ class FastPath:
     @property
     def approximate(self) -> bool:
         """Whether any switch changes outputs beyond bf16 rounding."""
-        return self.fp8
+        return bool(self.approximations())
+
+    def approximations(self) -> list[str]:
+        """The approximations switched on, as they appear in cell keys (``fp8``,
+        ``cache=threshold:0.1``)."""
+        return (["fp8"] if self.fp8 else []) + \
+            ([f"cache={self.cache}"] if self.cache else [])
 
     def with_(self, **changes: Any) -> FastPath:
         """A copy with some switches changed."""

@@ -245,11 +245,19 @@ def test_cli_fast_path_flags(tmp_path) -> None:  # noqa: ANN001
     assert "denoiser forwards" in ok.stdout and "decoding, scoring, storing" in ok.stdout
 
 
-@pytest.mark.parametrize("name", ["sd15", "flux-schnell"])
-def test_overlapped_finishing_stores_the_same_cells(tmp_path, name: str) -> None:  # noqa: ANN001
-    """Finishing on the background thread (as on a GPU) gives the same cells, scores and
-    images as finishing inline, and every cell is stored once."""
+@pytest.mark.parametrize("name,device", [
+    ("sd15", "cpu"), ("flux-schnell", "cpu"),
+    pytest.param("sd15", "cuda", marks=pytest.mark.gpu),
+    pytest.param("flux-schnell", "cuda", marks=pytest.mark.gpu)])
+def test_overlapped_finishing_stores_the_same_cells(tmp_path, name: str,  # noqa: ANN001
+                                                    device: str) -> None:
+    """Finishing on the background thread (as on a GPU, where the decode also runs on its own
+    stream beside the next forwards) gives the same cells, scores and images as finishing
+    inline, and every cell is stored once."""
     import hashlib
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
 
     from adapterswap.sweep.engine import SweepEngine
     from adapterswap.sweep.spec import SweepSpec
@@ -259,7 +267,7 @@ def test_overlapped_finishing_stores_the_same_cells(tmp_path, name: str) -> None
     for overlap in (False, True):
         spec = SweepSpec(backbones=[name], preset="tiny", steps=[1, 2], seeds=[0, 1],
                          overlap=overlap, timing_repeats=0, metrics=["sharpness", "contrast"],
-                         out=str(tmp_path / str(overlap))).validate()
+                         device=device, out=str(tmp_path / str(overlap))).validate()
         with RunStore(spec.out) as store:
             summary = SweepEngine(spec, store).run()
             rows = sorted(store.rows(), key=lambda r: r["key"])

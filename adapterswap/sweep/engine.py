@@ -78,7 +78,8 @@ class SweepSummary:
     #: seconds inside denoiser forwards (adapter + denoiser), timed without host syncs
     forward_seconds: float = 0.0
     forwards: int = 0
-    #: seconds finishing cells (decode, scoring, storing), of which decoding
+    #: seconds finishing cells (decode, scoring, storing) on the host, and seconds decoding
+    #: (device time from CUDA events when the decode is queued on the side stream)
     finish_seconds: float = 0.0
     decode_seconds: float = 0.0
     #: what the fast path did per backbone (attention, compiled parts, float8 layers)
@@ -172,12 +173,14 @@ class SweepEngine:
         self._forward_timer = ForwardTimer()
         self._finish_seconds = 0.0
         self._decode_seconds = 0.0
+        self._decode_timer = ForwardTimer()
+        self._decode_streams: dict[Any, Any] = {}
         self._finisher = _Finisher(False)
 
     # ------------------------------------------------------------------ setup
     def versions(self) -> dict[str, str]:
-        """Software versions in every cell key; approximations of the fast path (float8) are
-        added so their cells never mix with exact ones."""
+        """Software versions in every cell key; approximations of the fast path (float8, block
+        cache) are added so their cells never mix with exact ones."""
         from adapterswap.plugins import _dists, adapters, backbones
 
         plugins = set()
@@ -187,8 +190,9 @@ class SweepEngine:
             plugins.add(adapters().entry(self.spec.adapter).plugin)
         dists = [_dists[p][0] for p in sorted(plugins) if p in _dists]
         versions = software_versions(dists)
-        if self.spec.fp8:
-            versions["approximation"] = "fp8"
+        approximations = self.spec.fast_path("cpu").approximations()
+        if approximations:
+            versions["approximation"] = "+".join(approximations)
         return versions
 
     def load_metrics(self) -> dict[str, Any]:
@@ -219,8 +223,9 @@ class SweepEngine:
         from adapterswap.plugins import get_backbone
 
         cls = get_backbone(name)
-        if self.spec.preset == "tiny":
-            return cls.tiny(seed=0)
+        if self.spec.preset == "tiny":  # built on the CPU; moved where the spec asks
+            backbone = cls.tiny(seed=0)
+            return backbone.to(self.spec.device) if self.spec.device else backbone
         if self.spec.preset == "random":
             return cls.random(device=self.spec.device, dtype=self.spec.dtype)
         backbone = cls(self.spec.sources.get(name), device=self.spec.device,
@@ -356,6 +361,12 @@ class SweepEngine:
                         summary.done += done
                         summary.failed += failed
                 self._finisher.drain()  # every cell of this backbone stored before unloading
+                if backbone.block_cache is not None:
+                    stats = backbone.block_cache.stats()
+                    summary.fast_path[backbone_name]["block_cache"] = stats
+                    self.store.set_meta(f"block_cache:{backbone_name}", stats)
+                    self.log(f"{backbone_name}: block cache computed {stats['computed_steps']} "
+                             f"steps, reused {stats['cached_steps']}")
                 for adapter in self._adapters.values():
                     if adapter.attached_to is backbone:
                         adapter.detach()
@@ -376,7 +387,7 @@ class SweepEngine:
         summary.forward_seconds = self._forward_timer.total()
         summary.forwards = self._forward_timer.count
         summary.finish_seconds = self._finish_seconds
-        summary.decode_seconds = self._decode_seconds
+        summary.decode_seconds = self._decode_seconds + self._decode_timer.total()
         summary.seconds = time.perf_counter() - start
         return summary
 
@@ -399,6 +410,8 @@ class SweepEngine:
         if report.get("fp8_layers"):
             self.log(f"{backbone.name}: {report['fp8_layers']} linear layers in float8 "
                      "(approximation)")
+        if report.get("cache"):
+            self.log(f"{backbone.name}: block cache {report['cache']} (approximation)")
         return report
 
     def _store_notes(self, metrics: dict[str, Any]) -> None:
@@ -516,6 +529,7 @@ class SweepEngine:
         active = list(range(len(chunk)))
         done = failed = 0
         tick = 0
+        backbone.begin_run()
         with backbone.step_context():
             while active:
                 steps_of = [chunk[j].steps for j in active]
@@ -650,20 +664,32 @@ class SweepEngine:
                           [], tuple[int, int]]:
         """Queue the decode and the copies to the host; return the job that finishes the
         cells once they have arrived (no synchronisation on this thread)."""
+        import contextlib
+
         import torch
 
         first = samples[0].cell
-        finite = torch.isfinite(latents.flatten(1)).all(dim=1)
-        images = backbone.decode(latents, height=first.height, width=first.width,
-                                 output_type="pt")  # non-finite rows are dropped later
-        on_cuda = images.is_cuda
-        host = torch.empty(images.shape, dtype=images.dtype, device="cpu", pin_memory=on_cuda)
-        host.copy_(images, non_blocking=on_cuda)
-        finite_host = finite.to("cpu", non_blocking=on_cuda)
-        ready = None
-        if on_cuda:
-            ready = torch.cuda.Event()
-            ready.record()
+        stream = self._decode_stream(latents.device)
+        context: Any = contextlib.nullcontext()
+        if stream is not None:  # decode beside the next forwards, after this step's
+            stream.wait_stream(torch.cuda.current_stream(latents.device))
+            latents.record_stream(stream)  # its memory is not reused before the decode reads it
+            context = torch.cuda.stream(stream)
+        with context:
+            timer = self._decode_timer.start()
+            finite = torch.isfinite(latents.flatten(1)).all(dim=1)
+            images = backbone.decode(latents, height=first.height, width=first.width,
+                                     output_type="pt")  # non-finite rows are dropped later
+            self._decode_timer.stop(timer)
+            on_cuda = images.is_cuda
+            host = torch.empty(images.shape, dtype=images.dtype, device="cpu",
+                               pin_memory=on_cuda)
+            host.copy_(images, non_blocking=on_cuda)
+            finite_host = finite.to("cpu", non_blocking=on_cuda)
+            ready = None
+            if on_cuda:
+                ready = torch.cuda.Event()
+                ready.record()
         timings = [self.store.latency(s.cell.backbone, s.cell.adapter, s.steps, s.cell.height,
                                       s.cell.width, s.cell.start, s.cell.end) or {}
                    for s in samples]
@@ -681,6 +707,19 @@ class SweepEngine:
                 self._finish_seconds += time.perf_counter() - begin
 
         return job
+
+    def _decode_stream(self, device: Any) -> Any:
+        """The CUDA stream overlapped decodes run on (one per device), so a finished group's
+        VAE decode shares the GPU with the next forwards instead of waiting in line before
+        them; ``None`` off CUDA."""
+        import torch
+
+        if getattr(device, "type", str(device)) != "cuda":
+            return None
+        key = str(device)
+        if key not in self._decode_streams:
+            self._decode_streams[key] = torch.cuda.Stream(device)
+        return self._decode_streams[key]
 
     def _finish_cells(self, backbone: Any, samples: list[_Sample], latents: Any,
                       reference: Any, metrics: dict[str, Any],

@@ -89,6 +89,8 @@ class SweepSpec:
         at each batch shape compiles (seconds to minutes).
     :ivar attention: SDPA kernel preference (:data:`adapterswap.fastpath.ATTENTION_CHOICES`).
     :ivar fp8: float8 linear layers (an approximation: its cells get keys of their own).
+    :ivar cache: block cache policy, ``"threshold:T"`` or ``"interval:N"`` (an approximation,
+        FLUX backbones only: :mod:`adapterswap.blockcache`; cells get keys of their own).
     :ivar overlap: finish cells (copy to host, images, metrics, store) on a background thread
         while the next forwards run; ``None`` (default): on when the sweep runs on CUDA.
     :ivar metric_options: per-metric options, e.g. ``{"identity": {"recognizer": "ir-se50"}}``.
@@ -125,6 +127,7 @@ class SweepSpec:
     compile: bool | None = None
     attention: str = "auto"
     fp8: bool = False
+    cache: str | None = None
     overlap: bool | None = None
     max_batch: int = 16
     timing_repeats: int = 1
@@ -141,7 +144,8 @@ class SweepSpec:
         compile_ = self.compile
         if compile_ is None:
             compile_ = str(device).startswith("cuda") and forwards >= AUTO_COMPILE_FORWARDS
-        return FastPath(attention=self.attention, compile=bool(compile_), fp8=self.fp8)
+        return FastPath(attention=self.attention, compile=bool(compile_), fp8=self.fp8,
+                        cache=self.cache)
 
     def use_overlap(self) -> bool:
         """Whether finishing overlaps the forwards (see ``overlap``)."""
@@ -270,7 +274,11 @@ class SweepSpec:
         for name in ("step_parallel", "compile", "overlap"):
             if getattr(self, name) not in (None, True, False):
                 raise InvalidArgumentError(name, getattr(self, name), "must be true or false")
-        self.fast_path("cpu")  # validates attention and fp8 by name
+        self.cache = self.fast_path("cpu").cache  # validates attention, fp8 and cache
+        if self.cache and self.probes:
+            raise InvalidArgumentError("cache", self.cache,
+                                       "probes need every block to run at every step; drop "
+                                       "--probes or --cache")
         if not isinstance(self.timing_repeats, int) or self.timing_repeats < 0:
             raise InvalidArgumentError("timing_repeats", self.timing_repeats,
                                        "must be an integer >= 0")

@@ -1,0 +1,188 @@
+"""Caching of slowly changing blocks (adapterswap.blockcache): policies, the residual algebra
+with ControlNet (InfuseNet) residuals, install/remove exactness, and the sweep/CLI wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterswap.blockcache import BlockCache, CachePolicy
+from adapterswap.errors import InvalidArgumentError
+
+
+@pytest.mark.parametrize("text", ["fast", "threshold", "threshold:", "threshold:0",
+                                  "threshold:-1", "threshold:nan", "interval:1", "interval:2.5",
+                                  "every:2", "interval:2:3", 3])
+def test_bad_policies_name_the_argument(text) -> None:  # noqa: ANN001
+    with pytest.raises(InvalidArgumentError) as info:
+        CachePolicy.parse(text)
+    assert "cache" in str(info.value) and str(text) in str(info.value)
+
+
+def test_policies_parse_and_print() -> None:
+    assert str(CachePolicy.parse("threshold:0.10")) == "threshold:0.1"
+    assert str(CachePolicy.parse(" interval : 3 ")) == "interval:3"
+    from adapterswap.fastpath import FastPath
+
+    fast = FastPath(cache="interval:2", fp8=False)
+    assert fast.cache == "interval:2" and fast.approximate
+    assert fast.approximations() == ["cache=interval:2"]
+    assert not FastPath().approximate
+
+
+def _tiny_flux() -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=3,
+                                  num_single_layers=4, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+
+
+def _inputs(batch: int = 2) -> dict:
+    g = torch.Generator().manual_seed(1)
+    n, t = 16, 5
+    return dict(hidden_states=torch.randn(batch, n, 16, generator=g),
+                encoder_hidden_states=torch.randn(batch, t, 32, generator=g),
+                pooled_projections=torch.randn(batch, 32, generator=g),
+                timestep=torch.full((batch,), 0.5), img_ids=torch.zeros(n, 3),
+                txt_ids=torch.zeros(t, 3), return_dict=False,
+                controlnet_block_samples=[torch.randn(batch, n, 32, generator=g)
+                                          for _ in range(2)],
+                controlnet_single_block_samples=[torch.randn(batch, n, 32, generator=g)
+                                                 for _ in range(3)])
+
+
+def _before_norm_out(model: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+    """The hidden states after the last block and its ControlNet residual."""
+    seen = []
+    handle = model.norm_out.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(**kwargs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_a_cached_step_reproduces_the_computed_one_and_keeps_the_adapter_live() -> None:
+    """Same inputs: the cached step equals the computed step. New ControlNet residuals: the
+    cached step carries the *new* ones (not the stored ones twice), so the hidden states
+    before the output norm move by exactly the change of the summed residuals."""
+    model = _tiny_flux()
+    kwargs = _inputs()
+    computed = _before_norm_out(model, kwargs)
+    cache = BlockCache(model, "threshold:1e9").install()
+    assert torch.equal(_before_norm_out(model, kwargs), computed)  # first call computes
+    cached = _before_norm_out(model, kwargs)
+    assert cache.stats() == {"policy": "threshold:1e+09", "computed_steps": 1,
+                             "cached_steps": 1}
+    torch.testing.assert_close(cached, computed, atol=1e-5, rtol=1e-5)
+
+    doubled = dict(kwargs, controlnet_block_samples=[2 * x for x in
+                                                     kwargs["controlnet_block_samples"]],
+                   controlnet_single_block_samples=[2 * x for x in
+                                                    kwargs["controlnet_single_block_samples"]])
+    # every double block adds sample i // 2 (3 blocks, 2 samples); every single block i // 2
+    added = sum(kwargs["controlnet_block_samples"][i // 2] for i in range(3)) + \
+        sum(kwargs["controlnet_single_block_samples"][i // 2] for i in range(4))
+    moved = _before_norm_out(model, doubled)
+    assert cache.cached == 2
+    torch.testing.assert_close(moved - computed, added, atol=1e-4, rtol=1e-4)
+
+    cache.remove()
+    assert torch.equal(_before_norm_out(model, kwargs), computed)  # back to exact
+    assert all("forward" not in vars(block) for block in cache.blocks)
+
+
+def test_interval_policy_and_batch_changes() -> None:
+    model = _tiny_flux()
+    cache = BlockCache(model, "interval:3").install()
+    kwargs = _inputs()
+    for _ in range(6):
+        _before_norm_out(model, kwargs)
+    assert (cache.computed, cache.cached) == (2, 4)  # steps 0 and 3
+    cache.reset()
+    _before_norm_out(model, kwargs)
+    _before_norm_out(model, _inputs(batch=1))  # a row finished: nothing stored fits
+    assert (cache.computed, cache.cached) == (4, 4)
+
+
+def test_a_threshold_of_almost_zero_never_caches_and_changes_nothing() -> None:
+    from adapterswap.denoise import denoise
+    from adapterswap.fastpath import FastPath
+    from adapterswap.plugins import get_adapter, get_backbone
+
+    backbone = get_backbone("flux-dev").tiny()
+    adapter = get_adapter("infusenet").tiny(backbone)
+    reference = adapter.encode_reference(adapter.tiny_reference(), backbone)
+
+    def run() -> torch.Tensor:
+        return denoise(backbone, "a photo", num_inference_steps=4, seeds=[0, 1], height=64,
+                       width=64, adapter=adapter, conditioning=reference,
+                       output_type="pt").images
+
+    exact = run()
+    backbone.enable_fast_path(FastPath(cache="threshold:1e-9"))
+    assert torch.equal(run(), exact)
+    assert backbone.block_cache.stats()["cached_steps"] == 0
+    backbone.enable_fast_path(FastPath(cache="interval:2"))
+    approximate = run()
+    assert backbone.block_cache.stats() == {"policy": "interval:2", "computed_steps": 2,
+                                            "cached_steps": 2}
+    assert not torch.equal(approximate, exact)
+    assert (approximate - exact).abs().max() < 0.5  # close, not equal
+    backbone.enable_fast_path(FastPath())
+    assert backbone.block_cache is None and torch.equal(run(), exact)
+
+
+def test_unsupported_denoisers_and_probes_are_clear_errors(tmp_path) -> None:  # noqa: ANN001
+    from adapterswap.fastpath import FastPath
+    from adapterswap.plugins import get_backbone
+    from adapterswap.sweep.spec import SweepSpec
+
+    sd15 = get_backbone("sd15").tiny()
+    with pytest.raises(InvalidArgumentError, match="cache.*UNet2DConditionModel"):
+        sd15.enable_fast_path(FastPath(cache="interval:2"))
+    with pytest.raises(InvalidArgumentError, match="probes"):
+        SweepSpec(backbones=["flux-schnell"], preset="tiny", steps=[1], cache="interval:2",
+                  probes=True, out=str(tmp_path)).validate()
+
+
+def test_sweep_cells_with_a_cache_are_keyed_apart(tmp_path) -> None:  # noqa: ANN001
+    from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.spec import SweepSpec
+    from adapterswap.sweep.store import RunStore
+
+    keys = {}
+    for cache in (None, "interval:2"):
+        spec = SweepSpec(backbones=["flux-schnell"], preset="tiny", steps=[1, 4], seeds=[0],
+                         cache=cache, timing_repeats=0, metrics=["sharpness"],
+                         out=str(tmp_path / str(cache))).validate()
+        with RunStore(spec.out) as store:
+            summary = SweepEngine(spec, store).run()
+            keys[cache] = store.finished_keys()
+            if cache:
+                stats = store.meta("block_cache:flux-schnell")
+                assert stats["policy"] == "interval:2" and stats["cached_steps"] >= 1
+                assert summary.fast_path["flux-schnell"]["block_cache"] == stats
+        assert summary.done == 2
+    assert not keys[None] & keys["interval:2"]
+
+
+def test_cli_cache_flag(tmp_path) -> None:  # noqa: ANN001
+    from click.testing import CliRunner
+
+    from adapterswap.cli import main
+
+    runner = CliRunner()
+    bad = runner.invoke(main, ["sweep", "--backbone", "flux-schnell", "--preset", "tiny",
+                               "--steps", "1", "--cache", "sometimes", "--out",
+                               str(tmp_path / "a")])
+    assert bad.exit_code == 2 and "cache" in bad.stderr and "sometimes" in bad.stderr
+    ok = runner.invoke(main, ["sweep", "--backbone", "flux-schnell", "--preset", "tiny",
+                              "--steps", "2", "--cache", "interval:2", "--out",
+                              str(tmp_path / "b")])
+    assert ok.exit_code == 0, ok.stderr
+    assert "block cache" in ok.stdout + ok.stderr
