@@ -180,6 +180,9 @@ def apply(variant: str, backbone: Any, modules: dict[str, Any], fastpath: Any) -
             module._compiled_call_impl = None
             for sub in module.modules():
                 sub._compiled_call_impl = None
+            if variant == "fp8-compile" and not any(
+                    isinstance(sub, fastpath.float8_linear_class()) for sub in module.modules()):
+                fastpath.to_float8(module)  # float8 here even when the fp8 variant did not run
             fastpath.compile_module(module, mode, scope)
         return time.perf_counter() - begin
     if variant == "fp8":

@@ -4,18 +4,23 @@ against a hand-written diffusers loop (InfiniteYou's pipeline logic) in the same
     python benchmarks/gpu/bench_flux.py --out results/flux.json             # H100: ~6 min
     python benchmarks/gpu/bench_flux.py --sweep --out results/flux.json     # + the sweep target
     python benchmarks/gpu/bench_flux.py --tiny --out /tmp/flux-tiny.json     # CPU smoke test
+    python benchmarks/gpu/bench_flux.py --rows dev,fp8,memory               # a subset of rows
 
 Rows, in this order (each change to the shared modules comes after the rows it would affect):
 
 1. ``flux-dev`` 28 steps: the eager diffusers loop (the baseline every speed-up is against)
-   and the eager engine;
+   and the eager engine; then (``cache``) the engine with each block-cache policy of
+   ``--cache-policies`` (opt-in approximation; distance from the eager engine's image; on
+   random weights the threshold policy's skip rate means nothing, the interval policy's
+   speed does);
 2. ``flux-schnell`` 4 steps: eager diffusers loop, eager engine, then the engine on the fast
    path (regional ``torch.compile`` of transformer and InfuseNet, cuDNN attention), then with
    float8 linears (opt-in approximation; fidelity against the eager engine's image, same seed);
 3. with ``--sweep``: steps {1,2,4,8,16,28} x 4 seeds, one eager diffusers-loop call per cell
    against the compiled engine sweep (sum of forwards beside the wall time);
-4. memory options on a fresh schnell transformer: model CPU offload (bf16) and 8-bit weights
-   (optimum-quanto ``qint8``, as InfiniteYou's ``--quantize_8bit``), peak memory and latency.
+4. memory options on a fresh schnell pipeline and InfuseNet: model CPU offload (bf16), 8-bit
+   weights (optimum-quanto ``qint8``, as InfiniteYou's ``--quantize_8bit``) and both together
+   (InfiniteYou's ``--cpu_offload --quantize_8bit``), peak memory and latency.
 
 Weights do not change latency, so nothing is downloaded. Face detection is not included (as in
 the reference figures); the ID tokens come from the resampler applied to a random embedding.
@@ -36,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from adapterswap_flux import published  # noqa: E402
 from common import count_flops, sync, timed, timed_sweep, write  # noqa: E402
+
+ROWS = ("dev", "cache", "schnell", "fast", "sweep", "fp8", "memory")
 
 
 def tiny_configs() -> None:
@@ -140,12 +147,23 @@ def main() -> None:
     parser.add_argument("--size", default="1024x1024")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test)")
+    parser.add_argument("--rows", default="dev,cache,schnell,fast,fp8,memory",
+                        help=f"comma-separated subset of {','.join(ROWS)} (the schnell eager "
+                             "rows always run: they are the reference image)")
+    parser.add_argument("--cache-policies", default="interval:2,threshold:0.1",
+                        help="block-cache policies of the cache rows (flux-dev, 28 steps)")
     parser.add_argument("--no-fp8", action="store_true", help="skip the float8 rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory-option rows")
     parser.add_argument("--sweep", action="store_true", help="also the steps x seeds sweep")
     parser.add_argument("--sweep-steps", default="1,2,4,8,16,28")
     parser.add_argument("--sweep-seeds", type=int, default=4)
     args = parser.parse_args()
+    rows = {r.strip() for r in args.rows.split(",") if r.strip()}
+    unknown = rows - set(ROWS)
+    if unknown:
+        parser.error(f"--rows: unknown {sorted(unknown)} (choose from {','.join(ROWS)})")
+    rows |= {"schnell"} | ({"sweep"} if args.sweep else set())
+    rows -= ({"fp8"} if args.no_fp8 else set()) | ({"memory"} if args.no_memory else set())
     if args.tiny:
         tiny_configs()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,14 +183,27 @@ def main() -> None:
     bench = Bench(adapter, conditioning, ids, height, width, args.repeats, results, args.out)
 
     # 1. flux-dev, eager: the baseline
-    pipe, shared = build("dev", device, dtype, None)
-    dev = FluxDev.from_pipeline(pipe, device=device)
-    dev.dtype = dtype
-    bench.flops(dev, 3.5)
-    base_dev = bench.row("flux-dev", "diffusers loop, eager", dev, 28, 3.5, engine=False)
-    eager_dev = bench.row("flux-dev", "engine, eager", dev, 28, 3.5)
-    del dev, pipe
-    free()
+    shared = None
+    base_dev = eager_dev = None
+    if "dev" in rows:
+        pipe, shared = build("dev", device, dtype, None)
+        dev = FluxDev.from_pipeline(pipe, device=device)
+        dev.dtype = dtype
+        bench.flops(dev, 3.5)
+        base_dev = bench.row("flux-dev", "diffusers loop, eager", dev, 28, 3.5, engine=False)
+        eager_dev = bench.row("flux-dev", "engine, eager", dev, 28, 3.5, keep_image=True)
+        if "cache" in rows:  # approximation: speed and distance from the eager engine's image
+            for policy in args.cache_policies.split(","):
+                dev.enable_fast_path(fastpath.FastPath())  # a fresh cache (and counts) each
+                dev.enable_fast_path(fastpath.FastPath(cache=policy))
+                row = bench.row("flux-dev", f"engine, block cache {policy} (approximation)",
+                                dev, 28, 3.5)
+                row["cache"] = dev.block_cache.stats()  # over all runs of the row
+                bench.save()
+            dev.enable_fast_path(fastpath.FastPath())
+        adapter.detach()
+        del dev, pipe
+        free()
 
     # 2. flux-schnell: eager, fast path, float8
     pipe, shared = build("schnell", device, dtype, shared)
@@ -181,26 +212,26 @@ def main() -> None:
     bench.flops(schnell, None)
     base = bench.row("flux-schnell", "diffusers loop, eager", schnell, 4, None, engine=False)
     eager = bench.row("flux-schnell", "engine, eager", schnell, 4, None, keep_image=True)
-    if args.sweep:  # the baseline while the modules are still eager
+    if "sweep" in rows:  # the baseline while the modules are still eager
         results["sweep"] = sweep_baseline(schnell, controlnet, ids, height, width, args)
-    start = time.perf_counter()
-    report = schnell.enable_fast_path(fastpath.FastPath(compile=True), adapters=[adapter])
-    fast = bench.row("flux-schnell", "engine, fast path", schnell, 4, None,
-                     setup_s=time.perf_counter() - start, fast_path=report)
     summary = results.setdefault("summary", {})
-    summary.update({
-        "swap_speedup_eager_engine": eager_dev["end_to_end_s"] / eager["end_to_end_s"],
-        "swap_speedup_diffusers_loop": base_dev["end_to_end_s"] / base["end_to_end_s"],
-        "fast_schnell_vs_eager_dev_baseline": base_dev["end_to_end_s"] / fast["end_to_end_s"],
-        "fast_schnell_vs_eager_schnell_baseline": base["end_to_end_s"] / fast["end_to_end_s"],
-    })
-    if args.sweep:
+    if base_dev is not None:
+        summary.update({
+            "swap_speedup_eager_engine": eager_dev["end_to_end_s"] / eager["end_to_end_s"],
+            "swap_speedup_diffusers_loop": base_dev["end_to_end_s"] / base["end_to_end_s"]})
+    if rows & {"fast", "sweep"}:
+        start = time.perf_counter()
+        report = schnell.enable_fast_path(fastpath.FastPath(compile=True), adapters=[adapter])
+        fast = bench.row("flux-schnell", "engine, fast path", schnell, 4, None,
+                         setup_s=time.perf_counter() - start, fast_path=report)
+        summary.update(speedups("fast", fast, base, base_dev))
+    if "sweep" in rows:
         results["sweep"].update(sweep(schnell, adapter, conditioning, height, width, args))
         for label in ("cold", "warm"):
             results["sweep"][f"speedup_{label}"] = results["sweep"]["diffusers_per_cell_s"] \
                 / results["sweep"][f"engine_{label}"]["wall_s"]
         bench.save()
-    if not args.no_fp8 and fastpath.fp8_supported(device):
+    if "fp8" in rows and fastpath.fp8_supported(device):
         start = time.perf_counter()
         layers = 0
         for module in (schnell.pipe.transformer, controlnet):
@@ -210,18 +241,31 @@ def main() -> None:
             fastpath.compile_module(module, "default", "regions")
         fp8 = bench.row("flux-schnell", "engine, fast path + float8 (approximation)", schnell,
                         4, None, setup_s=time.perf_counter() - start, fp8_layers=layers)
-        summary["fp8_schnell_vs_eager_dev_baseline"] = \
-            base_dev["end_to_end_s"] / fp8["end_to_end_s"]
-    elif not args.no_fp8:
+        summary.update(speedups("fp8", fp8, base, base_dev))
+    elif "fp8" in rows:
         results["fp8"] = f"not run: float8 needs compute capability 8.9+ (device {device})"
     bench.save()
-    del schnell, pipe
+    adapter.detach()  # nothing may keep the modules above alive into the memory rows
+    del schnell, pipe, controlnet, adapter
+    bench.adapter = None
+    torch._dynamo.reset()
     free()
 
-    # 4. memory options, on a fresh transformer (float8 changed the one above)
-    if not args.no_memory:
-        memory_rows(bench, shared, device, dtype, controlnet)
+    # 4. memory options, on fresh modules (float8 and compilation changed the ones above)
+    if "memory" in rows:
+        memory_rows(bench, shared, device, dtype, resampler)
     bench.save()
+
+
+def speedups(label: str, row: dict[str, Any], base: dict[str, Any],
+             base_dev: dict[str, Any] | None) -> dict[str, float]:
+    """``row``'s speed-up over the eager schnell loop and (when run) the eager dev loop."""
+    out = {f"{label}_schnell_vs_eager_schnell_baseline":
+           base["end_to_end_s"] / row["end_to_end_s"]}
+    if base_dev is not None:
+        out[f"{label}_schnell_vs_eager_dev_baseline"] = \
+            base_dev["end_to_end_s"] / row["end_to_end_s"]
+    return out
 
 
 class Bench:
@@ -233,7 +277,7 @@ class Bench:
         self.height, self.width, self.repeats = height, width, repeats
         self.results, self.out = results, out
         self.step_flops: dict[str, float] = {}
-        self.reference_image: Any = None
+        self.reference_images: dict[str, Any] = {}  # per backbone: the eager engine's image
 
     def flops(self, backbone: Any, guidance: float | None) -> None:
         self.step_flops[backbone.name] = _step_flops(backbone, self.adapter, self.conditioning,
@@ -241,7 +285,7 @@ class Bench:
 
     def row(self, backbone_name: str, label: str, backbone: Any, steps: int,
             guidance: float | None, *, engine: bool = True, keep_image: bool = False,
-            **extra: Any) -> dict[str, Any]:
+            warmup: int = 1, repeats: int | None = None, **extra: Any) -> dict[str, Any]:
         import torch
 
         from adapterswap.denoise import denoise
@@ -265,7 +309,7 @@ class Bench:
         image = run().float().cpu()
         sync()
         first_s = time.perf_counter() - begin
-        timing = timed(run, warmup=1, repeats=self.repeats)
+        timing = timed(run, warmup=warmup, repeats=repeats or self.repeats)
         flops = self.step_flops.get(backbone.name, 0.0)
         row: dict[str, Any] = {"backbone": backbone_name, "row": label, "steps": steps,
                                "end_to_end_s": timing["median_s"], "min_s": timing["min_s"],
@@ -274,11 +318,11 @@ class Bench:
         if denoise_s:
             per_step = sorted(denoise_s)[len(denoise_s) // 2] / steps
             row.update(per_step_s=per_step, achieved_tflops=flops / per_step / 1e12)
+        reference = self.reference_images.get(backbone_name)
         if keep_image:
-            self.reference_image = image
-        elif self.reference_image is not None and engine and \
-                self.reference_image.shape == image.shape:
-            diff = (image - self.reference_image).abs()
+            self.reference_images[backbone_name] = image
+        elif reference is not None and engine and reference.shape == image.shape:
+            diff = (image - reference).abs()
             mse = float((diff ** 2).mean())
             row.update(max_abs_pixel_diff_vs_eager=float(diff.max()),
                        psnr_db_vs_eager=float(10 * torch.log10(torch.tensor(1.0 / max(mse,
@@ -304,25 +348,31 @@ def free() -> None:
 
 
 def memory_rows(bench: Bench, shared: dict[str, Any], device: str, dtype: Any,
-                controlnet: Any) -> None:
-    """Model CPU offload (bf16) and 8-bit weights, each on a fresh schnell pipeline."""
+                resampler: Any) -> None:
+    """Model CPU offload (bf16), 8-bit weights, and both, on a fresh schnell pipeline and
+    InfuseNet (same seeds as above, so the images compare with the eager engine's)."""
     import torch
     from adapterswap_flux.backbones import FluxSchnell
 
     if device != "cuda":
         bench.results["memory"] = "not run: CPU offload and the 8-bit timings need a GPU"
         return
+    controlnet, _ = build_infusenet(device, dtype)
+    bench.adapter = engine_adapter(controlnet, resampler, device, dtype)
     pipe, shared = build("schnell", device, dtype, shared)
-    pipe.to("cpu")
-    free()
-    pipe.enable_model_cpu_offload(device=device)
-    backbone = FluxSchnell("<in-memory>", device=device, dtype=dtype, cpu_offload=True)
-    backbone.pipe = pipe  # from_pipeline would move the offloaded pipeline to the GPU
-    torch.cuda.reset_peak_memory_stats()
-    bench.row("flux-schnell", "engine, model CPU offload (bf16)", backbone, 4, None,
-              note="InfuseNet stays on the GPU, as in InfiniteYou")
-    pipe.remove_all_hooks()
-    del backbone
+
+    def offloaded(label: str, **extra: Any) -> None:
+        pipe.to("cpu")
+        free()
+        pipe.enable_model_cpu_offload(device=device)
+        backbone = FluxSchnell("<in-memory>", device=device, dtype=dtype, cpu_offload=True)
+        backbone.pipe = pipe  # from_pipeline would move the offloaded pipeline to the GPU
+        bench.row("flux-schnell", label, backbone, 4, None, warmup=0, repeats=2,
+                  note="InfuseNet stays on the GPU, as in InfiniteYou", **extra)
+        bench.adapter.detach()
+        pipe.remove_all_hooks()
+
+    offloaded("engine, model CPU offload (bf16)")
     try:
         import optimum.quanto as quanto
     except ImportError:
@@ -337,10 +387,12 @@ def memory_rows(bench: Bench, shared: dict[str, Any], device: str, dtype: Any,
     free()
     backbone = FluxSchnell.from_pipeline(pipe, device=device)
     backbone.dtype = dtype
-    torch.cuda.reset_peak_memory_stats()
     bench.row("flux-schnell", "engine, 8-bit weights (quanto qint8: transformer, T5, "
               "InfuseNet)", backbone, 4, None, setup_s=setup_s,
               weights_gib=torch.cuda.memory_allocated() / 2**30)
+    bench.adapter.detach()
+    del backbone
+    offloaded("engine, 8-bit weights + model CPU offload")
 
 
 SWEEP_PROMPT = "a portrait photo of a person, soft studio light"

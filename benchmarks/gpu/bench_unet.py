@@ -105,7 +105,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=24)
     parser.add_argument("--modes", default="eager-parallel,eager-sequential,fast-cold,fast-warm")
     parser.add_argument("--compile-scope", default=None, choices=["model", "blocks"],
-                        help="what the fast modes compile (default: the backbone's: model)")
+                        help="what the fast modes compile (default: the backbone's: sd15 model, "
+                             "sdxl blocks)")
     parser.add_argument("--skip-single", action="store_true",
                         help="only the sweep target (no single-image rows)")
     parser.add_argument("--tiny", action="store_true")
