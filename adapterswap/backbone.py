@@ -363,6 +363,13 @@ class Backbone(Probed, ABC):
         if self.block_cache is not None:
             self.block_cache.reset()
 
+    def keep_rows(self, rows: list[int]) -> None:
+        """Called by the loop when rows of the batch finished: ``rows`` are the positions (in
+        the previous batch) of those that go on. State kept per row (the block cache's stored
+        residuals) follows them."""
+        if self.block_cache is not None:
+            self.block_cache.keep_rows(rows)
+
     def begin_step(self) -> None:
         """Called by the loop before each step's denoiser calls: with a CUDA-graph compile
         mode, marks the step's start so the graphs may reuse the previous step's memory."""

@@ -101,6 +101,8 @@ class BlockCache:
                                        "the denoiser needs at least two blocks")
         self.computed = self.cached = 0
         self._handle: Any = None
+        # the decision runs eagerly inside compiled blocks (its host read would break graphs)
+        self._reuse = torch.compiler.disable(self._reuse)  # type: ignore[method-assign]
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -113,6 +115,22 @@ class BlockCache:
         self._rest: Any = None  # (hidden residual without adapter additions, encoder residual)
         self._skip = False
         self._samples: tuple[Any, Any, bool] = (None, None, False)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Rows of the batch finished: keep the stored residuals of the ``rows`` that go on
+        (positions in the previous batch), so the next step can still be served from them."""
+        from adapterswap.fastpath import device_tensor
+
+        if self._shape is None:
+            return
+        if self._rest is None:
+            self._shape = (len(rows), *self._shape[1:])
+            return
+        index = device_tensor(rows, self._rest[0].device)
+        self._rest = tuple(t.index_select(0, index) for t in self._rest)
+        if self._head_residual is not None:
+            self._head_residual = self._head_residual.index_select(0, index)
+        self._shape = (len(rows), *self._shape[1:])
 
     def stats(self) -> dict[str, Any]:
         return {"policy": str(self.policy), "computed_steps": self.computed,
@@ -140,8 +158,8 @@ class BlockCache:
 
     # ------------------------------------------------------------------ the hooks
     def _begin_call(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Each denoiser call is one step: note the adapter's residuals; a new batch shape
-        (rows finished) drops the stored residuals."""
+        """Each denoiser call is one step: note the adapter's residuals; a batch shape the
+        stored residuals do not fit (other than through :meth:`keep_rows`) drops them."""
         self._tick += 1
         self._samples = (kwargs.get("controlnet_block_samples"),
                          kwargs.get("controlnet_single_block_samples"),

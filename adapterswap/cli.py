@@ -585,6 +585,8 @@ def _execute(spec: Any) -> Any:
   adapterswap sweep --backbone flux-dev --backbone flux-schnell --ref face.jpg \\
       --prompts prompts.txt --steps 1,2,4,8,16,28 --out runs/flux
   adapterswap sweep --config sweep.toml --seeds 0,1
+  adapterswap sweep --backbone flux-dev --ref face.jpg --cache threshold:0.1 \\
+      --out runs/flux-cache
 """)
 @click.option("--backbone", "backbones", multiple=True, help="Backbone (repeatable).")
 @click.option("--adapter", default=None,
@@ -823,6 +825,55 @@ def merge_command(directory: str) -> None:
     report = build_report(directory)
     click.echo(f"merged {counts['shards']} shards ({counts['cells_added']} new cells); "
                f"report: {report}")
+
+
+@main.command("compare", epilog="""Examples:
+
+\b
+  adapterswap sweep --backbone flux-dev --ref face.jpg --out runs/exact
+  adapterswap sweep --backbone flux-dev --ref face.jpg --cache threshold:0.1 --out runs/cache
+  adapterswap compare runs/exact runs/cache --json cache-cost.json
+""")
+@click.argument("exact", type=click.Path())
+@click.argument("approx", type=click.Path())
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+              help="Also write the comparison as JSON here.")
+@click.option("--no-lpips", is_flag=True, help="Pixel PSNR and metric deltas only.")
+@click.option("--metric-option", "metric_options", multiple=True, metavar="lpips.KEY=VALUE",
+              help="Options of the LPIPS metric, e.g. lpips.resolution=256.")
+@click.option("--device", default=None, help="Device for LPIPS.")
+def compare_command(exact: str, approx: str, json_out: str | None, no_lpips: bool,
+                    metric_options: tuple[str, ...], device: str | None) -> None:
+    """The fidelity cost of an approximation on the same inputs: pair the cells of an exact
+    run and an approximate one (--fp8, --cache, ...) and report PSNR and LPIPS between each
+    pair, the paired change of every metric (95% CI) and the latency of both."""
+    import math
+    from pathlib import Path
+
+    from adapterswap.sweep.compare import compare_runs, format_comparison
+
+    options = _metric_options(metric_options)
+    unknown = set(options) - {"lpips"}
+    if unknown:
+        from adapterswap.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--metric-option", sorted(unknown)[0],
+                                   "compare only takes options of the lpips metric")
+    result = compare_runs(exact, approx, lpips=not no_lpips,
+                          lpips_options=options.get("lpips", {}), device=device)
+    click.echo(format_comparison(result))
+    if json_out:
+        def clean(value: Any) -> Any:  # JSON has no infinity: identical images give null
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            return value
+
+        Path(json_out).write_text(json.dumps(clean(result), indent=2))
+        click.echo(f"written: {json_out}")
 
 
 @main.command("report", epilog="Examples:\n\n\b\n  adapterswap report runs/sdxl-tiny")

@@ -109,6 +109,23 @@ def test_interval_policy_and_batch_changes() -> None:
     assert (cache.computed, cache.cached) == (4, 4)
 
 
+def test_stored_residuals_follow_the_rows_that_go_on() -> None:
+    """Row 0 of a batch of two finishes: the cache keeps row 1's residuals, and a cached step
+    for it alone equals the computed step for it."""
+    model = _tiny_flux()
+    both = _inputs(batch=2)
+    computed = _before_norm_out(model, both)
+    cache = BlockCache(model, "threshold:1e9").install()
+    _before_norm_out(model, both)
+    cache.keep_rows([1])
+    row = {k: (v[1:] if k in ("hidden_states", "encoder_hidden_states", "pooled_projections",
+                              "timestep") else [x[1:] for x in v] if k.startswith("controlnet")
+               else v) for k, v in both.items()}
+    alone = _before_norm_out(model, row)
+    assert (cache.computed, cache.cached) == (1, 1)
+    torch.testing.assert_close(alone, computed[1:], atol=1e-5, rtol=1e-5)
+
+
 def test_a_threshold_of_almost_zero_never_caches_and_changes_nothing() -> None:
     from adapterswap.denoise import denoise
     from adapterswap.fastpath import FastPath
@@ -186,3 +203,98 @@ def test_cli_cache_flag(tmp_path) -> None:  # noqa: ANN001
                               str(tmp_path / "b")])
     assert ok.exit_code == 0, ok.stderr
     assert "block cache" in ok.stdout + ok.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["interval:2", "threshold:0.5"])
+def test_compiled_blocks_keep_the_cache(policy: str) -> None:
+    """Regional compilation after the cache wraps the blocks: same steps cached, same images
+    as the eager cached run (float32 tolerance)."""
+    from adapterswap.denoise import denoise
+    from adapterswap.fastpath import FastPath
+    from adapterswap.plugins import get_adapter, get_backbone
+
+    images, stats = [], []
+    for compile_ in (False, True):
+        backbone = get_backbone("flux-dev").tiny()
+        adapter = get_adapter("infusenet").tiny(backbone)
+        adapter.attach(backbone)
+        backbone.enable_fast_path(FastPath(cache=policy, compile=compile_), adapters=[adapter])
+        reference = adapter.encode_reference(adapter.tiny_reference(), backbone)
+        images.append(denoise(backbone, "a photo", num_inference_steps=4, seeds=[0, 1],
+                              height=64, width=64, adapter=adapter, conditioning=reference,
+                              output_type="pt").images)
+        stats.append(backbone.block_cache.stats())
+    assert stats[0] == stats[1] and stats[0]["cached_steps"] >= 1
+    torch.testing.assert_close(images[1], images[0], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- compare (fidelity cost)
+@pytest.fixture(scope="module")
+def exact_and_cached(tmp_path_factory) -> tuple[str, str]:  # noqa: ANN001
+    from adapterswap.sweep.engine import run_sweep
+    from adapterswap.sweep.spec import SweepSpec
+
+    root = tmp_path_factory.mktemp("compare")
+    outs = []
+    for cache in (None, "interval:2"):
+        out = str(root / (cache or "exact").replace(":", "-"))
+        spec = SweepSpec(backbones=["flux-dev"], preset="tiny", steps=[1, 3], seeds=[0, 1],
+                         cache=cache, metrics=["sharpness", "contrast", "latency"], out=out)
+        run_sweep(spec)
+        outs.append(out)
+    return outs[0], outs[1]
+
+
+def test_compare_pairs_cells_and_measures_the_cost(exact_and_cached, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from click.testing import CliRunner
+
+    from adapterswap.cli import main
+    from adapterswap.sweep.compare import compare_runs
+
+    exact, cached = exact_and_cached
+    result = compare_runs(exact, cached, lpips_options={"random_backbone": True})
+    assert result["approx"]["approximation"] == "cache=interval:2"
+    assert result["exact"]["approximation"] is None and result["lpips"] is None
+    one, three = result["groups"]
+    assert (one["steps"], one["pairs"], one["identical"]) == (1, 2, 2)  # step 0 computes
+    assert one["psnr_db_min"] == float("inf") and one["lpips_max"] == pytest.approx(0, abs=1e-6)
+    assert three["steps"] == 3 and three["identical"] == 0  # step 1 was served from the cache
+    assert 20 < three["psnr_db_min"] < float("inf") and three["lpips_mean"] is not None
+    assert set(three["deltas"]) >= {"sharpness", "contrast"}
+    assert three["deltas"]["sharpness"]["n"] == 2
+    assert three["latency_exact_s"] > 0 and three["speedup"] > 0
+
+    out = tmp_path / "cost.json"
+    run = CliRunner().invoke(main, ["compare", exact, cached, "--no-lpips", "--json",
+                                    str(out)])
+    assert run.exit_code == 0, run.stderr
+    assert "identical" in run.stdout and "PSNR" in run.stdout and "not asked for" in run.stdout
+    data = json.loads(out.read_text())
+    assert data["groups"][0]["psnr_db_min"] is None  # inf (identical) is null in JSON
+
+
+def test_compare_errors_name_the_argument(exact_and_cached, tmp_path) -> None:  # noqa: ANN001
+    from click.testing import CliRunner
+
+    from adapterswap.cli import main
+
+    exact, cached = exact_and_cached
+    runner = CliRunner()
+    missing = runner.invoke(main, ["compare", str(tmp_path / "nowhere"), cached])
+    assert missing.exit_code == 2 and "EXACT" in missing.stderr and "nowhere" in missing.stderr
+    same = runner.invoke(main, ["compare", exact, exact, "--no-lpips"])
+    assert same.exit_code == 2 and "APPROX" in same.stderr
+    option = runner.invoke(main, ["compare", exact, cached, "--metric-option", "clip.x=1"])
+    assert option.exit_code == 2 and "--metric-option" in option.stderr
+
+    from adapterswap.sweep.engine import run_sweep
+    from adapterswap.sweep.spec import SweepSpec
+
+    other = str(tmp_path / "other-seeds")
+    run_sweep(SweepSpec(backbones=["flux-dev"], preset="tiny", steps=[1], seeds=[7],
+                        metrics=["sharpness"], out=other))
+    unmatched = runner.invoke(main, ["compare", exact, other, "--no-lpips"])
+    assert unmatched.exit_code != 0 and "no finished cell" in unmatched.stderr

@@ -582,7 +582,10 @@ class SweepEngine:
                                         [probes[j] for j in finishing])
                     done += d
                     failed += f
-                active = [j for j in active if chunk[j].steps > tick]
+                going_on = [r for r, j in enumerate(active) if chunk[j].steps > tick]
+                if len(going_on) < len(active) and going_on:
+                    backbone.keep_rows(going_on)
+                active = [active[r] for r in going_on]
         if recorder is not None:
             self._remove_probes(backbone, adapter)
         return done, failed
