@@ -175,22 +175,28 @@ def test_compiled_flux_matches_eager_on_tiny_weights() -> None:
 
 
 # ---------------------------------------------------------------------------- GPU
-LOOPS = ["flux-dev", "flux-schnell", "sdxl", "sdxl-lightning", "sd15"]
+LOOPS = ["flux-dev", "flux-schnell", "sdxl", "sdxl-lightning", "sd15", "flux-dev+interval:2"]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", LOOPS)
 def test_no_host_sync_inside_the_loop(name: str) -> None:
     """Steps after the first (which makes the cached constants) never synchronise with the
-    host: CUDA's sync debug mode turns any synchronising call into an error. (sd15-lcm is left
-    out: LCM draws fresh noise at every step from CPU generators, as diffusers does.)"""
+    host: CUDA's sync debug mode turns any synchronising call into an error; also with the
+    interval block cache, which decides on the host. (sd15-lcm is left out: LCM draws fresh
+    noise at every step from CPU generators, as diffusers does; so is the threshold cache,
+    which reads one number per step by design.)"""
+    from adapterswap.fastpath import FastPath
+
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    name, _, cache = name.partition("+")
     backbone = get_backbone(name).tiny().to("cuda")
     adapter = get_adapter(backbone.default_adapter).tiny(backbone)
     adapter.attach(backbone)
     assert next(backbone.denoiser().parameters()).is_cuda
-    backbone.enable_fast_path()
+    backbone.enable_fast_path(FastPath(cache=cache or None))
+    backbone.begin_run()
     guidance = backbone.resolve_guidance_scale(None)
     prompt = backbone.encode_prompt(["a photo"], guidance_scale=guidance).repeat(2)
     conditioning = adapter.encode_reference(adapter.tiny_reference(), backbone).repeat(2)
@@ -220,6 +226,8 @@ def test_no_host_sync_inside_the_loop(name: str) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(latents).all()
+    if cache:
+        assert backbone.block_cache.stats()["cached_steps"] == 2  # steps 1 and 3
 
 
 def test_cli_fast_path_flags(tmp_path) -> None:  # noqa: ANN001
