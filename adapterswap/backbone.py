@@ -119,6 +119,14 @@ class Backbone(Probed, ABC):
     #: What the fast path compiles: ``"regions"`` (each repeated block: transformers, fast to
     #: compile) or ``"model"`` (the whole forward, for CUDA graphs).
     compile_scope: ClassVar[str] = "regions"
+    #: Planned denoiser forwards from which compilation repays itself in a sweep (compile time
+    #: on a cold inductor cache over the time it saves per forward: launch-bound denoisers
+    #: save about the same per forward at any batch); ``None``: the general
+    #: :data:`adapterswap.fastpath.AUTO_COMPILE_FORWARDS`.
+    compile_pays_after: ClassVar[int | None] = None
+    #: The same in image-steps (forwards x images per forward), for compute-bound denoisers,
+    #: which save per image; when set it is used instead of :attr:`compile_pays_after`.
+    compile_pays_after_images: ClassVar[int | None] = None
     #: The fast path in force (:meth:`enable_fast_path`), ``None`` for plain eager diffusers.
     fast_path: FastPath | None = None
     #: The block cache the fast path installed (:mod:`adapterswap.blockcache`), or ``None``.
@@ -344,6 +352,16 @@ class Backbone(Probed, ABC):
                 report["compiled"].append("vae.decoder: forward (default)")
         self.fast_path = fast
         return report
+
+    @classmethod
+    def compile_repays(cls, forwards: int, batch: int) -> bool:
+        """Whether compiling repays itself over ``forwards`` planned forwards of ``batch``
+        images each (:attr:`compile_pays_after`, :attr:`compile_pays_after_images`)."""
+        from adapterswap.fastpath import AUTO_COMPILE_FORWARDS
+
+        if cls.compile_pays_after_images is not None:
+            return forwards * max(1, batch) >= cls.compile_pays_after_images
+        return forwards >= (cls.compile_pays_after or AUTO_COMPILE_FORWARDS)
 
     def _set_block_cache(self, policy: str | None) -> str | None:
         """Install (or remove, for ``None``) the block cache on the denoiser, before any

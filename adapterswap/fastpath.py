@@ -121,10 +121,10 @@ class FastPath:
         return replace(self, **changes)
 
 
-#: A sweep left to decide (``compile=None``) compiles on CUDA when it plans at least this many
-#: denoiser forwards. Measured on an H100: compiling the SD1.5 UNet with CUDA graphs took ~64 s
-#: and saved ~27 ms per batch-8 forward (48.6 -> 21.6 ms), so it pays back after ~2400
-#: forwards on a cold cache (sooner once inductor's on-disk cache holds the kernels).
+#: A sweep left to decide (``compile=None``) compiles on CUDA when a backbone's cells plan at
+#: least ``Backbone.compile_pays_after`` denoiser forwards (measured per backbone: compile
+#: time on a cold inductor cache over the time saved per forward), or this many for a backbone
+#: that has not measured it.
 AUTO_COMPILE_FORWARDS = 2000
 
 #: :meth:`Backbone.enable_fast_path` without switches: the exact ones, no compilation (sweeps

@@ -812,6 +812,10 @@ class UNetBackbone(Backbone):
     #: whole UNet with CUDA graphs (``reduce-overhead``).
     compile_mode: ClassVar[str] = "reduce-overhead"
     compile_scope: ClassVar[str] = "model"
+    #: SD1.5 + IP-Adapter Plus on an H100 (fp16, 4 seeds with CFG per forward): compiling the
+    #: UNet and the VAE decoder took ~98 s (first sweep 99.6 s against 1.6 s warm) and saved
+    #: ~33 ms per forward (59 forwards: 3.56 s eager against 1.61 s compiled).
+    compile_pays_after: ClassVar[int | None] = 3000
 
     def __init__(self, source: str | None = None, *, device: str | None = None,
                  dtype: Any = None, **options: Any) -> None:

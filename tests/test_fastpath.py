@@ -92,6 +92,15 @@ def test_sweep_decides_compilation_from_the_planned_forwards() -> None:
     assert not spec.fast_path("cuda", fastpath.AUTO_COMPILE_FORWARDS - 1).compile
     assert spec.fast_path("cuda", fastpath.AUTO_COMPILE_FORWARDS).compile
     assert spec.use_step_parallel(compiled=False) and not spec.use_step_parallel(compiled=True)
+    # each backbone's own measured break-even
+    from adapterswap.plugins import get_backbone
+
+    flux, sd15 = get_backbone("flux-dev"), get_backbone("sd15")
+    assert flux.compile_repays(120, 4) and not flux.compile_repays(120, 1)  # per image-step
+    assert not sd15.compile_repays(2999, 8) and sd15.compile_repays(3000, 1)  # per forward
+    assert spec.fast_path("cuda", 10, repays=True).compile
+    assert not spec.fast_path("cpu", 10, repays=True).compile
+    assert not spec.fast_path("cuda", 10**6, repays=False).compile
     spec.compile, spec.step_parallel = False, True
     assert not spec.fast_path("cuda", 10**6).compile and spec.use_step_parallel(compiled=True)
     for field, value in (("attention", "quick"), ("fp8", 1), ("compile", "yes")):

@@ -397,7 +397,8 @@ class SweepEngine:
         attached first, so their modules are compiled or cast along)."""
         per_forward = max(1, min(self.spec.max_batch, len(self.spec.seeds)))
         forwards = sum(cell.steps for cell, _ in items) // per_forward
-        fast = self.spec.fast_path(str(backbone.device), forwards)
+        fast = self.spec.fast_path(str(backbone.device), forwards,
+                                   backbone.compile_repays(forwards, per_forward))
         adapters = []
         for name in sorted({cell.adapter for cell, _ in items} - {"none"}):
             adapter = self.adapter_for(name, backbone)

@@ -65,6 +65,9 @@ class SDXLBackbone(UNetBackbone):
     #: Compiling the whole SDXL UNet did not finish in 5 minutes on an H100; its transformer
     #: and ResNet blocks compile in about 100 s and gave the measured 2.5x sweep.
     compile_scope = "blocks"
+    #: H100, fp16, 4 seeds with CFG per forward: compiling took ~138 s (first sweep 147 s
+    #: against 9.5 s warm) and saved ~37 ms per forward (11.6 s eager, 9.5 s compiled).
+    compile_pays_after = 3700
     default_source = SDXL_BASE
     default_steps = 30
     guidance_mode = "cfg"
