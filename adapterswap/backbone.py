@@ -251,6 +251,7 @@ class Backbone(Probed, ABC):
         self.pipe.to(device)
         self.device = str(device)
         self.clear_caches()
+        self.begin_run()  # stored block-cache residuals live on the old device
         return self
 
     def clear_caches(self) -> None:
