@@ -303,8 +303,15 @@ class Backbone(Probed, ABC):
         so adapters and probes that hold the module keep working. ``options`` go to
         ``torch.compile`` (default mode: :attr:`compile_mode`). The first calls at each new
         shape are slow (compilation); outputs agree within bf16 tolerance."""
+        from adapterswap import fastpath
+
         options.setdefault("mode", self.compile_mode)
         self.denoiser().compile(**options)
+        # recorded like the fast path's compilation, so CUDA-graph modes get their step marks
+        # (begin_step) and enable_fast_path knows the module changed
+        mode = options["mode"] if options["mode"] in fastpath.COMPILE_MODES else None
+        self.fast_path = (self.fast_path or fastpath.DEFAULT).with_(
+            compile=True, compile_mode=mode, compile_scope="model")
 
     def enable_fast_path(self, fast: FastPath | None = None, *,
                          adapters: Sequence[Any] = ()) -> dict[str, Any]:

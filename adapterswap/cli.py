@@ -14,6 +14,7 @@ import click
 
 from adapterswap import __version__
 from adapterswap.errors import AdapterswapError
+from adapterswap.fastpath import ATTENTION_CHOICES
 
 
 class AdapterswapGroup(click.Group):
@@ -252,7 +253,7 @@ def _parse_options(pairs: tuple[str, ...], argument: str) -> dict[str, Any]:
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Output image path (default: ./adapterswap-<backbone>-<adapter>-s<seed>.png).")
 @click.option("--attention", default="auto",
-              type=click.Choice(["auto", "cudnn", "flash", "efficient", "math", "default"]),
+              type=click.Choice(ATTENTION_CHOICES),
               help="SDPA kernel preference (default auto: cuDNN first on Hopper).")
 @click.option("--fp8", is_flag=True, help="float8 linear layers (approximation, Hopper+).")
 @click.option("--cache", default=None, metavar="POLICY",
@@ -376,8 +377,7 @@ def _common_sweep_options(func: Any) -> Any:
                           "image-steps, SD1.5 ~3000 forwards, SDXL ~3700; each batch shape "
                           "compiles once)."),
         click.option("--attention", default=None,
-                     type=click.Choice(["auto", "cudnn", "flash", "efficient", "math",
-                                        "default"]),
+                     type=click.Choice(ATTENTION_CHOICES),
                      help="SDPA kernel preference (default auto: cuDNN first on Hopper)."),
         click.option("--fp8", is_flag=True, default=None,
                      help="float8 linear layers (approximation, Hopper+; cells keyed apart)."),

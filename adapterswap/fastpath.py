@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 #: Accepted values of :attr:`FastPath.attention`.
 ATTENTION_CHOICES = ("auto", "cudnn", "flash", "efficient", "math", "default")
 
+#: ``torch.compile`` modes :attr:`FastPath.compile_mode` accepts.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 #: The float8 format's largest finite value (e4m3).
 _FP8_MAX = 448.0
 
@@ -87,11 +90,9 @@ class FastPath:
         for name in ("fuse_qkv", "compile", "fp8"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgumentError(name, getattr(self, name), "must be true or false")
-        modes = (None, "default", "reduce-overhead", "max-autotune",
-                 "max-autotune-no-cudagraphs")
-        if self.compile_mode not in modes:
+        if self.compile_mode not in (None, *COMPILE_MODES):
             raise InvalidArgumentError("compile_mode", self.compile_mode,
-                                       "choose one of " + ", ".join(m for m in modes if m))
+                                       "choose one of " + ", ".join(COMPILE_MODES))
         if self.compile_scope not in (None, "regions", "blocks", "model"):
             raise InvalidArgumentError("compile_scope", self.compile_scope,
                                        "choose regions, blocks or model")

@@ -76,5 +76,7 @@ def test_compile_keeps_the_module_and_the_image():
     unet = backbone.pipe.unet
     backbone.compile(backend="eager")  # the mechanics; inductor is for GPUs
     assert backbone.pipe.unet is unet
+    # recorded as the fast path's compilation (CUDA-graph step marks, no second compile)
+    assert backbone.fast_path.compile and backbone.fast_path.compile_mode == "reduce-overhead"
     after = denoise(backbone, "a cat", num_inference_steps=2, seeds=[0], output_type="pt")
     torch.testing.assert_close(after.images, before.images, atol=1e-5, rtol=0)

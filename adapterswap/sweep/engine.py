@@ -694,9 +694,7 @@ class SweepEngine:
             if on_cuda:
                 ready = torch.cuda.Event()
                 ready.record()
-        timings = [self.store.latency(s.cell.backbone, s.cell.adapter, s.steps, s.cell.height,
-                                      s.cell.width, s.cell.start, s.cell.end) or {}
-                   for s in samples]
+        timings = self._timings(samples)
 
         def job() -> tuple[int, int]:
             begin = time.perf_counter()
@@ -711,6 +709,12 @@ class SweepEngine:
                 self._finish_seconds += time.perf_counter() - begin
 
         return job
+
+    def _timings(self, samples: list[_Sample]) -> list[dict[str, float]]:
+        """The measured latency of each sample's setting and step count (``{}`` if none)."""
+        return [self.store.latency(s.cell.backbone, s.cell.adapter, s.steps, s.cell.height,
+                                   s.cell.width, s.cell.start, s.cell.end) or {}
+                for s in samples]
 
     def _decode_stream(self, device: Any) -> Any:
         """The CUDA stream overlapped decodes run on (one per device), so a finished group's
@@ -743,11 +747,7 @@ class SweepEngine:
             self._decode_seconds += time.perf_counter() - begin
             for slot, image in zip(ok, decoded):
                 images[slot] = image
-        timings = []
-        for s in samples:
-            measured = self.store.latency(s.cell.backbone, s.cell.adapter, s.steps,
-                                          s.cell.height, s.cell.width, s.cell.start, s.cell.end)
-            timings.append(measured or {})
+        timings = self._timings(samples)
         trajectory_rows = [self._trajectory(backbone, sample, trajectories[i], reference,
                                             metrics) if trajectories[i] and finite[i] else None
                            for i, sample in enumerate(samples)]

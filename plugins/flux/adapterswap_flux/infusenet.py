@@ -299,7 +299,7 @@ class InfuseNet(Adapter):
                 f"{pipe.transformer.config.in_channels}) does not match InfuseNet's "
                 f"({self.infusenet.config.joint_attention_dim}, "
                 f"{self.infusenet.config.in_channels})")
-        device = _execution_device(backbone)
+        device = backbone.execution_device
         dtype = backbone.dtype or self.dtype
         if self.quantize_8bit or self.infusenet.dtype == dtype:
             self.infusenet.to(device)
@@ -382,7 +382,7 @@ class InfuseNet(Adapter):
             pixels = pipe.image_processor.preprocess(canvas, height=height, width=width)
             # contiguous NCHW like diffusers' prepare_image (a channels-last view would pick
             # other convolution kernels and change the latents in the last digits)
-            pixels = pixels.contiguous().to(device=_execution_device(backbone), dtype=vae.dtype)
+            pixels = pixels.contiguous().to(device=backbone.execution_device, dtype=vae.dtype)
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.mode()
             latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
@@ -510,13 +510,6 @@ def save_tiny_infiniteyou(root: str | Path, transformer_config: Any, seed: int =
         torch.save({"image_proj": resampler.state_dict()}, str(model_dir / "image_proj_model.bin"))
     save_tiny_face_models(root, seed, embedding_dim=embedding_dim)
     return root
-
-
-def _execution_device(backbone: Backbone) -> Any:
-    device = getattr(backbone, "execution_device", None)
-    if device is None:
-        device = getattr(backbone.pipe, "_execution_device", None) or backbone.device
-    return device
 
 
 class _RandomIdentity:
