@@ -26,8 +26,9 @@ Two kinds of switch, kept apart because they differ in what they promise:
 **Approximations** (opt-in, reported separately with their fidelity cost):
 
 - ``fp8``: the large linear layers of the denoiser and adapter in float8 (e4m3) with dynamic
-  per-row activation scales and per-channel weight scales (``torch._scaled_mm``); Hopper or
-  newer only.
+  per-row activation scales and per-channel weight scales (``torch._scaled_mm``), accumulated
+  with the tensor cores' fast float8 accumulation (as torchao's inference path does; see
+  :func:`to_float8`); Hopper or newer only.
 
 - ``cache``: caching of slowly changing blocks (``"threshold:T"`` first-block cache or
   ``"interval:N"``), FLUX transformers only; see :mod:`adapterswap.blockcache`.
@@ -216,10 +217,12 @@ def float8_linear_class() -> type:
         Weights are scaled per output channel once; activations per row (token) at every call, so
         outliers in one token do not crush the others. The product runs on the tensor cores'
         float8 path (``torch._scaled_mm``) and comes back in the layer's original dtype.
+        ``fast_accum`` selects Hopper's faster, less precise float8 accumulation.
         """
 
-        def __init__(self, linear: torch.nn.Linear) -> None:
+        def __init__(self, linear: torch.nn.Linear, fast_accum: bool = True) -> None:
             super().__init__()
+            self.fast_accum = fast_accum
             weight = linear.weight.detach()
             self.in_features, self.out_features = linear.in_features, linear.out_features
             self.out_dtype = weight.dtype
@@ -236,22 +239,28 @@ def float8_linear_class() -> type:
             scale = rows.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / _FP8_MAX
             quantised = (rows.float() / scale).to(torch.float8_e4m3fn)
             out = torch._scaled_mm(quantised, self.weight_fp8.t(), scale_a=scale,
-                                   scale_b=self.weight_scale, out_dtype=self.out_dtype)
+                                   scale_b=self.weight_scale, out_dtype=self.out_dtype,
+                                   use_fast_accum=self.fast_accum)
             if self.bias is not None:
                 out = out + self.bias
             return out.reshape(*shape[:-1], self.out_features)
 
         def extra_repr(self) -> str:
             return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                    "float8_e4m3")
+                    f"float8_e4m3, fast_accum={self.fast_accum}")
 
     _FLOAT8_CLASS.append(Float8Linear)
     return Float8Linear
 
 
-def to_float8(module: torch.nn.Module, *, min_features: int = 1024) -> int:
+def to_float8(module: torch.nn.Module, *, min_features: int = 1024,
+              fast_accum: bool = True) -> int:
     """Replace, in place, every ``nn.Linear`` under ``module`` whose sides are both at least
-    ``min_features`` and multiples of 16 by a :class:`Float8Linear`. Returns how many."""
+    ``min_features`` and multiples of 16 by a :class:`Float8Linear`. Returns how many.
+
+    ``fast_accum`` (default on, as in torchao's float8 inference) lets Hopper's tensor cores
+    accumulate float8 products in their faster, reduced-precision mode; pass ``False`` for the
+    full-precision accumulation (``benchmarks/gpu/bench_fastpath.py`` measures both)."""
     import torch
 
     replaced = 0
@@ -260,7 +269,7 @@ def to_float8(module: torch.nn.Module, *, min_features: int = 1024) -> int:
             if (type(child) is torch.nn.Linear and child.in_features >= min_features
                     and child.out_features >= min_features and child.in_features % 16 == 0
                     and child.out_features % 16 == 0):
-                setattr(parent, name, float8_linear_class()(child))
+                setattr(parent, name, float8_linear_class()(child, fast_accum))
                 replaced += 1
     return replaced
 

@@ -12,7 +12,14 @@ change the modules in place): ``eager`` (PyTorch's default attention), ``flash``
 ``compile-overhead`` / ``compile-autotune`` (the backbone's mode and scope, ``default``,
 ``reduce-overhead``, ``max-autotune`` on the whole model), ``compile-regions`` and
 ``compile-blocks`` (default mode, per block list / per UNet transformer and ResNet block:
-compile time against speed), ``fp8`` (float8 linears, eager) and ``fp8-compile``.
+compile time against speed), ``compile-autotune-regions`` (``max-autotune-no-cudagraphs`` per
+block list: Triton GEMM templates with fused epilogues), ``fp8`` (float8 linears, eager),
+``fp8-compile`` (float8 with fast accumulation, compiled) and ``fp8-compile-precise``
+(float8 with full-precision accumulation, compiled).
+
+``--profile VARIANTS`` adds, for those variants, the top kernels and the GPU time split into
+matrix products, attention and everything else (normalisation, activations, quantisation,
+copies), with the TFLOP/s the matrix products and attention reach on their own.
 """
 
 from __future__ import annotations
@@ -143,8 +150,8 @@ def main() -> None:
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30
                if device == "cuda" else None}
         if variant in args.profile.split(","):
-            row["profile"] = profile(step)
-            print(row["profile"], flush=True)
+            row["profile"], row["profile_split"] = profile(step, flops_by_kind(step))
+            print(row["profile"], row["profile_split"], flush=True)
         results["variants"].append(row)
         print({k: v for k, v in row.items() if k != "profile"}, flush=True)
         if args.out:
@@ -164,7 +171,7 @@ def apply(variant: str, backbone: Any, modules: dict[str, Any], fastpath: Any) -
         for module in modules.values():
             fastpath.fuse_qkv(module)
         return 0.0
-    if variant.startswith("compile") or variant == "fp8-compile":
+    if variant.startswith("compile") or variant.startswith("fp8-compile"):
         mode, scope = {
             "compile": (backbone.compile_mode, backbone.compile_scope),
             "compile-default": ("default", "model"),
@@ -172,7 +179,9 @@ def apply(variant: str, backbone: Any, modules: dict[str, Any], fastpath: Any) -
             "compile-autotune": ("max-autotune", "model"),
             "compile-regions": ("default", "regions"),
             "compile-blocks": ("default", "blocks"),
-            "fp8-compile": (backbone.compile_mode, backbone.compile_scope)}[variant]
+            "compile-autotune-regions": ("max-autotune-no-cudagraphs", "regions"),
+            "fp8-compile": (backbone.compile_mode, backbone.compile_scope),
+            "fp8-compile-precise": (backbone.compile_mode, backbone.compile_scope)}[variant]
         import torch
 
         torch._dynamo.reset()
@@ -180,9 +189,13 @@ def apply(variant: str, backbone: Any, modules: dict[str, Any], fastpath: Any) -
             module._compiled_call_impl = None
             for sub in module.modules():
                 sub._compiled_call_impl = None
-            if variant == "fp8-compile" and not any(
-                    isinstance(sub, fastpath.float8_linear_class()) for sub in module.modules()):
-                fastpath.to_float8(module)  # float8 here even when the fp8 variant did not run
+            if variant.startswith("fp8-compile"):
+                fp8 = fastpath.float8_linear_class()
+                if not any(isinstance(sub, fp8) for sub in module.modules()):
+                    fastpath.to_float8(module)  # float8 even when the fp8 variant did not run
+                for sub in module.modules():
+                    if isinstance(sub, fp8):
+                        sub.fast_accum = variant == "fp8-compile"
             fastpath.compile_module(module, mode, scope)
         return time.perf_counter() - begin
     if variant == "fp8":
@@ -195,18 +208,70 @@ def apply(variant: str, backbone: Any, modules: dict[str, Any], fastpath: Any) -
     raise SystemExit(f"--variants: unknown variant {variant!r}")
 
 
-def profile(step: Any, rows: int = 25) -> str:
-    """Top kernels of two steps by GPU time (torch.profiler)."""
+#: Substrings of kernel names, by kind (checked in this order; lower case).
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "scaled_mm", "sm90_xmma", "matmul", "mm_")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """``attention``, ``matmul`` or ``other`` for a CUDA kernel's name."""
+    lowered = name.lower()
+    for kind, needles in KERNEL_KINDS:
+        if any(n in lowered for n in needles):
+            return kind
+    return "other"
+
+
+def flops_by_kind(step: Any) -> dict[str, float]:
+    """FLOPs of one step split into attention and matrix products (FlopCounterMode)."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        step()
+    attention = matmul = 0.0
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        if "attention" in str(op):
+            attention += flops
+        else:
+            matmul += flops  # mm, addmm, bmm, convolution, _scaled_mm
+    return {"attention": attention, "matmul": matmul}
+
+
+def profile(step: Any, flops: dict[str, float], rows: int = 25) -> tuple[str, dict[str, Any]]:
+    """Top kernels of two steps by GPU time (torch.profiler), and the GPU time per step split
+    by :func:`kernel_kind` with the TFLOP/s each kind reaches in its own kernels."""
+    import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
 
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    steps = 2
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(2):
+        for _ in range(steps):
             step()
         sync()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows,
-                                     max_name_column_width=60)
+    seconds: dict[str, float] = {"attention": 0.0, "matmul": 0.0, "other": 0.0}
+    top: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        micros = event.device_time_total  # a kernel's own duration
+        kind = kernel_kind(event.name)
+        seconds[kind] += micros / 1e6 / steps
+        if kind == "other":
+            top[event.name[:80]] = top.get(event.name[:80], 0.0) + micros / 1e6 / steps
+    split: dict[str, Any] = {f"{kind}_s": s for kind, s in seconds.items()}
+    split["kernels_s"] = sum(seconds.values())
+    for kind in ("attention", "matmul"):
+        if seconds[kind] > 0:
+            split[f"{kind}_tflops"] = flops[kind] / seconds[kind] / 1e12
+    split["top_other_kernels_s"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows,
+                                      max_name_column_width=60)
+    return table, split
 
 
 def host_syncs(step: Any) -> str:

@@ -291,7 +291,7 @@ class Bench:
         from adapterswap.denoise import denoise
 
         prompt = "a portrait photo of a person, soft studio light"
-        denoise_s: list[float] = []
+        phases: dict[str, list[float]] = {"encode_s": [], "denoise_s": [], "decode_s": []}
 
         def run() -> Any:
             if not engine:
@@ -301,7 +301,8 @@ class Bench:
             result = denoise(backbone, prompt, num_inference_steps=steps, seeds=[0],
                              height=self.height, width=self.width, adapter=self.adapter,
                              conditioning=self.conditioning, output_type="pt")
-            denoise_s.append(result.timings["denoise_s"])
+            for phase, values in phases.items():
+                values.append(result.timings[phase])
             return result.images
 
         sync()
@@ -315,9 +316,11 @@ class Bench:
                                "end_to_end_s": timing["median_s"], "min_s": timing["min_s"],
                                "first_call_s": first_s, "peak_gib": timing["peak_gib"],
                                "step_tflop": flops / 1e12, **extra}
-        if denoise_s:
-            per_step = sorted(denoise_s)[len(denoise_s) // 2] / steps
-            row.update(per_step_s=per_step, achieved_tflops=flops / per_step / 1e12)
+        if phases["denoise_s"]:  # medians of the engine's phases (text encoding, decoding)
+            median = {k: sorted(v)[len(v) // 2] for k, v in phases.items()}
+            per_step = median["denoise_s"] / steps
+            row.update(per_step_s=per_step, achieved_tflops=flops / per_step / 1e12,
+                       text_encode_s=median["encode_s"], decode_s=median["decode_s"])
         reference = self.reference_images.get(backbone_name)
         if keep_image:
             self.reference_images[backbone_name] = image
