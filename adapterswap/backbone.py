@@ -298,6 +298,16 @@ class Backbone(Probed, ABC):
         self.require_loaded()
         return getattr(getattr(self.pipe, "vae", None), "decoder", None)
 
+    def encoder_modules(self) -> dict[str, Any]:
+        """The encoders :attr:`FastPath.compile_encoders` compiles on CUDA: the pipeline's text
+        encoders and its VAE encoder (which adapters such as InfuseNet use for control images),
+        where present."""
+        self.require_loaded()
+        modules = {name: getattr(self.pipe, name, None)
+                   for name in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+        modules["vae.encoder"] = getattr(getattr(self.pipe, "vae", None), "encoder", None)
+        return {name: module for name, module in modules.items() if module is not None}
+
     def compile(self, **options: Any) -> None:
         """``torch.compile`` the denoiser (the pipeline's ``transformer`` or ``unet``) in place,
         so adapters and probes that hold the module keep working. ``options`` go to
@@ -358,6 +368,14 @@ class Backbone(Probed, ABC):
             if decoder is not None and on_cuda:
                 decoder.compile(mode="default")  # no CUDA graphs: its batch varies
                 report["compiled"].append("vae.decoder: forward (default)")
+            if fast.compile_encoders and on_cuda:
+                for name, module in self.encoder_modules().items():
+                    if name.startswith("vae."):  # its blocks differ in shape: whole
+                        module.compile(mode="default")
+                        parts = ["forward"]
+                    else:
+                        parts = fastpath.compile_encoder(module)
+                    report["compiled"].append(f"{name}: {', '.join(parts)} (default)")
         self.fast_path = fast
         return report
 

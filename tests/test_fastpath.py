@@ -75,6 +75,22 @@ def test_compile_regions_compiles_each_block() -> None:
     assert unet._compiled_call_impl is None
 
 
+def test_compile_encoder_compiles_text_encoders_block_by_block() -> None:
+    backbone = get_backbone("flux-schnell").tiny()
+    encoders = backbone.encoder_modules()
+    assert sorted(encoders) == ["text_encoder", "text_encoder_2", "vae.encoder"]
+    t5, clip, vae = (encoders[k] for k in ("text_encoder_2", "text_encoder", "vae.encoder"))
+    blocks = len(t5.encoder.block)
+    assert fastpath.compile_encoder(t5) == [f"encoder.block[{blocks}]"]
+    assert all(block._compiled_call_impl is not None for block in t5.encoder.block)
+    lists = [n for n, m in clip.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    assert len(lists) == 1  # CLIP's layers (their path differs between transformers versions)
+    layers = clip.get_submodule(lists[0])
+    assert fastpath.compile_encoder(clip) == [f"{lists[0]}[{len(layers)}]"]
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert t5._compiled_call_impl is None and vae._compiled_call_impl is None
+
+
 def test_forward_timer_sums_cpu_forwards() -> None:
     timer = fastpath.ForwardTimer()
     for _ in range(3):

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import count_flops, sync, write  # noqa: E402
+from common import sync, write  # noqa: E402
 
 DEFAULT_VARIANTS = "eager,flash,cudnn,fuse,compile,fp8,fp8-compile"
 
@@ -105,7 +105,8 @@ def main() -> None:
                                     adapter_inputs=inputs)
 
     modules = {**backbone.fast_modules(), **adapter.fast_modules()}
-    flops = count_flops(step)
+    kinds = flops_by_kind(step)  # before any compilation: a dispatch mode over compiled
+    flops = sum(kinds.values())  # regions makes them recompile
     results: dict[str, Any] = {
         "backbone": backbone.name, "adapter": adapter.name, "batch": args.batch,
         "height": height, "width": width, "build_s": build_s, "step_tflop": flops / 1e12,
@@ -148,9 +149,10 @@ def main() -> None:
                "max_abs_vs_eager": float((out - reference).abs().max()),
                "host_syncs": host_syncs(step) if device == "cuda" else "not checked (CPU)",
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30
-               if device == "cuda" else None}
+               if device == "cuda" else None,
+               "dynamo_graphs": dict(torch._dynamo.utils.counters["stats"])}
         if variant in args.profile.split(","):
-            row["profile"], row["profile_split"] = profile(step, flops_by_kind(step))
+            row["profile"], row["profile_split"] = profile(step, kinds)
             print(row["profile"], row["profile_split"], flush=True)
         results["variants"].append(row)
         print({k: v for k, v in row.items() if k != "profile"}, flush=True)

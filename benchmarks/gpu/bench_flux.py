@@ -14,7 +14,8 @@ Rows, in this order (each change to the shared modules comes after the rows it w
    random weights the threshold policy's skip rate means nothing, the interval policy's
    speed does);
 2. ``flux-schnell`` 4 steps: eager diffusers loop, eager engine, then the engine on the fast
-   path (regional ``torch.compile`` of transformer and InfuseNet, cuDNN attention), then with
+   path (regional ``torch.compile`` of transformer and InfuseNet, cuDNN attention, compiled VAE
+   decoder, and ``compile_encoders``: text encoders and the VAE encoder), then with
    float8 linears (opt-in approximation; fidelity against the eager engine's image, same seed);
 3. with ``--sweep``: steps {1,2,4,8,16,28} x 4 seeds, one eager diffusers-loop call per cell
    against the compiled engine sweep (sum of forwards beside the wall time);
@@ -221,7 +222,8 @@ def main() -> None:
             "swap_speedup_diffusers_loop": base_dev["end_to_end_s"] / base["end_to_end_s"]})
     if rows & {"fast", "sweep"}:
         start = time.perf_counter()
-        report = schnell.enable_fast_path(fastpath.FastPath(compile=True), adapters=[adapter])
+        report = schnell.enable_fast_path(fastpath.FastPath(compile=True, compile_encoders=True),
+                                          adapters=[adapter])
         fast = bench.row("flux-schnell", "engine, fast path", schnell, 4, None,
                          setup_s=time.perf_counter() - start, fast_path=report)
         summary.update(speedups("fast", fast, base, base_dev))
