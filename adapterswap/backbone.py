@@ -335,10 +335,14 @@ class Backbone(Probed, ABC):
         self.require_loaded()
         previous = self.fast_path
         if previous is not None and previous.same_modules(fast):
-            self.fast_path = previous.with_(attention=fast.attention, cache=fast.cache)
+            encoders = previous.compile_encoders or (fast.compile and fast.compile_encoders)
+            self.fast_path = previous.with_(attention=fast.attention, cache=fast.cache,
+                                            compile_encoders=encoders)
             report = {"attention": fast.attention, "already": True}
             if (previous.cache or None) != (fast.cache or None):
                 report["cache"] = self._set_block_cache(fast.cache)
+            if encoders and not previous.compile_encoders:
+                report["compiled"] = self._compile_encoders()
             return report
         if previous is not None and (previous.compile or previous.fp8 or previous.fuse_qkv):
             raise UsageError(f"backbone {self.name!r} already runs a fast path that changed "
@@ -368,16 +372,26 @@ class Backbone(Probed, ABC):
             if decoder is not None and on_cuda:
                 decoder.compile(mode="default")  # no CUDA graphs: its batch varies
                 report["compiled"].append("vae.decoder: forward (default)")
-            if fast.compile_encoders and on_cuda:
-                for name, module in self.encoder_modules().items():
-                    if name.startswith("vae."):  # its blocks differ in shape: whole
-                        module.compile(mode="default")
-                        parts = ["forward"]
-                    else:
-                        parts = fastpath.compile_encoder(module)
-                    report["compiled"].append(f"{name}: {', '.join(parts)} (default)")
+            if fast.compile_encoders:
+                report["compiled"] += self._compile_encoders()
         self.fast_path = fast
         return report
+
+    def _compile_encoders(self) -> list[str]:
+        """Compile :meth:`encoder_modules` on CUDA (nothing elsewhere); what was compiled."""
+        from adapterswap import fastpath
+
+        if not str(self.execution_device).startswith("cuda"):
+            return []
+        compiled = []
+        for name, module in self.encoder_modules().items():
+            if name.startswith("vae."):  # its blocks differ in shape: the whole forward
+                module.compile(mode="default")
+                parts = ["forward"]
+            else:
+                parts = fastpath.compile_encoder(module)
+            compiled.append(f"{name}: {', '.join(parts)} (default)")
+        return compiled
 
     @classmethod
     def compile_repays(cls, forwards: int, batch: int) -> bool:

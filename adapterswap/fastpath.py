@@ -110,10 +110,11 @@ class FastPath:
             object.__setattr__(self, "cache", str(CachePolicy.parse(self.cache)))
 
     def same_modules(self, other: FastPath) -> bool:
-        """Whether ``other`` changes the modules the same way (what cannot be undone)."""
-        return (self.compile, self.compile_encoders and self.compile, self.fp8,
-                self.fuse_qkv) == (other.compile, other.compile_encoders and other.compile,
-                                   other.fp8, other.fuse_qkv)
+        """Whether ``other`` changes the modules the same way (what cannot be undone).
+        ``compile_encoders`` does not count: compiled encoders stay exact, and
+        :meth:`Backbone.enable_fast_path` can add them later."""
+        return (self.compile, self.fp8, self.fuse_qkv) == (other.compile, other.fp8,
+                                                          other.fuse_qkv)
 
     @property
     def approximate(self) -> bool:

@@ -179,6 +179,11 @@ def test_enable_fast_path_refuses_changing_compiled_modules() -> None:
         backbone.enable_fast_path(fastpath.FastPath())
     with pytest.raises(InvalidArgumentError, match="fp8"):
         get_backbone("sd15").tiny().enable_fast_path(fastpath.FastPath(fp8=True))
+    # compiled encoders are exact: asking with or without them is the same compiled path
+    backbone.enable_fast_path(fastpath.FastPath(compile=True, compile_encoders=True))
+    assert backbone.fast_path.compile_encoders  # added (compiles on CUDA only)
+    assert backbone.enable_fast_path(fastpath.FastPath(compile=True))["already"]
+    assert backbone.fast_path.compile_encoders  # kept: compilation cannot be undone
 
 
 @pytest.mark.slow
