@@ -158,6 +158,14 @@ class Adapter(Probed, ABC):
         """Whether the adapter acts at this step (see :func:`is_active`)."""
         return is_active(step_index, num_steps, self.start, self.end)
 
+    def first_step_key(self, num_steps: int) -> Any:
+        """What, besides the denoiser's inputs, makes this adapter's first step differ between
+        runs of ``num_steps`` steps: by default whether it acts at step 0 (its window depends
+        on the step count). Runs whose keys are equal share their first forward in a
+        step-parallel sweep (see :attr:`Schedule.first_step_key`); an adapter whose first
+        step depends on the step count in other ways returns ``None`` (never shared)."""
+        return self.is_active(0, num_steps)
+
     def active_mask(self, ctx: StepContext) -> list[bool]:
         """Per-sample activity for a (possibly step-parallel) batch."""
         return [self.is_active(i, n) for i, n in zip(ctx.step_indices, ctx.num_steps)]

@@ -476,6 +476,7 @@ def _run_spec(spec: Any) -> Any:
             summary.seconds += extra.seconds
             summary.forward_seconds += extra.forward_seconds
             summary.forwards += extra.forwards
+            summary.shared_first_steps += extra.shared_first_steps
             summary.finish_seconds += extra.finish_seconds
             summary.decode_seconds += extra.decode_seconds
     return summary, build_report(spec.out)
@@ -757,9 +758,12 @@ def _print_summary(summary: Any, report: Any) -> None:
         return
     for metric, reason in sorted(summary.unavailable_metrics.items()):
         click.echo(f"warning: metric {metric!r} unavailable: {reason}", err=True)
+    shared = f", {summary.shared_first_steps} first steps shared" \
+        if summary.shared_first_steps else ""
     click.echo(f"{summary.done} cells done, {summary.skipped} already finished, "
                f"{summary.failed} failed, in {summary.seconds:.1f} s "
-               f"({summary.forwards} denoiser forwards: {summary.forward_seconds:.1f} s; "
+               f"({summary.forwards} denoiser forwards: {summary.forward_seconds:.1f} s"
+               f"{shared}; "
                f"decoding, scoring, storing: {summary.finish_seconds:.1f} s). "
                f"Results: {report.parent} (report: {report})")
     if summary.failed:

@@ -123,12 +123,18 @@ class Schedule:
         (flow matching: ``x_t = (1 - sigma) x0 + sigma * noise``); else ``None``.
     :ivar state: backbone-private per-run state (e.g. a scheduler instance of its own), so that
         runs with different step counts can advance side by side.
+    :ivar first_step_key: a hashable host-side value such that two schedules with equal keys
+        give the denoiser identical inputs at step 0 from identical latents (same timestep,
+        same input scaling), or ``None`` (never assumed). A step-parallel sweep then computes
+        the first step once for all step counts of a seed (flow matching: every schedule
+        starts at sigma 1).
     """
 
     num_inference_steps: int
     timesteps: Any
     sigmas: Any = None
     state: Any = None
+    first_step_key: Any = None
 
     def __len__(self) -> int:
         return self.num_inference_steps

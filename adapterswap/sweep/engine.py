@@ -78,6 +78,9 @@ class SweepSummary:
     #: seconds inside denoiser forwards (adapter + denoiser), timed without host syncs
     forward_seconds: float = 0.0
     forwards: int = 0
+    #: image rows whose first step was not computed: it had the same inputs as another row's
+    #: (same seed, schedules that start alike: flow matching), so its output was reused
+    shared_first_steps: int = 0
     #: seconds finishing cells (decode, scoring, storing) on the host, and seconds decoding
     #: (device time from CUDA events when the decode is queued on the side stream)
     finish_seconds: float = 0.0
@@ -171,6 +174,7 @@ class SweepEngine:
         self._conditionings: dict[tuple[Any, ...], Any] = {}
         self._timed: set[int] = set()
         self._forward_timer = ForwardTimer()
+        self._shared_forwards = 0  # first-step rows not computed (shared with another row)
         self._finish_seconds = 0.0
         self._decode_seconds = 0.0
         self._decode_timer = ForwardTimer()
@@ -386,6 +390,10 @@ class SweepEngine:
         self._store_notes(metrics)
         summary.forward_seconds = self._forward_timer.total()
         summary.forwards = self._forward_timer.count
+        summary.shared_first_steps = self._shared_forwards
+        if self._shared_forwards:
+            self.log(f"first step shared: {self._shared_forwards} image rows reused the output "
+                     "of a row with the same seed and starting timestep")
         summary.finish_seconds = self._finish_seconds
         summary.decode_seconds = self._decode_seconds + self._decode_timer.total()
         summary.seconds = time.perf_counter() - start
@@ -466,12 +474,13 @@ class SweepEngine:
         if not parallel:
             samples.sort(key=lambda s: s.steps)
         done = failed = 0
+        first_outputs: dict[Any, Any] = {}  # first-step outputs shared by step counts
         pending = self._chunks(samples, parallel)
         while pending:
             chunk = pending.pop(0)
             try:
                 d, f = self._run_chunk(backbone, adapter, chunk, prompt, conditioning,
-                                       reference, guidance, metrics)
+                                       reference, guidance, metrics, first_outputs)
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -513,7 +522,8 @@ class SweepEngine:
 
     def _run_chunk(self, backbone: Any, adapter: Any, chunk: list[_Sample],
                    prompt: TensorBundle, conditioning: TensorBundle | None, reference: Any,
-                   guidance: float | None, metrics: dict[str, Any]) -> tuple[int, int]:
+                   guidance: float | None, metrics: dict[str, Any],
+                   first_outputs: dict[Any, Any]) -> tuple[int, int]:
         import torch
 
         first = chunk[0].cell
@@ -527,6 +537,8 @@ class SweepEngine:
         probes: dict[int, list[tuple[int, str, str, float]]] = {j: [] for j in
                                                                 range(len(chunk))}
         recorder = self._install_probes(backbone, adapter) if first.probes else None
+        plan = None if recorder is not None else \
+            self._first_step_plan(backbone, adapter, chunk, schedules, first_outputs)
         active = list(range(len(chunk)))
         done = failed = 0
         tick = 0
@@ -534,24 +546,16 @@ class SweepEngine:
         with backbone.step_context():
             while active:
                 steps_of = [chunk[j].steps for j in active]
-                timesteps = torch.stack([schedules[n].timesteps[tick] for n in steps_of])
-                sigmas = None
-                if all(schedules[n].sigmas is not None for n in steps_of):
-                    sigmas = torch.stack([schedules[n].sigmas[tick] for n in steps_of])
-                ctx = StepContext(timesteps=timesteps, step_indices=(tick,) * len(active),
-                                  num_steps=tuple(steps_of), height=h, width=w, sigmas=sigmas)
+                # rows the forward computes: at step 0 only those whose output is not known yet
+                rows = plan[0] if tick == 0 and plan else list(range(len(active)))
                 index = device_tensor(active, latents.device)
                 current = latents.index_select(0, index)
-                batch_prompt = prompt.repeat(len(active))
-                adapter_inputs = None
-                timer = self._forward_timer.start()
-                backbone.begin_step()
-                if adapter is not None and conditioning is not None:
-                    adapter_inputs = adapter.denoiser_inputs(
-                        backbone, conditioning.repeat(len(active)), current, ctx, batch_prompt)
-                output = backbone.predict(current, ctx, batch_prompt, guidance_scale=guidance,
-                                          adapter_inputs=adapter_inputs)
-                self._forward_timer.stop(timer)
+                output = None
+                if rows:
+                    output = self._forward(backbone, adapter, current, rows, steps_of, tick,
+                                           schedules, prompt, conditioning, guidance, h, w)
+                if tick == 0 and plan:
+                    output = self._first_step_outputs(output, plan, first_outputs)
                 if recorder is not None:
                     for block, quantity, values in recorder.drain():
                         if len(values) != len(active):
@@ -590,6 +594,82 @@ class SweepEngine:
         if recorder is not None:
             self._remove_probes(backbone, adapter)
         return done, failed
+
+    def _forward(self, backbone: Any, adapter: Any, current: Any, rows: list[int],
+                 steps_of: list[int], tick: int, schedules: dict[int, Any], prompt: TensorBundle,
+                 conditioning: TensorBundle | None, guidance: float | None, h: int,
+                 w: int) -> Any:
+        """One timed adapter + denoiser forward of ``rows`` of the active batch ``current``."""
+        import torch
+
+        forward_steps = [steps_of[r] for r in rows]
+        timesteps = torch.stack([schedules[n].timesteps[tick] for n in forward_steps])
+        sigmas = None
+        if all(schedules[n].sigmas is not None for n in forward_steps):
+            sigmas = torch.stack([schedules[n].sigmas[tick] for n in forward_steps])
+        ctx = StepContext(timesteps=timesteps, step_indices=(tick,) * len(rows),
+                          num_steps=tuple(forward_steps), height=h, width=w, sigmas=sigmas)
+        inputs = current if len(rows) == len(steps_of) else \
+            current.index_select(0, device_tensor(rows, current.device))
+        batch_prompt = prompt.repeat(len(rows))
+        adapter_inputs = None
+        timer = self._forward_timer.start()
+        backbone.begin_step()
+        if adapter is not None and conditioning is not None:
+            adapter_inputs = adapter.denoiser_inputs(
+                backbone, conditioning.repeat(len(rows)), inputs, ctx, batch_prompt)
+        output = backbone.predict(inputs, ctx, batch_prompt, guidance_scale=guidance,
+                                  adapter_inputs=adapter_inputs)
+        self._forward_timer.stop(timer)
+        return output
+
+    def _first_step_plan(self, backbone: Any, adapter: Any, chunk: list[_Sample],
+                         schedules: dict[int, Any],
+                         known: dict[Any, Any]) -> tuple[list[int], list[Any]] | None:
+        """Which rows of a chunk's first step need a forward. A row's first-step output is
+        the same as another's when the inputs are: same seed (so the same latents; a group
+        shares prompt, reference and adapter setting), equal :attr:`Schedule.first_step_key`
+        and equal :meth:`Adapter.first_step_key`. Such outputs are kept for the whole group
+        (``known``), so step counts run one after another (compiled sweeps) share them too.
+        Returns the rows to compute and every row's key (``None``: never shared), or ``None``
+        when nothing is shared. Off with a block cache (its stored residuals follow the
+        batch); with probes this is not called (they record every row)."""
+        if backbone.block_cache is not None:
+            return None
+        keys: list[Any] = []
+        for sample in chunk:
+            step_key = schedules[sample.steps].first_step_key
+            adapter_key = None if adapter is None else adapter.first_step_key(sample.steps)
+            shareable = step_key is not None and (adapter is None or adapter_key is not None)
+            keys.append((sample.cell.seed, step_key, adapter_key) if shareable else None)
+        compute: list[int] = []
+        seen: set[Any] = set()
+        for j, key in enumerate(keys):
+            if key is None or (key not in known and key not in seen):
+                compute.append(j)
+                seen.add(key)
+        if len(compute) == len(chunk):
+            return None if all(k is None for k in keys) else (compute, keys)
+        self._shared_forwards += len(chunk) - len(compute)
+        return compute, keys
+
+    @staticmethod
+    def _first_step_outputs(output: Any, plan: tuple[list[int], list[Any]],
+                            known: dict[Any, Any]) -> Any:
+        """The first step's output of every row: computed rows from ``output`` (remembered in
+        ``known`` under their key, copied: CUDA-graph outputs are overwritten by the next
+        replay), the others from ``known``."""
+        import torch
+
+        compute, keys = plan
+        position = {j: k for k, j in enumerate(compute)}
+        for j, k in position.items():
+            if keys[j] is not None and keys[j] not in known:
+                known[keys[j]] = output[k:k + 1].clone()
+        if len(compute) == len(keys):
+            return output
+        return torch.cat([output[position[j]:position[j] + 1] if j in position
+                          else known[key] for j, key in enumerate(keys)])
 
     def _install_probes(self, backbone: Any, adapter: Any) -> Any:
         from adapterswap.probes import ProbeRecorder

@@ -265,9 +265,14 @@ class FluxBackbone(Backbone):
                              config.get("base_shift", 0.5), config.get("max_shift", 1.15))
         if sigmas is None:
             scheduler.set_timesteps(n, device=self.execution_device, mu=mu)
-        else:
-            scheduler.set_timesteps(sigmas=sigmas, device=self.execution_device, mu=mu)
-        return Schedule(n, scheduler.timesteps, scheduler.sigmas, scheduler)
+            return Schedule(n, scheduler.timesteps, scheduler.sigmas, scheduler)
+        scheduler.set_timesteps(sigmas=sigmas, device=self.execution_device, mu=mu)
+        # the first step's timestep, computed again on the host (no device read): schedules
+        # of every step count start at sigma 1, so a sweep computes that step once per seed
+        host = type(scheduler).from_config(config)
+        host.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
+        key = ("flow", float(host.sigmas[0]), float(host.timesteps[0]))
+        return Schedule(n, scheduler.timesteps, scheduler.sigmas, scheduler, key)
 
     def latent_image_ids(self, height: int, width: int) -> torch.Tensor:
         """The image tokens' positional ids ``(H/16 * W/16, 3)`` (cached per size)."""

@@ -1,0 +1,62 @@
+"""A sweep computes the first step once for every step count of a seed where the schedules
+start alike (flow matching: sigma 1), and the stored cells do not change."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from adapterswap.sweep.engine import SweepEngine
+from adapterswap.sweep.spec import SweepSpec
+from adapterswap.sweep.store import RunStore
+
+
+def run(tmp_path, name: str, share: bool, monkeypatch, **fields):  # noqa: ANN001, ANN201
+    """Cells (key, scores, image hash) and the summary of a tiny sweep."""
+    out = tmp_path / f"{name}-{share}-{len(list(tmp_path.iterdir()))}"
+    with monkeypatch.context() as patch:
+        if not share:
+            patch.setattr(SweepEngine, "_first_step_plan", lambda *args: None)
+        spec = SweepSpec(backbones=[name], preset="tiny", timing_repeats=0,
+                         metrics=["sharpness", "contrast"], out=str(out),
+                         **fields).validate()
+        with RunStore(spec.out) as store:
+            summary = SweepEngine(spec, store).run()
+            rows = sorted(store.rows(), key=lambda r: r["key"])
+    assert summary.failed == 0 and summary.done == len(rows)
+    cells = [(r["key"], r["scores"],
+              hashlib.sha256((out / r["image"]).read_bytes()).hexdigest()) for r in rows]
+    return cells, summary
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_flux_shares_the_first_step_and_stores_the_same_cells(tmp_path, monkeypatch,  # noqa: ANN001
+                                                              parallel: bool) -> None:
+    fields = dict(steps=[1, 2, 4], seeds=[0, 1], step_parallel=parallel)
+    shared, summary = run(tmp_path, "flux-schnell", True, monkeypatch, **fields)
+    alone, baseline = run(tmp_path, "flux-schnell", False, monkeypatch, **fields)
+    # 3 step counts x 2 seeds start at sigma 1: 2 first steps computed, 4 reused
+    assert summary.shared_first_steps == 4 and baseline.shared_first_steps == 0
+    assert shared == alone
+    if not parallel:  # one step count at a time: the 2nd and 3rd skip their first forward
+        assert summary.forwards == baseline.forwards - 2
+
+
+def test_adapter_window_keeps_apart_runs_that_differ_at_step_zero(tmp_path,  # noqa: ANN001
+                                                                   monkeypatch) -> None:
+    # end=0.5: at step 0 a 1-step run is past its window ((0+1)/1 > 0.5), 2- and 4-step runs
+    # are not; so per seed the 2- and 4-step runs share, the 1-step run computes its own
+    fields = dict(steps=[1, 2, 4], seeds=[0], end=0.5, step_parallel=True)
+    shared, summary = run(tmp_path, "flux-schnell", True, monkeypatch, **fields)
+    alone, _ = run(tmp_path, "flux-schnell", False, monkeypatch, **fields)
+    assert summary.shared_first_steps == 1
+    assert shared == alone
+
+
+def test_unet_schedules_and_probes_share_nothing(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    _, summary = run(tmp_path, "sd15", True, monkeypatch, steps=[1, 2], seeds=[0])
+    assert summary.shared_first_steps == 0  # no first-step key: the noise scaling may differ
+    _, probed = run(tmp_path, "flux-schnell", True, monkeypatch, steps=[1, 2], seeds=[0],
+                    probes=True)
+    assert probed.shared_first_steps == 0  # probes record every row's forward
