@@ -166,6 +166,19 @@ def device_tensor(values: Any, device: Any, dtype: Any = None) -> torch.Tensor:
     return tensor
 
 
+def host_to_device(tensor: torch.Tensor, device: Any) -> torch.Tensor:
+    """``tensor.to(device)`` without stalling the host: a copy from ordinary (pageable) host
+    memory to a GPU waits for every kernel queued before it, so each new batch of noise or
+    timesteps would drain the queue between groups of a sweep. From pinned memory the copy is
+    queued like a kernel (PyTorch keeps the pinned block until the copy has run)."""
+    import torch
+
+    target = torch.device(device)
+    if target.type == "cuda" and tensor.device.type == "cpu" and torch.cuda.is_available():
+        return tensor.pin_memory().to(target, non_blocking=True)
+    return tensor.to(target)
+
+
 def sdpa_backends(choice: str, device: Any) -> list[Any] | None:
     """The SDPA backends, in priority order, for ``choice`` on ``device`` (``None``: leave
     PyTorch's default alone)."""

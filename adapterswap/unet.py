@@ -98,8 +98,10 @@ class StepSchedulers:
         # Euler-type schedulers have N + 1 sigmas ending in 0; DDIM/LCM have none
         if sigmas is None or len(sigmas) != num_inference_steps + 1:
             sigmas = None
-        return Schedule(num_inference_steps, run.timesteps.to(self.device), sigmas=sigmas,
-                        state=run)
+        from adapterswap.fastpath import host_to_device
+
+        return Schedule(num_inference_steps, host_to_device(run.timesteps, self.device),
+                        sigmas=sigmas, state=run)
 
     @property
     def noise_sigma_depends_on_steps(self) -> bool:
@@ -143,9 +145,15 @@ def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], *, d
     """One noise row per generator, as diffusers' ``randn_tensor`` draws a batch of one."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    from adapterswap.fastpath import host_to_device
+
     generators = list(generators)
     if not generators:
         raise InvalidArgumentError("generators", generators, "need at least one generator")
+    if all(g.device.type == "cpu" for g in generators):  # drawn on the host either way
+        noise = randn_tensor((len(generators), *shape), generator=generators, device="cpu",
+                             dtype=dtype)
+        return host_to_device(noise, device)
     return randn_tensor((len(generators), *shape), generator=generators, device=device,
                         dtype=dtype)
 

@@ -260,6 +260,34 @@ def test_no_host_sync_inside_the_loop(name: str) -> None:
         assert backbone.block_cache.stats()["cached_steps"] == 2  # steps 1 and 3
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["flux-schnell", "sd15", "sdxl"])
+def test_new_noise_and_schedules_do_not_wait_for_queued_kernels(name: str) -> None:
+    """A sweep draws noise and builds schedules for every group; their copies to the GPU are
+    queued (pinned memory) instead of waiting for the kernels before them, and give the same
+    values as plain copies."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    backbone = get_backbone(name).tiny().to("cuda")
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        latents = backbone.prepare_latents(
+            [torch.Generator(backbone.generator_device).manual_seed(s) for s in (0, 1)],
+            height=64, width=64)
+        return latents, backbone.schedule(4, height=64, width=64).timesteps
+
+    expected = [t.clone() for t in draw()]  # the first call may allocate pinned memory
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = draw()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(g.is_cuda and torch.equal(g, e) for g, e in zip(got, expected))
+    host = torch.randn(3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fastpath.host_to_device(host, "cuda").cpu(), host)
+
+
 def test_cli_fast_path_flags(tmp_path) -> None:  # noqa: ANN001
     """--attention is checked by click; --fp8 on a CPU is one clear error naming fp8 (exit 2);
     the summary line reports forwards and finishing time."""

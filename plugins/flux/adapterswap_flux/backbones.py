@@ -239,9 +239,16 @@ class FluxBackbone(Backbone):
         h, w = self._latent_size(height, width)
         channels = self.pipe.transformer.config.in_channels // 4
         device = self.execution_device
-        rows = [randn_tensor((1, channels, h, w), generator=g, device=device, dtype=self.dtype)
-                for g in generators]
-        latents = torch.cat(rows, dim=0)
+        from adapterswap.fastpath import host_to_device
+
+        if all(g.device.type == "cpu" for g in generators):  # drawn on the host either way
+            rows = [randn_tensor((1, channels, h, w), generator=g, device="cpu",
+                                 dtype=self.dtype) for g in generators]
+            latents = host_to_device(torch.cat(rows, dim=0), device)
+        else:
+            rows = [randn_tensor((1, channels, h, w), generator=g, device=device,
+                                 dtype=self.dtype) for g in generators]
+            latents = torch.cat(rows, dim=0)
         return self.pipe._pack_latents(latents, len(rows), channels, h, w)
 
     def schedule(self, num_inference_steps: int, *, height: int, width: int) -> Schedule:
@@ -250,6 +257,7 @@ class FluxBackbone(Backbone):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
         from adapterswap.denoise import Schedule
+        from adapterswap.fastpath import host_to_device
 
         self.require_loaded()
         self.check_inputs(num_inference_steps=num_inference_steps, height=height, width=width)
@@ -266,12 +274,14 @@ class FluxBackbone(Backbone):
         if sigmas is None:
             scheduler.set_timesteps(n, device=self.execution_device, mu=mu)
             return Schedule(n, scheduler.timesteps, scheduler.sigmas, scheduler)
-        scheduler.set_timesteps(sigmas=sigmas, device=self.execution_device, mu=mu)
-        # the first step's timestep, computed again on the host (no device read): schedules
-        # of every step count start at sigma 1, so a sweep computes that step once per seed
-        host = type(scheduler).from_config(config)
-        host.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
-        key = ("flow", float(host.sigmas[0]), float(host.timesteps[0]))
+        # on the host, then queued to the device (no wait for the kernels before), as
+        # set_timesteps(device=...) would copy them
+        scheduler.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
+        # schedules of every step count start at sigma 1: a sweep computes that step once
+        key = ("flow", float(scheduler.sigmas[0]), float(scheduler.timesteps[0]))
+        device = self.execution_device
+        scheduler.timesteps = host_to_device(scheduler.timesteps, device)
+        scheduler.sigmas = host_to_device(scheduler.sigmas, device)
         return Schedule(n, scheduler.timesteps, scheduler.sigmas, scheduler, key)
 
     def latent_image_ids(self, height: int, width: int) -> torch.Tensor:
