@@ -16,8 +16,8 @@ Two kinds of switch, kept apart because they differ in what they promise:
   per step against 0.224 s) and keeps a second copy of the projections (+4.4 GiB).
 - ``compile_encoders`` (off by default): also ``torch.compile`` the text encoders (block by
   block) and the VAE encoder on CUDA, for serving many images with new prompts, where text
-  encoding and the control-image encoding are part of every image's latency (on an H100, T5-XXL
-  at 256 tokens: 43 ms eager, 18 ms compiled; FLUX's VAE encoder at 1024x1024: 51 ms, 22 ms).
+  encoding and the control-image encoding are part of every image's latency (on an H100,
+  FLUX's text encoding, CLIP-L + T5-XXL at 256 tokens: 57 ms eager, 26 ms compiled).
   A sweep encodes each prompt and reference once, so there it never repays its compile time.
 - ``compile``: ``torch.compile`` of the denoiser and the adapter's modules, in the mode and
   scope the backbone prefers (``Backbone.compile_mode`` / ``compile_scope``: SD1.5's UNet
@@ -33,7 +33,9 @@ Two kinds of switch, kept apart because they differ in what they promise:
 - ``fp8``: the large linear layers of the denoiser and adapter in float8 (e4m3) with dynamic
   per-row activation scales and per-channel weight scales (``torch._scaled_mm``), accumulated
   with the tensor cores' fast float8 accumulation (as torchao's inference path does; see
-  :func:`to_float8`); Hopper or newer only.
+  :func:`to_float8`); Hopper or newer only. On an H100 one compiled FLUX + InfuseNet step
+  takes 0.127 s (0.136 s with full-precision accumulation; bf16 compiled 0.168 s), 2.0%
+  relative L2 from the eager bf16 step (random weights).
 
 - ``cache``: caching of slowly changing blocks (``"threshold:T"`` first-block cache or
   ``"interval:N"``), FLUX transformers only; see :mod:`adapterswap.blockcache`.

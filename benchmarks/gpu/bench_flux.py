@@ -1,8 +1,9 @@
 """FLUX dev/schnell + InfuseNet at the published sizes with random weights: adapterswap's engine
 against a hand-written diffusers loop (InfiniteYou's pipeline logic) in the same process.
 
-    python benchmarks/gpu/bench_flux.py --out results/flux.json             # H100: ~6 min
+    python benchmarks/gpu/bench_flux.py --out results/flux.json             # H100: ~7 min
     python benchmarks/gpu/bench_flux.py --sweep --out results/flux.json     # + the sweep target
+    python benchmarks/gpu/bench_flux.py --size 864x1152 --rows dev,schnell,fast,fp8
     python benchmarks/gpu/bench_flux.py --tiny --out /tmp/flux-tiny.json     # CPU smoke test
     python benchmarks/gpu/bench_flux.py --rows dev,fp8,memory               # a subset of rows
 
