@@ -475,6 +475,7 @@ def _run_spec(spec: Any) -> Any:
             summary.skipped += extra.skipped
             summary.seconds += extra.seconds
             summary.forward_seconds += extra.forward_seconds
+            summary.forward_span_seconds += extra.forward_span_seconds
             summary.forwards += extra.forwards
             summary.shared_first_steps += extra.shared_first_steps
             summary.finish_seconds += extra.finish_seconds

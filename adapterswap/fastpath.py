@@ -400,6 +400,8 @@ class ForwardTimer:
         self._events: list[tuple[Any, Any]] = []
         self._seconds = 0.0
         self.count = 0
+        self._first: Any = None  # the first forward's start, the last one's end
+        self._last: Any = None
 
     def start(self) -> Any:
         import time
@@ -410,8 +412,11 @@ class ForwardTimer:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             begin = torch.cuda.Event(enable_timing=True)
             begin.record()
-            return begin
-        return time.perf_counter()
+        else:
+            begin = time.perf_counter()
+        if self._first is None:
+            self._first = begin
+        return begin
 
     def stop(self, begin: Any) -> None:
         import time
@@ -419,11 +424,13 @@ class ForwardTimer:
         import torch
 
         if isinstance(begin, float):
-            self._seconds += time.perf_counter() - begin
+            self._last = time.perf_counter()
+            self._seconds += self._last - begin
             return
         end = torch.cuda.Event(enable_timing=True)
         end.record()
         self._events.append((begin, end))
+        self._last = end
 
     def total(self) -> float:
         """Seconds spent in forwards so far (synchronises once on CUDA)."""
@@ -432,3 +439,14 @@ class ForwardTimer:
             self._seconds += sum(b.elapsed_time(e) for b, e in self._events) / 1000
             self._events = []
         return self._seconds
+
+    def span(self) -> float:
+        """Seconds from the first forward's start to the last one's end (0 before any): the
+        sweep's wall time outside it went to work before the first forward and after the
+        last; inside it, less the forwards, to work between them."""
+        if self._first is None or self._last is None:
+            return 0.0
+        if isinstance(self._first, float):
+            return self._last - self._first
+        self._last.synchronize()
+        return self._first.elapsed_time(self._last) / 1000

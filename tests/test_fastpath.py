@@ -92,12 +92,17 @@ def test_compile_encoder_compiles_text_encoders_block_by_block() -> None:
 
 
 def test_forward_timer_sums_cpu_forwards() -> None:
+    import time
+
     timer = fastpath.ForwardTimer()
+    assert timer.span() == 0.0
     for _ in range(3):
         begin = timer.start()
         torch.ones(64, 64) @ torch.ones(64, 64)
         timer.stop(begin)
+        time.sleep(0.01)  # work between forwards: in the span, not in the total
     assert timer.count == 3 and timer.total() > 0
+    assert timer.span() >= timer.total() + 0.015
 
 
 def test_sweep_decides_compilation_from_the_planned_forwards() -> None:

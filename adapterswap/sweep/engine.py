@@ -78,6 +78,8 @@ class SweepSummary:
     #: seconds inside denoiser forwards (adapter + denoiser), timed without host syncs
     forward_seconds: float = 0.0
     forwards: int = 0
+    #: seconds from the first forward's start to the last one's end (device time on CUDA)
+    forward_span_seconds: float = 0.0
     #: image rows whose first step was not computed: it had the same inputs as another row's
     #: (same seed, schedules that start alike: flow matching), so its output was reused
     shared_first_steps: int = 0
@@ -390,6 +392,7 @@ class SweepEngine:
         self._store_notes(metrics)
         summary.forward_seconds = self._forward_timer.total()
         summary.forwards = self._forward_timer.count
+        summary.forward_span_seconds = self._forward_timer.span()
         summary.shared_first_steps = self._shared_forwards
         if self._shared_forwards:
             self.log(f"first step shared: {self._shared_forwards} image rows reused the output "

@@ -111,6 +111,9 @@ def timed_sweep(backbone: Any, adapter: Any, conditioning: Any = None,
         raise RuntimeError(f"sweep finished {summary.done} of {cells} cells: {summary}")
     return {"wall_s": wall, "forward_s": summary.forward_seconds, "forwards": summary.forwards,
             "shared_first_steps": summary.shared_first_steps,
+            # wall outside the forwards: before the first / after the last, and between them
+            "outside_span_s": wall - summary.forward_span_seconds,
+            "between_forwards_s": summary.forward_span_seconds - summary.forward_seconds,
             "finish_s": summary.finish_seconds, "decode_s": summary.decode_seconds,
             "wall_over_forwards": wall / max(summary.forward_seconds, 1e-9),
             "fast_path": summary.fast_path}
