@@ -67,6 +67,14 @@ def run_scheduler(scheduler: Any, num_inference_steps: int, device: Any) -> Any:
     return run
 
 
+#: Schedulers whose ``scale_model_input`` at step 0 depends only on the first timestep and
+#: sigma (or is the identity), so :meth:`StepSchedulers.first_step_key` can vouch for equal
+#: first-step inputs across step counts.
+SHAREABLE_FIRST_STEP = frozenset({
+    "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler"})
+
+
 class StepSchedulers:
     """Reference schedulers per step count, for per-row ``scale_model_input`` and the
     initial noise scale. Cached: ``set_timesteps`` runs once per step count.
@@ -101,7 +109,23 @@ class StepSchedulers:
         from adapterswap.fastpath import host_to_device
 
         return Schedule(num_inference_steps, host_to_device(run.timesteps, self.device),
-                        sigmas=sigmas, state=run)
+                        sigmas=sigmas, state=run,
+                        first_step_key=self.first_step_key(run, num_inference_steps))
+
+    def first_step_key(self, run: Any, num_inference_steps: int) -> Any:
+        """What the UNet's input at step 0 depends on besides the noise: the first timestep,
+        the input scaling (Euler: the first sigma) and a step-count-dependent noise scale
+        (:meth:`first_step_latents`); ``None`` for schedulers whose input scaling this does
+        not know (:data:`SHAREABLE_FIRST_STEP`). Schedules with "trailing" spacing
+        (SDXL-Lightning, LCM) start at the same timestep whatever the step count, so a sweep
+        computes their first step once; "leading" ones (SD1.5's DDIM, SDXL-base) do not."""
+        if type(run).__name__ not in SHAREABLE_FIRST_STEP:
+            return None
+        sigmas = getattr(run, "sigmas", None)
+        sigma = float(sigmas[0]) if sigmas is not None and len(sigmas) else None
+        noise = float(self(num_inference_steps).init_noise_sigma) \
+            if self.noise_sigma_depends_on_steps else None
+        return ("unet", type(run).__name__, float(run.timesteps[0]), sigma, noise)
 
     @property
     def noise_sigma_depends_on_steps(self) -> bool:

@@ -54,9 +54,25 @@ def test_adapter_window_keeps_apart_runs_that_differ_at_step_zero(tmp_path,  # n
     assert shared == alone
 
 
-def test_unet_schedules_and_probes_share_nothing(tmp_path, monkeypatch) -> None:  # noqa: ANN001
-    _, summary = run(tmp_path, "sd15", True, monkeypatch, steps=[1, 2], seeds=[0])
-    assert summary.shared_first_steps == 0  # no first-step key: the noise scaling may differ
+@pytest.mark.parametrize("name", ["sdxl-lightning", "sd15-lcm"])
+def test_trailing_unet_schedules_share_the_first_step(tmp_path, monkeypatch,  # noqa: ANN001
+                                                      name: str) -> None:
+    # "trailing" spacing (Lightning's Euler, LCM) starts at t=999 whatever the step count;
+    # LCM also draws fresh noise at every step, which must not move with the shared forward
+    fields = dict(steps=[1, 2, 4], seeds=[0, 1], step_parallel=False)
+    shared, summary = run(tmp_path, name, True, monkeypatch, **fields)
+    alone, baseline = run(tmp_path, name, False, monkeypatch, **fields)
+    assert summary.shared_first_steps == 4 and summary.forwards == baseline.forwards - 2
+    assert shared == alone
+
+
+def test_leading_unet_schedules_and_probes_share_nothing(tmp_path,  # noqa: ANN001
+                                                          monkeypatch) -> None:
+    # "leading" spacing (SD1.5's DDIM, SDXL-base's Euler): the first timestep and the noise
+    # scale depend on the step count
+    for name in ("sd15", "sdxl"):
+        _, summary = run(tmp_path, name, True, monkeypatch, steps=[1, 2], seeds=[0])
+        assert summary.shared_first_steps == 0
     _, probed = run(tmp_path, "flux-schnell", True, monkeypatch, steps=[1, 2], seeds=[0],
                     probes=True)
     assert probed.shared_first_steps == 0  # probes record every row's forward
