@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
     from adapterswap.adapter import Adapter
@@ -186,6 +187,27 @@ class DenoiseResult:
     latents: Any
     images: Any
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], *, device: Any,
+               dtype: Any) -> torch.Tensor:
+    """One noise row per generator, as diffusers' ``randn_tensor`` draws a batch of one
+    (what a pipeline called once per seed would draw). Generators on the CPU draw on the host
+    and the noise is queued to ``device`` (:func:`adapterswap.fastpath.host_to_device`)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from adapterswap.errors import InvalidArgumentError
+    from adapterswap.fastpath import host_to_device
+
+    generators = list(generators)
+    if not generators:
+        raise InvalidArgumentError("generators", generators, "need at least one generator")
+    if all(g.device.type == "cpu" for g in generators):  # drawn on the host either way
+        noise = randn_tensor((len(generators), *shape), generator=generators, device="cpu",
+                             dtype=dtype)
+        return host_to_device(noise, device)
+    return randn_tensor((len(generators), *shape), generator=generators, device=device,
+                        dtype=dtype)
 
 
 def denoise(

@@ -164,24 +164,6 @@ class StepSchedulers:
         return torch.cat(rows)
 
 
-def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], *, device: Any,
-               dtype: Any) -> torch.Tensor:
-    """One noise row per generator, as diffusers' ``randn_tensor`` draws a batch of one."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    from adapterswap.fastpath import host_to_device
-
-    generators = list(generators)
-    if not generators:
-        raise InvalidArgumentError("generators", generators, "need at least one generator")
-    if all(g.device.type == "cpu" for g in generators):  # drawn on the host either way
-        noise = randn_tensor((len(generators), *shape), generator=generators, device="cpu",
-                             dtype=dtype)
-        return host_to_device(noise, device)
-    return randn_tensor((len(generators), *shape), generator=generators, device=device,
-                        dtype=dtype)
-
-
 def scheduler_step(schedule: Schedule, model_output: torch.Tensor, latents: torch.Tensor,
                    step_index: int, generators: Sequence[torch.Generator] | None) -> Any:
     """``schedule.state.step`` at ``step_index``; returns diffusers' step output."""
@@ -944,6 +926,8 @@ class UNetBackbone(Backbone):
         self.require_loaded()
         factor = self.pipe.vae_scale_factor
         shape = (self.pipe.unet.config.in_channels, height // factor, width // factor)
+        from adapterswap.denoise import draw_noise
+
         latents = draw_noise(generators, shape, device=self.device, dtype=self.dtype)
         steps = self.step_schedulers
         if not steps.noise_sigma_depends_on_steps:

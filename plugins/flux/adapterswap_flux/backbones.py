@@ -230,26 +230,14 @@ class FluxBackbone(Backbone):
                         width: int) -> torch.Tensor:
         """Packed noise ``(B, H/16 * W/16, 4C)``: row ``i`` is ``FluxPipeline``'s draw for a
         batch of one with ``generators[i]``."""
-        import torch
-        from diffusers.utils.torch_utils import randn_tensor
+        from adapterswap.denoise import draw_noise
 
         self.require_loaded()
-        if not generators:
-            raise InvalidArgumentError("generators", [], "need at least one generator")
         h, w = self._latent_size(height, width)
         channels = self.pipe.transformer.config.in_channels // 4
         device = self.execution_device
-        from adapterswap.fastpath import host_to_device
-
-        if all(g.device.type == "cpu" for g in generators):  # drawn on the host either way
-            rows = [randn_tensor((1, channels, h, w), generator=g, device="cpu",
-                                 dtype=self.dtype) for g in generators]
-            latents = host_to_device(torch.cat(rows, dim=0), device)
-        else:
-            rows = [randn_tensor((1, channels, h, w), generator=g, device=device,
-                                 dtype=self.dtype) for g in generators]
-            latents = torch.cat(rows, dim=0)
-        return self.pipe._pack_latents(latents, len(rows), channels, h, w)
+        latents = draw_noise(generators, (channels, h, w), device=device, dtype=self.dtype)
+        return self.pipe._pack_latents(latents, len(generators), channels, h, w)
 
     def schedule(self, num_inference_steps: int, *, height: int, width: int) -> Schedule:
         """Timesteps and sigmas of one run, from a scheduler instance of its own."""
