@@ -94,6 +94,9 @@ class SweepSpec:
     :ivar overlap: finish cells (copy to host, images, metrics, store) on a background thread
         while the next forwards run; ``None`` (default): on when the sweep runs on CUDA.
     :ivar metric_options: per-metric options, e.g. ``{"identity": {"recognizer": "ir-se50"}}``.
+    :ivar backbone_options: backbone options (``Backbone.check_options``), e.g.
+        ``{"timestep_spacing": "trailing"}`` for every backbone of the sweep, or a table per
+        backbone name, ``{"sd15": {"timestep_spacing": "trailing"}}``. They enter cell keys.
     """
 
     backbones: list[str] = field(default_factory=list)
@@ -117,6 +120,7 @@ class SweepSpec:
     adapter_source: str | None = None
     adapter_options: dict[str, Any] = field(default_factory=dict)
     metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backbone_options: dict[str, Any] = field(default_factory=dict)
     only_default_steps: bool = False
     scales: list[float] = field(default_factory=list)
     windows: list[list[float]] = field(default_factory=list)
@@ -133,6 +137,7 @@ class SweepSpec:
     timing_repeats: int = 1
     save_images: bool = True
     defaults_used: list[str] = field(default_factory=list, repr=False)
+    _resolved_sources: dict[str, str] = field(default_factory=dict, repr=False)
 
     def fast_path(self, device: str, forwards: int = 0,
                   repays: bool | None = None) -> FastPath:
@@ -171,7 +176,7 @@ class SweepSpec:
     # ------------------------------------------------------------------ construction
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
+        return [f.name for f in fields(cls) if not f.name.startswith("_")]
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, origin: str = "spec") -> SweepSpec:
@@ -213,7 +218,9 @@ class SweepSpec:
         return cls.from_mapping(data, origin="the sweep spec")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("_resolved_sources", None)
+        return data
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> SweepSpec:
@@ -277,6 +284,7 @@ class SweepSpec:
         for name in ("step_parallel", "compile", "overlap"):
             if getattr(self, name) not in (None, True, False):
                 raise InvalidArgumentError(name, getattr(self, name), "must be true or false")
+        self._validate_backbone_options(classes)
         self.cache = self.fast_path("cpu").cache  # validates attention, fp8 and cache
         if self.cache and self.probes:
             raise InvalidArgumentError("cache", self.cache,
@@ -342,6 +350,35 @@ class SweepSpec:
                     from None
         return self
 
+    def options_for(self, backbone: str) -> dict[str, Any]:
+        """The options of one backbone: the flat options plus its own table, if any."""
+        from adapterswap.plugins import backbones
+
+        names = set(backbones().names())
+        flat = {k: v for k, v in self.backbone_options.items()
+                if not (isinstance(v, dict) and (k in self.backbones or k in names))}
+        own = self.backbone_options.get(backbone)
+        return {**flat, **(own if isinstance(own, dict) else {})}
+
+    def _validate_backbone_options(self, classes: Sequence[Any]) -> None:
+        if not isinstance(self.backbone_options, dict):
+            raise InvalidArgumentError("backbone_options", self.backbone_options,
+                                       "must map option names to values (or backbone names "
+                                       "to option tables)")
+        for key, value in self.backbone_options.items():
+            if isinstance(value, dict) and key not in self.backbones:
+                raise InvalidArgumentError("backbone_options", key,
+                                           "an option table for a backbone the sweep does not "
+                                           f"run (backbones: {', '.join(self.backbones)})")
+        for name, cls in zip(self.backbones, classes):
+            options = self.options_for(name)
+            check = getattr(cls, "check_options", None)
+            if check is not None:
+                options = check(options)
+            elif options:
+                raise InvalidArgumentError("backbone_options", options,
+                                           f"backbone {name!r} takes no options")
+
     def adapter_for(self, backbone_cls: Any) -> str | None:
         """The adapter name used with a backbone class (``None`` for no adapter)."""
         if self.adapter == "none":
@@ -366,6 +403,7 @@ class SweepSpec:
         out = []
         for backbone in self.backbones:
             cls = get_backbone(backbone)
+            self._resolved_sources[backbone] = self._source_of(backbone, cls)
             adapter = self.adapter_for(cls)
             refs = self.references if adapter else [""]
             for ref in refs:
@@ -390,22 +428,38 @@ class SweepSpec:
             settings.append(("none", None, 0.0, 1.0))
         return settings
 
+    def _source_of(self, name: str, cls: Any) -> str:
+        """The source a model loads from: the preset, the spec's, config.toml's, or the
+        plugin's default (never ``""``: cells of different sources must not share keys)."""
+        from adapterswap.config import configured_source
+
+        if self.preset:
+            return self.preset
+        return self.sources.get(name) or configured_source(name) or cls.default_source
+
     def _cell(self, cls: Any, backbone: str, adapter: str, scale: float | None, start: float,
               end: float, ref: str, prompt: str, seed: int, steps: int) -> Cell:
         on = adapter != "none"
         tiny = self.preset or ""
+        if on and adapter not in self._resolved_sources:
+            from adapterswap.plugins import get_adapter
+
+            self._resolved_sources[adapter] = self.adapter_source or self._source_of(
+                adapter, get_adapter(adapter))
         return Cell(
             backbone=backbone, adapter=adapter, scale=scale, start=start, end=end,
             reference=ref, prompt=prompt, seed=seed, steps=steps,
             height=self.height or _tiny_or_default(self, cls, "height"),
             width=self.width or _tiny_or_default(self, cls, "width"),
             guidance_scale=self.guidance_scale,
-            source=self.sources.get(backbone, tiny),
-            adapter_source=(self.adapter_source or tiny) if on else "",
+            source=self._resolved_sources.get(backbone) or self.sources.get(backbone, tiny),
+            adapter_source=self._resolved_sources.get(adapter, self.adapter_source or tiny)
+            if on else "",
             dtype=self.dtype or "",
             adapter_options=json.dumps(self.adapter_options, sort_keys=True) if on else "{}",
             trajectory=self.trajectory,
             probes=self.probes,
+            backbone_options=json.dumps(self.options_for(backbone), sort_keys=True),
         )
 
 
@@ -447,14 +501,22 @@ class Cell:
     adapter_options: str = "{}"
     trajectory: bool = False
     probes: bool = False
+    backbone_options: str = "{}"
 
     def config(self) -> dict[str, Any]:
         return asdict(self)
 
-    def key(self, versions: Mapping[str, str]) -> str:
-        payload = json.dumps({"cell": self.config(), "versions": dict(versions)},
-                             sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+    def key(self, versions: Mapping[str, str],
+            identity: Mapping[str, Any] | None = None) -> str:
+        """sha256 of the cell's fields, the software versions and ``identity``: what else
+        changes its pixels or scores (code hash, weights identity, reference content, device
+        kind, dtype, metric options: :meth:`Provenance.cell_identity
+        <adapterswap.sweep.provenance.Provenance.cell_identity>`)."""
+        payload = {"cell": self.config(), "versions": dict(versions)}
+        if identity is not None:
+            payload["identity"] = dict(identity)
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def group(self) -> tuple[Any, ...]:
         """Cells that share a loaded backbone, adapter setting, reference and prompt."""

@@ -4,6 +4,12 @@ A cell's image is written (to a temporary name, then renamed) before the transac
 records it commits, so a crash or ``kill -9`` at any moment loses at most the cell in flight;
 re-running the same sweep skips every committed key. SQLite runs in WAL mode, and a lock file
 stops a second sweep from writing the same store at the same time.
+
+Provenance: every invocation adds a row to ``runs`` (the resolved spec, package versions, the
+hash of the code, the identity of every model's weights, the references' content hashes, device,
+dtype, and each metric's direction and kind); every cell row points at the run that produced
+it. Readers show the cells of the newest run's spec (:meth:`RunStore.current_keys`) unless
+asked for every run.
 """
 
 from __future__ import annotations
@@ -37,12 +43,12 @@ CREATE TABLE IF NOT EXISTS scores (
 CREATE TABLE IF NOT EXISTS metric_status (
     metric TEXT PRIMARY KEY, available INTEGER NOT NULL, reason TEXT
 );
-CREATE TABLE IF NOT EXISTS latency (
-    backbone TEXT NOT NULL, adapter TEXT NOT NULL, steps INTEGER NOT NULL,
-    height INTEGER NOT NULL, width INTEGER NOT NULL, total_s REAL NOT NULL,
-    denoise_s REAL NOT NULL, repeats INTEGER NOT NULL, device TEXT,
-    start REAL NOT NULL DEFAULT 0, "end" REAL NOT NULL DEFAULT 1,
-    PRIMARY KEY (backbone, adapter, steps, height, width, start, "end")
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, started_at REAL NOT NULL, finished_at REAL,
+    status TEXT NOT NULL, spec TEXT NOT NULL, versions TEXT NOT NULL, code_hash TEXT NOT NULL,
+    weights TEXT NOT NULL, reference_hashes TEXT NOT NULL, device TEXT NOT NULL,
+    dtype TEXT NOT NULL, metrics TEXT NOT NULL, adapters TEXT NOT NULL,
+    cell_keys TEXT NOT NULL, argv TEXT, host TEXT
 );
 CREATE TABLE IF NOT EXISTS probes (
     cell TEXT NOT NULL REFERENCES cells(key), step INTEGER NOT NULL, block TEXT NOT NULL,
@@ -53,6 +59,29 @@ CREATE TABLE IF NOT EXISTS trajectory (
     value REAL, PRIMARY KEY (cell, step, metric)
 );
 """
+
+#: Latency: one row per timed configuration. The key is a JSON of :data:`LATENCY_KEY`.
+LATENCY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS latency (
+    key TEXT PRIMARY KEY, backbone TEXT NOT NULL, adapter TEXT NOT NULL, scale REAL,
+    start REAL NOT NULL, "end" REAL NOT NULL, steps INTEGER NOT NULL, batch INTEGER NOT NULL,
+    height INTEGER NOT NULL, width INTEGER NOT NULL, dtype TEXT NOT NULL,
+    fast_path TEXT NOT NULL, cache TEXT NOT NULL, device TEXT, total_s REAL NOT NULL,
+    total_q1_s REAL, total_q3_s REAL, denoise_s REAL, repeats INTEGER NOT NULL, samples_s TEXT,
+    method TEXT NOT NULL, fit TEXT, run_id INTEGER, measured_at REAL
+);
+"""
+#: What a latency row is keyed on: everything that changes the time of one image.
+LATENCY_KEY = ("backbone", "adapter", "scale", "start", "end", "steps", "batch", "height",
+               "width", "dtype", "fast_path", "cache")
+LATENCY_COLUMNS = (*LATENCY_KEY, "device", "total_s", "total_q1_s", "total_q3_s", "denoise_s",
+                   "repeats", "samples_s", "method", "fit", "run_id", "measured_at")
+#: Columns added to ``cells`` since the first schema (old stores gain them on open).
+CELL_EXTRA_COLUMNS = {"run_id": "INTEGER", "timesteps": "TEXT", "sigmas": "TEXT",
+                      "start_noise": "REAL", "adapter_active_steps": "INTEGER",
+                      "confounds": "TEXT"}
+#: ``extra`` values stored as JSON text.
+_JSON_EXTRA = ("timesteps", "sigmas", "confounds")
 
 CELL_COLUMNS = ("backbone", "adapter", "scale", "start", "end", "reference", "prompt", "seed",
                 "steps", "height", "width", "guidance_scale")
@@ -71,6 +100,8 @@ class RunStore:
                              f"directory ({exc.strerror or exc})") from None
         self.path = self.out / "results.sqlite"
         self.mutex = threading.RLock()
+        #: the ``runs`` row cells are recorded under (:meth:`begin_run`)
+        self.run_id: int | None = None
         self._lock_handle: Any = None
         if lock:
             self._acquire_lock()
@@ -82,11 +113,25 @@ class RunStore:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.DatabaseError as exc:
             if self._lock_handle is not None:
                 self._lock_handle.close()
             raise UsageError(f"invalid --out={str(self.out)!r}: cannot open the run store "
                              f"{str(self.path)!r} ({exc})") from None
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older version up to this schema (columns are only ever
+        added; an old latency table, keyed on less than today's, is kept aside unread)."""
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(cells)")}
+        for column, kind in CELL_EXTRA_COLUMNS.items():
+            if column not in have:
+                self.db.execute(f"ALTER TABLE cells ADD COLUMN {column} {kind}")
+        latency = {r[1] for r in self.db.execute("PRAGMA table_info(latency)")}
+        if latency and "key" not in latency:
+            self.db.execute("DROP TABLE IF EXISTS latency_v1")
+            self.db.execute("ALTER TABLE latency RENAME TO latency_v1")
+        self.db.executescript(LATENCY_SCHEMA)
 
     # ------------------------------------------------------------------ locking
     def _acquire_lock(self) -> None:
@@ -126,6 +171,8 @@ class RunStore:
             yield from self._transaction()
 
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self.db.in_transaction:  # never BEGIN inside a transaction left open
+            self._rollback()
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -133,15 +180,24 @@ class RunStore:
         try:
             yield self.db
         except sqlite3.OperationalError as exc:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise self._write_error(exc) from None
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
         try:
             self.db.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:
+            # a failed COMMIT (disk full, I/O error) leaves the transaction open: roll it back
+            # so the store stays usable and the next BEGIN does not hide this error
+            self._rollback()
             raise self._write_error(exc) from None
+
+    def _rollback(self) -> None:
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.DatabaseError:
+            pass  # nothing open (SQLite may already have rolled back on the error)
 
     def _write_error(self, exc: BaseException) -> StoreWriteError:
         reason = getattr(exc, "strerror", None) or str(exc)
@@ -185,19 +241,34 @@ class RunStore:
                     timings: Mapping[str, float] | None = None,
                     error: str | None = None,
                     trajectory: Mapping[int, Mapping[str, float | None]] | None = None,
-                    probes: Sequence[tuple[int, str, str, float]] | None = None) -> None:
+                    probes: Sequence[tuple[int, str, str, float]] | None = None,
+                    extra: Mapping[str, Any] | None = None) -> None:
         """Commit a finished (or failed) cell, its scores and its per-step trajectory scores
-        in one transaction."""
+        in one transaction.
+
+        :param extra: more columns of the cell (:data:`CELL_EXTRA_COLUMNS`): ``run_id``,
+            ``timesteps``/``sigmas`` (lists), ``start_noise``, ``adapter_active_steps``,
+            ``confounds`` (list of flags). Unknown names are refused.
+        """
         values = [config[c] for c in CELL_COLUMNS]
+        extra = dict(extra or {})
+        if self.run_id is not None:
+            extra.setdefault("run_id", self.run_id)
+        unknown = set(extra) - set(CELL_EXTRA_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown cell columns: {', '.join(sorted(unknown))}")
+        names = list(extra)
+        stored = [json.dumps(extra[n]) if n in _JSON_EXTRA and extra[n] is not None
+                  else extra[n] for n in names]
+        columns = ", ".join(("key", *(f'"{c}"' for c in CELL_COLUMNS), "status", "error",
+                             "image", "timings", "config", "finished_at", *names))
+        marks = ", ".join("?" * (len(CELL_COLUMNS) + 7 + len(names)))
         with self.transaction() as db:
             db.execute("DELETE FROM scores WHERE cell = ?", (key,))
             db.execute(
-                "INSERT OR REPLACE INTO cells (key, backbone, adapter, scale, start, \"end\", "
-                "reference, prompt, seed, steps, height, width, guidance_scale, status, error, "
-                "image, timings, config, finished_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO cells ({columns}) VALUES ({marks})",
                 (key, *values, status, error, image, json.dumps(dict(timings or {})),
-                 json.dumps(dict(config), sort_keys=True), time.time()),
+                 json.dumps(dict(config), sort_keys=True), time.time(), *stored),
             )
             db.executemany("INSERT INTO scores VALUES (?, ?, ?)",
                            [(key, m, _finite_or_none(v)) for m, v in scores.items()])
@@ -216,29 +287,54 @@ class RunStore:
             db.execute("INSERT OR REPLACE INTO metric_status VALUES (?, ?, ?)",
                        (metric, int(available), reason))
 
-    def record_latency(self, backbone: str, adapter: str, steps: int, height: int, width: int,
-                       total_s: float, denoise_s: float, repeats: int, device: str,
-                       start: float = 0.0, end: float = 1.0) -> None:
+    def record_latency(self, row: Mapping[str, Any] | str, *legacy: Any,
+                       **legacy_kw: Any) -> None:
+        """Store one timed configuration (see :data:`LATENCY_COLUMNS`): ``total_s`` is the
+        median of ``samples_s`` with its quartiles, or a fitted prediction (``method``
+        ``"fitted"``, ``fit`` with the model and its residuals)."""
+        if not isinstance(row, Mapping):  # the first signature, positional
+            row = _legacy_latency(row, *legacy, **legacy_kw)
+        record = {c: row.get(c) for c in LATENCY_COLUMNS}
+        record["batch"] = record["batch"] or 1
+        for name in ("dtype", "fast_path", "cache"):
+            record[name] = record[name] or ""
+        record["method"] = record["method"] or "measured"
+        record["repeats"] = int(record["repeats"] or 0)
+        record["run_id"] = record["run_id"] if record["run_id"] is not None else self.run_id
+        record["measured_at"] = record["measured_at"] or time.time()
+        for name in ("samples_s", "fit"):
+            if record[name] is not None:
+                record[name] = json.dumps(record[name])
+        names = ", ".join(f'"{n}"' for n in ("key", *LATENCY_COLUMNS))
+        marks = ", ".join("?" * (len(LATENCY_COLUMNS) + 1))
         with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO latency VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (backbone, adapter, steps, height, width, total_s, denoise_s, repeats,
-                        device, start, end))
+            db.execute(f"INSERT OR REPLACE INTO latency ({names}) VALUES ({marks})",
+                       (latency_key(record), *(record[c] for c in LATENCY_COLUMNS)))
 
-    def latency(self, backbone: str, adapter: str, steps: int, height: int, width: int,
-                start: float = 0.0, end: float = 1.0) -> dict[str, float] | None:
-        with self.mutex:
-            row = self.db.execute(
-                "SELECT total_s, denoise_s FROM latency WHERE backbone=? AND adapter=? AND "
-                "steps=? AND height=? AND width=? AND start=? AND \"end\"=?",
-                (backbone, adapter, steps, height, width, start, end)).fetchone()
-        return None if row is None else {"total_s": row[0], "denoise_s": row[1]}
+    def latency(self, key: Mapping[str, Any] | str, *legacy: Any,
+                **legacy_kw: Any) -> dict[str, Any] | None:
+        """The stored row of a configuration (:data:`LATENCY_KEY` fields), or ``None``."""
+        if not isinstance(key, Mapping):  # the first signature: (backbone, adapter, steps,
+            # height, width, start, end)
+            names = ("adapter", "steps", "height", "width", "start", "end")
+            key = _legacy_latency(key, **dict(zip(names, legacy)), **legacy_kw)
+        rows = self._latency_select("WHERE key = ?", (latency_key(key),))
+        return rows[0] if rows else None
 
     def latency_rows(self) -> list[dict[str, Any]]:
-        columns = ("backbone", "adapter", "steps", "height", "width", "total_s", "denoise_s",
-                   "repeats", "device", "start", "end")
-        return [dict(zip(columns, r)) for r in self.db.execute(
-            "SELECT backbone, adapter, steps, height, width, total_s, denoise_s, repeats, "
-            "device, start, \"end\" FROM latency")]
+        return self._latency_select("ORDER BY backbone, adapter, steps", ())
+
+    def _latency_select(self, where: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        columns = ", ".join(f'"{c}"' for c in LATENCY_COLUMNS)
+        with self.mutex:
+            found = self.db.execute(f"SELECT {columns} FROM latency {where}", args).fetchall()
+        out = []
+        for values in found:
+            row = dict(zip(LATENCY_COLUMNS, values))
+            for name in ("samples_s", "fit"):
+                row[name] = json.loads(row[name]) if row[name] else None
+            out.append(row)
+        return out
 
     def probe_rows(self) -> list[dict[str, Any]]:
         return [{"cell": c, "step": s, "block": b, "quantity": q, "value": v}
@@ -270,12 +366,131 @@ class RunStore:
                 continue
             cell["scores"] = scores.get(cell["key"], {})
             cell["timings"] = json.loads(cell["timings"] or "{}")
+            for name in _JSON_EXTRA:
+                cell[name] = json.loads(cell[name]) if cell.get(name) else None
+            cell["confounds"] = cell["confounds"] or []
             out.append(cell)
         return out
+
+    # ------------------------------------------------------------------ runs (provenance)
+    def begin_run(self, *, spec: Mapping[str, Any], versions: Mapping[str, str],
+                  code_hash: str, weights: Mapping[str, Any],
+                  reference_hashes: Mapping[str, str], device: str, dtype: str,
+                  metrics: Mapping[str, Mapping[str, Any]], adapters: Mapping[str, Any],
+                  cell_keys: Sequence[str], argv: Sequence[str] | None = None) -> int:
+        """Add this invocation's ``runs`` row; cells recorded from now on point at it."""
+        import platform
+        import sys
+
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO runs (started_at, status, spec, versions, code_hash, weights, "
+                "reference_hashes, device, dtype, metrics, adapters, cell_keys, argv, host) "
+                "VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), json.dumps(dict(spec), sort_keys=True, default=str),
+                 json.dumps(dict(versions), sort_keys=True), code_hash,
+                 json.dumps(dict(weights), sort_keys=True),
+                 json.dumps(dict(reference_hashes), sort_keys=True), device, dtype,
+                 json.dumps({k: dict(v) for k, v in metrics.items()}, sort_keys=True),
+                 json.dumps(dict(adapters), sort_keys=True), json.dumps(list(cell_keys)),
+                 json.dumps(list(argv if argv is not None else sys.argv)), platform.node()))
+            self.run_id = int(cursor.lastrowid)
+        return self.run_id
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        """Update a run's ``metrics`` (after loading them) or ``weights``."""
+        allowed = {"metrics", "weights", "adapters"}
+        for name, value in fields.items():
+            if name not in allowed:
+                raise ValueError(f"cannot update run field {name!r}")
+            with self.transaction() as db:
+                db.execute(f"UPDATE runs SET {name} = ? WHERE id = ?",
+                           (json.dumps(value, sort_keys=True), run_id))
+
+    def end_run(self, run_id: int, status: str) -> None:
+        """Mark a run ``done``, ``failed`` or ``interrupted``."""
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET status = ?, finished_at = ? WHERE id = ?",
+                       (status, time.time(), run_id))
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run, oldest first, with its JSON fields decoded."""
+        columns = ("id", "started_at", "finished_at", "status", "spec", "versions", "code_hash",
+                   "weights", "reference_hashes", "device", "dtype", "metrics", "adapters",
+                   "cell_keys", "argv", "host")
+        with self.mutex:
+            found = self.db.execute(f"SELECT {', '.join(columns)} FROM runs ORDER BY id")\
+                .fetchall()
+        out = []
+        for values in found:
+            run = dict(zip(columns, values))
+            for name in ("spec", "versions", "weights", "reference_hashes", "metrics",
+                         "adapters", "cell_keys", "argv"):
+                run[name] = json.loads(run[name]) if run[name] else None
+            out.append(run)
+        return out
+
+    def latest_run(self) -> dict[str, Any] | None:
+        runs = self.runs()
+        return runs[-1] if runs else None
+
+    def current_keys(self) -> set[str] | None:
+        """The cell keys of the newest run's spec: what readers show by default (``None``
+        for a store written before runs were recorded: then every cell)."""
+        run = self.latest_run()
+        if run is None:
+            legacy = self.meta("cell_keys")
+            return set(legacy) if legacy is not None else None
+        return set(run["cell_keys"] or [])
+
+    def metric_info(self, run: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """Per metric: ``higher_is_better``, ``kind``, ``worst``, ``available``, ``reason``,
+        as recorded by the runs (the newest run's record wins), never guessed."""
+        info: dict[str, dict[str, Any]] = {}
+        for past in ([run] if run is not None else self.runs()):
+            for name, record in (past.get("metrics") or {}).items():
+                info[name] = dict(record)
+        return info
+
+    def adapter_kinds(self) -> dict[str, str | None]:
+        """Adapter name -> kind as recorded by the runs (``none`` -> ``None``)."""
+        kinds: dict[str, str | None] = {"none": None}
+        for run in self.runs():
+            kinds.update(run.get("adapters") or {})
+        return kinds
 
     def metric_status(self) -> dict[str, tuple[bool, str | None]]:
         return {m: (bool(a), r) for m, a, r in
                 self.db.execute("SELECT metric, available, reason FROM metric_status")}
+
+
+def latency_key(row: Mapping[str, Any]) -> str:
+    """The identity of a latency configuration: its :data:`LATENCY_KEY` fields as JSON."""
+    values = {}
+    for name in LATENCY_KEY:
+        value = row.get(name)
+        if name == "batch":
+            value = int(value or 1)
+        elif name in ("dtype", "fast_path", "cache"):
+            value = str(value or "")
+        elif name in ("scale", "start", "end") and value is not None:
+            value = float(value)
+        values[name] = value
+    return json.dumps(values, sort_keys=True)
+
+
+def _legacy_latency(backbone: str, adapter: str, steps: int, height: int, width: int,
+                    total_s: float | None = None, denoise_s: float | None = None,
+                    repeats: int = 1, device: str | None = None, start: float = 0.0,
+                    end: float = 1.0) -> dict[str, Any]:
+    row: dict[str, Any] = {"backbone": backbone, "adapter": adapter, "scale": None,
+                           "start": start, "end": end, "steps": steps, "batch": 1,
+                           "height": height, "width": width, "dtype": "", "fast_path": "",
+                           "cache": "", "device": device, "repeats": repeats,
+                           "method": "measured"}
+    if total_s is not None:
+        row.update(total_s=total_s, denoise_s=denoise_s, samples_s=[total_s])
+    return row
 
 
 def _finite_or_none(value: float | None) -> float | None:
