@@ -38,6 +38,29 @@ def is_active(step_index: int, num_steps: int, start: float, end: float) -> bool
     return not (step_index / num_steps < start or (step_index + 1) / num_steps > end)
 
 
+def active_steps(num_steps: int, start: float, end: float) -> int:
+    """How many of ``num_steps`` steps a window ``[start, end]`` acts at (:func:`is_active`).
+    At low step counts a narrow window may contain none: window 0-0.25 opens first at N = 4."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise InvalidArgumentError("num_steps", num_steps, "must be an integer >= 1")
+    return sum(is_active(i, num_steps, start, end) for i in range(num_steps))
+
+
+#: The confound :func:`window_confounds` reports.
+WINDOW_NEVER_OPENS = "window_never_opens"
+
+
+def window_confounds(adapter_or_window: Adapter | tuple[float, float],
+                     num_steps: int) -> list[str]:
+    """``["window_never_opens"]`` when an adapter (or a ``(start, end)`` window) acts at none
+    of ``num_steps`` steps: such a cell is an adapter-off cell under an adapter label."""
+    if isinstance(adapter_or_window, Adapter):
+        start, end = adapter_or_window.start, adapter_or_window.end
+    else:
+        start, end = adapter_or_window
+    return [WINDOW_NEVER_OPENS] if active_steps(num_steps, start, end) == 0 else []
+
+
 def load_image(image: Any, *, argument: str = "reference") -> Image.Image:
     """A PIL RGB image from a PIL image or a path; a clear error if it cannot be read."""
     from PIL import Image, UnidentifiedImageError
@@ -157,6 +180,11 @@ class Adapter(Probed, ABC):
     def is_active(self, step_index: int, num_steps: int) -> bool:
         """Whether the adapter acts at this step (see :func:`is_active`)."""
         return is_active(step_index, num_steps, self.start, self.end)
+
+    def active_steps(self, num_steps: int) -> int:
+        """How many of ``num_steps`` steps the adapter acts at (0: its window never opens;
+        see :func:`window_confounds`)."""
+        return active_steps(num_steps, self.start, self.end)
 
     def first_step_key(self, num_steps: int) -> Any:
         """What, besides the denoiser's inputs, makes this adapter's first step differ between

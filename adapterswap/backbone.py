@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterswap.errors import InvalidArgumentError, UsageError, WeightsNotFoundError
@@ -98,6 +98,10 @@ class Backbone(Probed, ABC):
     :cvar description: one line for ``adapterswap list``.
     :cvar supports_probes: set True if :meth:`set_probe` measures backbone-level streams
         (e.g. FLUX joint attention text vs image tokens); see :mod:`adapterswap.probes`.
+    :cvar option_docs: the options the constructor takes (``--option KEY=VALUE``), each with a
+        one-line doc for ``--help`` and the README; :meth:`check_option` validates the values.
+    :cvar unsupported_options: options other backbones take that this one refuses, with the
+        reason (shown in the error), e.g. ``timestep_spacing`` on a flow-matching backbone.
     """
 
     name: ClassVar[str]
@@ -113,6 +117,8 @@ class Backbone(Probed, ABC):
     default_adapter: ClassVar[str | None] = None
     how_to_get: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    option_docs: ClassVar[dict[str, str]] = {}
+    unsupported_options: ClassVar[dict[str, str]] = {}
     #: ``torch.compile`` mode the fast path uses for this backbone's denoiser: compute-bound
     #: transformers gain from autotuned kernels; launch-bound UNets from CUDA graphs.
     compile_mode: ClassVar[str] = "default"
@@ -153,6 +159,39 @@ class Backbone(Probed, ABC):
             problems.append(f"abstract methods not implemented: {', '.join(abstract)}")
         return problems
 
+    # ------------------------------------------------------------------ options
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate backbone options before any model loads and return them normalised (a
+        sweep checks its spec with this; the constructor calls it too). Options left out keep
+        the backbone's defaults and are not filled in.
+
+        An unknown name raises :class:`~adapterswap.errors.InvalidArgumentError` for
+        ``backbone_options`` naming the option, its value and the known options; a bad value
+        one naming the option and the value (:meth:`check_option`).
+        """
+        if not isinstance(options, Mapping):
+            raise InvalidArgumentError("backbone_options", options,
+                                       "must be a mapping of option names to values")
+        checked = {}
+        for name, value in options.items():
+            if name not in cls.option_docs:
+                known = ", ".join(cls.option_docs) or "none"
+                why = cls.unsupported_options.get(name)
+                raise InvalidArgumentError(
+                    "backbone_options", {name: value},
+                    f"unknown option {name!r} of backbone {cls.name!r}"
+                    f"{f' ({why})' if why else ''}; known options: {known}")
+            checked[name] = cls.check_option(name, value)
+        return checked
+
+    @classmethod
+    def check_option(cls, name: str, value: Any) -> Any:
+        """The normalised value of option ``name`` (one of :attr:`option_docs`), or
+        :class:`~adapterswap.errors.InvalidArgumentError` naming it and the value. A subclass
+        validates its own options and passes the others to ``super()``."""
+        return value
+
     def __init__(self, source: str | None = None, *, device: str | None = None,
                  dtype: Any = None, **options: Any) -> None:
         """Describe what to load; nothing is loaded until :meth:`load`.
@@ -161,8 +200,9 @@ class Backbone(Probed, ABC):
         :param device: ``"cuda"``, ``"cpu"``, ... (default: CUDA if available).
         :param dtype: torch dtype or ``"bf16"``/``"fp16"``/``"fp32"`` (default: bf16 on CUDA,
             fp32 on CPU).
-        :param options: backbone-specific loading options (e.g. ``cpu_offload=True``); a
-            subclass validates the ones it knows and must reject the rest.
+        :param options: backbone-specific options (e.g. ``cpu_offload=True``,
+            ``timestep_spacing="trailing"``), declared in :attr:`option_docs` and validated by
+            :meth:`check_options`.
         """
         from adapterswap.config import configured_source
 
@@ -171,7 +211,7 @@ class Backbone(Probed, ABC):
         self.source = str(source)
         self.device = device
         self.dtype = parse_dtype(dtype)
-        self.options = dict(options)
+        self.options = self.check_options(options)
         self.pipe: Any = None
 
     def __repr__(self) -> str:
@@ -578,15 +618,17 @@ class Backbone(Probed, ABC):
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def random(cls, *, device: str | None = None, dtype: Any = None,
-               seed: int = 0) -> Backbone:
+    def random(cls, *, device: str | None = None, dtype: Any = None, seed: int = 0,
+               **options: Any) -> Backbone:
         """A loaded instance with random weights at the published size (the ``random``
-        preset: real latency and memory, nothing downloaded, meaningless images). Plugins that
-        support the preset override this."""
+        preset: real latency and memory, nothing downloaded, meaningless images), with
+        ``options`` as the constructor takes them. Plugins that support the preset override
+        this."""
         raise UsageError(f"backbone {cls.name!r} has no random (published-size) preset")
 
     @classmethod
-    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> Backbone:
+    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None, **options: Any) -> Backbone:
         """A loaded instance built from tiny random-initialised components of the same classes
-        (for tests and ``--preset tiny``). Plugins that support the preset override this."""
+        (for tests and ``--preset tiny``), with ``options`` as the constructor takes them.
+        Plugins that support the preset override this."""
         raise UsageError(f"backbone {cls.name!r} has no tiny preset")

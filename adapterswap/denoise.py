@@ -9,6 +9,7 @@ torch is imported lazily so that ``adapterswap --help`` stays fast.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -115,6 +116,39 @@ class TensorBundle:
                             {k: move(v) for k, v in self.shared.items()})
 
 
+#: A schedule whose first step assumes less noise than this in the denoiser's input
+#: (:attr:`Schedule.start_noise`) starts far from the pure noise the engine feeds: its cells
+#: measure the schedule, not the step count (:func:`schedule_confounds`).
+#:
+#: Computed from the published scheduler configs (schedulers need no weights):
+#:
+#: ===============================  =====================================================
+#: schedule                         start_noise at N = 1 / 2 / 3 / 4 / 8 / 28 / 30 / 50
+#: ===============================  =====================================================
+#: SD1.5 DDIM, leading (card)       0.0413 / 0.8515 / 0.9464 / 0.9717 / 0.9909 / 0.9957 /
+#:                                  0.9962 / 0.9971 (t0 = 1, 501, 667, 751, 876, ...)
+#: SDXL-base Euler, leading (card)  the same (sigma0 = 0.041 at N = 1 of 14.6)
+#: DDIM / Euler, trailing           0.9977 at every N (t0 = 999; SDXL-Lightning's card)
+#: DDIM / Euler, linspace           0.0292 at N = 1 (t0 = 0), 0.9977 from N = 2
+#: LCM (sd15-lcm)                   0.9977 at every N (t0 = 999)
+#: FLUX.1-dev / schnell             1.0 at every N (flow matching starts at sigma 1)
+#: ===============================  =====================================================
+#:
+#: 0.9977 is the most a schedule on SD's training betas can reach (its last timestep keeps
+#: ``sqrt(alpha_bar) = 0.068`` of the image); every model-card default starts at 0.996 or
+#: more. Below 0.9 (Euler ``sigma0 < 2.06``) the first step assumes the image in its input is
+#: at least half as strong as the noise, and at least ~20% of the input's energy: at N = 1 the
+#: output is then close to the noise it was given (leading starts at t = 1, linspace at
+#: t = 0), at leading N = 2 the run starts mid-schedule (t = 501). 0.9 sits halfway between
+#: those (0.03 to 0.85) and the next cell, leading N = 3 (0.946, t = 667), with a margin of
+#: about 0.05 on each side; leading N >= 3 skips the top third of the schedule or less and is
+#: left unflagged.
+FAR_FROM_NOISE = 0.9
+
+#: The confound :func:`schedule_confounds` reports.
+SCHEDULE_STARTS_FAR_FROM_NOISE = "schedule_starts_far_from_noise"
+
+
 @dataclass
 class Schedule:
     """The timesteps of one run of ``num_inference_steps`` steps.
@@ -129,6 +163,12 @@ class Schedule:
         same input scaling), or ``None`` (never assumed). A step-parallel sweep then computes
         the first step once for all step counts of a seed (flow matching: every schedule
         starts at sigma 1).
+    :ivar start_noise: the share of noise in the denoiser's input at the first step, as the
+        schedule assumes it: 1.0 when it starts from pure noise (the ``x_T`` the engine feeds),
+        near 0 when it assumes an almost clean image. Variance-preserving timesteps:
+        :func:`start_noise_from_alpha_cumprod`; Euler/Karras sigmas:
+        :func:`start_noise_from_sigma`; flow matching: the first sigma. ``None``: unknown.
+        See :data:`FAR_FROM_NOISE`.
     """
 
     num_inference_steps: int
@@ -136,9 +176,33 @@ class Schedule:
     sigmas: Any = None
     state: Any = None
     first_step_key: Any = None
+    start_noise: float | None = None
 
     def __len__(self) -> int:
         return self.num_inference_steps
+
+
+def start_noise_from_alpha_cumprod(alpha_cumprod: float) -> float:
+    """Noise share of ``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` (DDIM, DDPM, LCM at timestep
+    ``t``, ``a = alphas_cumprod[t]``): ``sqrt(1 - a)``."""
+    return math.sqrt(max(0.0, 1.0 - float(alpha_cumprod)))
+
+
+def start_noise_from_sigma(sigma: float) -> float:
+    """Noise share of the Euler/Karras input ``(x0 + sigma eps) / sqrt(1 + sigma^2)`` (what
+    ``scale_model_input`` gives the UNet): ``sigma / sqrt(1 + sigma^2)``, the same number as
+    :func:`start_noise_from_alpha_cumprod` at the matching timestep."""
+    sigma = float(sigma)
+    return sigma / math.sqrt(1.0 + sigma * sigma)
+
+
+def schedule_confounds(schedule: Schedule) -> list[str]:
+    """``["schedule_starts_far_from_noise"]`` when the schedule's first step assumes much
+    less noise than the pure noise the engine feeds (``start_noise < FAR_FROM_NOISE``), else
+    ``[]`` (also when ``start_noise`` is unknown)."""
+    if schedule.start_noise is not None and schedule.start_noise < FAR_FROM_NOISE:
+        return [SCHEDULE_STARTS_FAR_FROM_NOISE]
+    return []
 
 
 @dataclass

@@ -83,6 +83,15 @@ class BackboneContract:
         else:
             assert isinstance(cls.default_guidance_scale, (int, float))
 
+    def test_options_are_declared_and_checked_before_loading(self) -> None:
+        cls = get_backbone(self.backbone_name)
+        assert all(isinstance(doc, str) and doc and "\n" not in doc
+                   for doc in cls.option_docs.values()), "one line of doc per option"
+        assert cls.check_options({}) == {}
+        with pytest.raises(InvalidArgumentError,
+                           match=r"backbone_options=.*unknown option 'no_such_option'"):
+            cls.check_options({"no_such_option": 1})
+
     def test_default_step_grid_ends_at_default_steps(self, backbone: Backbone) -> None:
         grid = backbone.default_step_grid()
         assert grid == sorted(set(grid)) and grid[0] >= 1
@@ -119,6 +128,14 @@ class BackboneContract:
         if short.sigmas is not None:
             assert len(short.sigmas) == 3 and float(short.sigmas[-1]) == 0.0
         assert short.state is None or short.state is not long.state
+
+    def test_schedule_says_where_it_starts(self, backbone: Backbone) -> None:
+        """``start_noise``: the noise share the first step assumes, in [0, 1], which the sweep
+        reads to flag cells that start far from the noise it feeds."""
+        h, w = backbone.default_height, backbone.default_width
+        for n in sorted({1, 2, type(backbone).default_steps}):
+            start = backbone.schedule(n, height=h, width=w).start_noise
+            assert isinstance(start, float) and 0.0 <= start <= 1.0, (n, start)
 
     def test_denoise_shapes_range_and_determinism(self, backbone: Backbone) -> None:
         import numpy as np

@@ -67,6 +67,29 @@ def run_scheduler(scheduler: Any, num_inference_steps: int, device: Any) -> Any:
     return run
 
 
+def scheduler_start_noise(run: Any, sigmas: Any) -> float | None:
+    """The noise share of the UNet's input at the first step as a scheduler set up for a run
+    assumes it (:attr:`adapterswap.denoise.Schedule.start_noise`): from the first sigma for
+    Euler-type schedulers (``sigmas`` of the run, else ``None``), from ``alphas_cumprod`` at the
+    first timestep for DDIM/DDPM/LCM; ``None`` for a scheduler with neither."""
+    from adapterswap.denoise import start_noise_from_alpha_cumprod, start_noise_from_sigma
+
+    if sigmas is not None:
+        return start_noise_from_sigma(float(sigmas[0]))
+    alphas_cumprod = getattr(run, "alphas_cumprod", None)
+    if alphas_cumprod is None:
+        return None
+    return start_noise_from_alpha_cumprod(float(alphas_cumprod[int(run.timesteps[0])]))
+
+
+#: The values of the ``timestep_spacing`` backbone option, as diffusers' DDIM and Euler
+#: schedulers take them (Table 2 of Lin et al., "Common Diffusion Noise Schedules and Sample
+#: Steps are Flawed", arXiv 2305.08891): "leading" starts at
+#: ``t = (N - 1) * (1000 // N) + steps_offset`` (t = 1 at N = 1 for SD: far from noise at low
+#: N), "trailing" at t = 999 for every N, "linspace" at 999 from N = 2 on (at 0 for N = 1).
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
 #: Schedulers whose ``scale_model_input`` at step 0 depends only on the first timestep and
 #: sigma (or is the identity), so :meth:`StepSchedulers.first_step_key` can vouch for equal
 #: first-step inputs across step counts.
@@ -110,7 +133,8 @@ class StepSchedulers:
 
         return Schedule(num_inference_steps, host_to_device(run.timesteps, self.device),
                         sigmas=sigmas, state=run,
-                        first_step_key=self.first_step_key(run, num_inference_steps))
+                        first_step_key=self.first_step_key(run, num_inference_steps),
+                        start_noise=scheduler_start_noise(run, sigmas))
 
     def first_step_key(self, run: Any, num_inference_steps: int) -> Any:
         """What the UNet's input at step 0 depends on besides the noise: the first timestep,
@@ -818,8 +842,12 @@ class UNetBackbone(Backbone):
     forwards.
     """
 
-    #: options the constructor accepts (a subclass extends this).
-    option_names: ClassVar[tuple[str, ...]] = ("variant",)
+    option_docs: ClassVar[dict[str, str]] = {
+        "variant": "weights variant to read, e.g. 'fp16' for the repo's half-precision files",
+        "timestep_spacing": "where the scheduler's timesteps start: 'leading', 'trailing' "
+                            "(from t=999 at every step count) or 'linspace' (default: the "
+                            "model card's)",
+    }
     #: True when the scheduler draws fresh noise at every step (LCM).
     stochastic_steps: ClassVar[bool] = False
     #: UNets at their usual batch are bound by kernel launches: the fast path compiles the
@@ -833,14 +861,18 @@ class UNetBackbone(Backbone):
 
     def __init__(self, source: str | None = None, *, device: str | None = None,
                  dtype: Any = None, **options: Any) -> None:
-        for key, value in options.items():
-            if key not in self.option_names:
-                raise InvalidArgumentError(
-                    key, value, f"backbone {self.name!r} takes the options "
-                                f"{', '.join(self.option_names)}")
         super().__init__(source, device=device, dtype=dtype, **options)
         self._sample_generators = SampleGenerators()
         self._step_schedulers: StepSchedulers | None = None
+
+    @classmethod
+    def check_option(cls, name: str, value: Any) -> Any:
+        if name == "timestep_spacing" and value not in TIMESTEP_SPACINGS:
+            raise InvalidArgumentError(name, value,
+                                       f"choose one of {', '.join(TIMESTEP_SPACINGS)}")
+        if name == "variant" and value is not None and not isinstance(value, str):
+            raise InvalidArgumentError(name, value, "must be a string such as 'fp16'")
+        return super().check_option(name, value)
 
     # -- loading ---------------------------------------------------------------------------
     def pretrained_kwargs(self, local_files_only: bool) -> dict[str, Any]:
@@ -864,7 +896,14 @@ class UNetBackbone(Backbone):
                              **options, **kwargs)
 
     def configure_pipeline(self, pipe: Any) -> Any:
-        """Last touches on a loaded pipeline (a distilled backbone swaps the scheduler)."""
+        """Last touches on a loaded pipeline (a distilled backbone swaps the scheduler first):
+        the ``timestep_spacing`` option goes into the scheduler's config, as
+        ``pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config,
+        timestep_spacing=...)`` would put it."""
+        spacing = self.options.get("timestep_spacing")
+        if spacing is not None:
+            pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config,
+                                                              timestep_spacing=spacing)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -890,16 +929,19 @@ class UNetBackbone(Backbone):
 
     # -- pipeline steps --------------------------------------------------------------------
     @classmethod
-    def random(cls, *, device: str | None = None, dtype: Any = None,
-               seed: int = 0) -> UNetBackbone:
+    def random(cls, *, device: str | None = None, dtype: Any = None, seed: int = 0,
+               **options: Any) -> UNetBackbone:
         """Random weights at the published size (the ``random`` preset); the subclass
-        supplies :meth:`random_pipeline`, this configures it as :meth:`load` would."""
+        supplies :meth:`random_pipeline`, this configures it as :meth:`load` would, with
+        ``options`` (options that pick weight files, such as ``variant``, have nothing to pick
+        here)."""
         from adapterswap.backbone import default_device, default_dtype, parse_dtype
 
+        options = cls.check_options(options)  # before building billions of parameters
         device = device or default_device()
         dtype = parse_dtype(dtype) or default_dtype(device)
         backbone = cls.from_pipeline(cls.random_pipeline(device, dtype, seed), source="random",
-                                     device=device)
+                                     device=device, **options)
         backbone.dtype = dtype
         backbone.pipe = backbone.configure_pipeline(backbone.pipe)
         return backbone

@@ -108,7 +108,8 @@ class ToyBackbone(Backbone):
         from adapterswap.denoise import Schedule
 
         sigmas = torch.linspace(1.0, 0.0, num_inference_steps + 1)
-        return Schedule(num_inference_steps, sigmas[:-1] * 1000, sigmas)
+        return Schedule(num_inference_steps, sigmas[:-1] * 1000, sigmas,
+                        start_noise=float(sigmas[0]))
 
     def predict(self, latents, ctx, prompt, *, guidance_scale, adapter_inputs=None):  # noqa: ANN001
         import torch

@@ -75,6 +75,8 @@ class FluxBackbone(Backbone):
         optimum-quanto (``qint8``), as InfiniteYou's ``--quantize_8bit``; needs
         ``pip install 'adapterswap-flux[quantize]'``.
     :param max_sequence_length: T5 tokens (default 512 for dev, 256 for schnell; at most 512).
+
+    There is no ``timestep_spacing`` option: every flow-matching schedule starts at sigma 1.
     """
 
     family = "flux"
@@ -93,30 +95,36 @@ class FluxBackbone(Backbone):
     expects_guidance_embeds: ClassVar[bool] = True
     #: The diffusers family :func:`adapterswap.tiny.save_tiny_pipeline` builds for ``tiny()``.
     tiny_family: ClassVar[str] = "flux-dev"
-    options_known: ClassVar[tuple[str, ...]] = ("cpu_offload", "quantize_8bit",
-                                               "max_sequence_length")
+    option_docs: ClassVar[dict[str, str]] = {
+        "cpu_offload": "diffusers' model CPU offload (each model on the GPU only while it runs; "
+                       "needs CUDA), as InfiniteYou's --cpu_offload",
+        "quantize_8bit": "8-bit (qint8) transformer and T5 encoder with optimum-quanto, as "
+                         "InfiniteYou's --quantize_8bit",
+        "max_sequence_length": "T5 tokens, 1 to 512 (default 512 for dev, 256 for schnell)",
+    }
+    unsupported_options: ClassVar[dict[str, str]] = {
+        "timestep_spacing": "flow matching starts at sigma 1, pure noise, at every step count",
+    }
     #: Probes: the text/image stream RMS ratio after every block (``adapterswap_flux.probes``).
     supports_probes = True
 
     def __init__(self, source: str | None = None, *, device: str | None = None,
                  dtype: Any = None, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.options_known))
-        if unknown:
-            raise InvalidArgumentError(
-                "option", unknown[0],
-                f"backbone {self.name!r} knows only {', '.join(self.options_known)}")
-        for flag in ("cpu_offload", "quantize_8bit"):
-            if flag in options and not isinstance(options[flag], bool):
-                raise InvalidArgumentError(flag, options[flag], "must be True or False")
-        length = options.get("max_sequence_length", type(self).max_sequence_length)
-        if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= 512:
-            raise InvalidArgumentError("max_sequence_length", length,
-                                       "must be an integer in [1, 512]")
         super().__init__(source, device=device, dtype=dtype, **options)
-        self.max_sequence_length = length
-        self.cpu_offload = bool(options.get("cpu_offload", False))
-        self.quantize_8bit = bool(options.get("quantize_8bit", False))
+        self.max_sequence_length = self.options.get("max_sequence_length",
+                                                    type(self).max_sequence_length)
+        self.cpu_offload = bool(self.options.get("cpu_offload", False))
+        self.quantize_8bit = bool(self.options.get("quantize_8bit", False))
         self._image_ids: dict[tuple[int, int], Any] = {}
+
+    @classmethod
+    def check_option(cls, name: str, value: Any) -> Any:
+        if name in ("cpu_offload", "quantize_8bit") and not isinstance(value, bool):
+            raise InvalidArgumentError(name, value, "must be True or False")
+        if name == "max_sequence_length" and (
+                isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 512):
+            raise InvalidArgumentError(name, value, "must be an integer in [1, 512]")
+        return super().check_option(name, value)
 
     # ------------------------------------------------------------------ loading
     def load(self) -> FluxBackbone:
@@ -261,16 +269,19 @@ class FluxBackbone(Backbone):
                              config.get("base_shift", 0.5), config.get("max_shift", 1.15))
         if sigmas is None:
             scheduler.set_timesteps(n, device=self.execution_device, mu=mu)
-            return Schedule(n, scheduler.timesteps, scheduler.sigmas, scheduler)
+            return Schedule(n, scheduler.timesteps, scheduler.sigmas, scheduler,
+                            start_noise=float(scheduler.sigmas[0]))
         # on the host, then queued to the device (no wait for the kernels before), as
         # set_timesteps(device=...) would copy them
         scheduler.set_timesteps(sigmas=sigmas, device="cpu", mu=mu)
         # schedules of every step count start at sigma 1: a sweep computes that step once
         key = ("flow", float(scheduler.sigmas[0]), float(scheduler.timesteps[0]))
+        # flow matching: x_t = (1 - sigma) x0 + sigma * noise, so the noise share is sigma
+        start_noise = float(scheduler.sigmas[0])
         device = self.execution_device
         scheduler.timesteps = host_to_device(scheduler.timesteps, device)
         scheduler.sigmas = host_to_device(scheduler.sigmas, device)
-        return Schedule(n, scheduler.timesteps, scheduler.sigmas, scheduler, key)
+        return Schedule(n, scheduler.timesteps, scheduler.sigmas, scheduler, key, start_noise)
 
     def latent_image_ids(self, height: int, width: int) -> torch.Tensor:
         """The image tokens' positional ids ``(H/16 * W/16, 3)`` (cached per size)."""
@@ -362,24 +373,33 @@ class FluxBackbone(Backbone):
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def random(cls, *, device: str | None = None, dtype: Any = None,
-               seed: int = 0) -> FluxBackbone:
-        """Random weights at FLUX.1's published size (the ``random`` preset)."""
+    def random(cls, *, device: str | None = None, dtype: Any = None, seed: int = 0,
+               **options: Any) -> FluxBackbone:
+        """Random weights at FLUX.1's published size (the ``random`` preset), with
+        ``options``; ``cpu_offload`` and ``quantize_8bit`` act while loading, so the preset
+        refuses them."""
         from adapterswap.backbone import default_device, default_dtype, parse_dtype
         from adapterswap_flux.published import random_flux_pipeline
 
+        options = cls.check_options(options)
+        for name in ("cpu_offload", "quantize_8bit"):
+            if options.get(name):
+                raise InvalidArgumentError(name, True, "the random preset builds its modules "
+                                           "in memory; this option acts while loading weights")
         device = device or default_device()
         dtype = parse_dtype(dtype) or default_dtype(device)
         variant = "dev" if cls.guidance_mode == "embedded" else "schnell"
         pipe, _ = random_flux_pipeline(variant, device, dtype, seed)
-        backbone = cls.from_pipeline(pipe, source="random", device=device)
+        backbone = cls.from_pipeline(pipe, source="random", device=device, **options)
         backbone.dtype = dtype
         return backbone
 
     @classmethod
-    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> FluxBackbone:
+    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None,
+             **options: Any) -> FluxBackbone:
         """A loaded backbone of tiny random FLUX components (adapterswap.tiny), saved in the
         diffusers layout and loaded back through :meth:`load`; 64 x 64 px by default."""
+        options = cls.check_options(options)  # before building anything
         import torch
 
         from adapterswap.presets import tiny_dir
@@ -388,7 +408,7 @@ class FluxBackbone(Backbone):
         path = tiny_dir(cls.name, seed, cache_dir)
         if not path.exists():
             _save_atomically(path, lambda tmp: save_tiny_pipeline(cls.tiny_family, tmp, seed))
-        backbone = cls(str(path), device="cpu", dtype=torch.float32).load()
+        backbone = cls(str(path), device="cpu", dtype=torch.float32, **options).load()
         backbone.default_height, backbone.default_width = TINY_SIZE[cls.tiny_family]
         return backbone
 

@@ -179,7 +179,7 @@ def test_loads_from_the_hf_cache_offline(flux_schnell, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"no_such_option": 1}, "option='no_such_option'"),
+    ({"no_such_option": 1}, "unknown option 'no_such_option'"),
     ({"cpu_offload": "yes"}, "cpu_offload='yes'"),
     ({"max_sequence_length": 1024}, "max_sequence_length=1024"),
 ])

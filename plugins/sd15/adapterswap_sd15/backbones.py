@@ -64,7 +64,9 @@ def tiny_sd15_dir(seed: int, cache_dir: str | None) -> Path:
 class SD15Backbone(UNetBackbone):
     """Stable Diffusion 1.5: CFG 7.5, 50 DDIM steps, 512 px.
 
-    Options: ``variant`` (e.g. ``"fp16"`` for the repo's half-precision files).
+    Options: ``variant`` (e.g. ``"fp16"`` for the repo's half-precision files),
+    ``timestep_spacing`` (default the repo's "leading"; "trailing" starts every step count at
+    t = 999, where "leading" starts N = 1 at t = 1).
     """
 
     name = "sd15"
@@ -103,11 +105,14 @@ class SD15Backbone(UNetBackbone):
         return random_sd15_pipeline(device, dtype, seed)
 
     @classmethod
-    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> SD15Backbone:
+    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None,
+             **options: Any) -> SD15Backbone:
         """Tiny random SD 1.5 (64 px) saved in diffusers' layout and loaded through ``load``."""
+        options = cls.check_options(options)  # before building anything
         from adapterswap.tiny import TINY_SIZE
 
-        backbone = cls(str(tiny_sd15_dir(seed, cache_dir)), device="cpu", dtype="fp32").load()
+        backbone = cls(str(tiny_sd15_dir(seed, cache_dir)), device="cpu", dtype="fp32",
+                       **options).load()
         backbone.default_height, backbone.default_width = TINY_SIZE["sd15"]
         return backbone
 
@@ -194,7 +199,17 @@ class SD15LCMBackbone(SD15Backbone):
     name = "sd15-lcm"
     default_steps = 4
     default_guidance_scale = 1.0
-    option_names = ("lora", "lora_file", "variant")
+    option_docs = {
+        "lora": "where the LCM-LoRA comes from: a Hub repo id, a local directory, the "
+                ".safetensors file, or None when the source is LCM-distilled (default "
+                "latent-consistency/lcm-lora-sdv1-5)",
+        "lora_file": "the LoRA file inside it (default pytorch_lora_weights.safetensors)",
+        "variant": SD15Backbone.option_docs["variant"],
+    }
+    unsupported_options = {
+        "timestep_spacing": "LCMScheduler ignores it: its timesteps come from the 50-step "
+                            "distillation schedule and start at t=999 at every step count",
+    }
     stochastic_steps = True
     how_to_get = ("Needs SD 1.5 (`hf download stable-diffusion-v1-5/stable-diffusion-v1-5`) and "
                   "the LCM-LoRA (`hf download latent-consistency/lcm-lora-sdv1-5 "
@@ -233,6 +248,14 @@ class SD15LCMBackbone(SD15Backbone):
             pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
         return pipe
 
+    @classmethod
+    def check_option(cls, name: str, value: Any) -> Any:
+        if name == "lora" and value is not None and not isinstance(value, (str, Path)):
+            raise InvalidArgumentError(name, value, "must be a path, a repo id or None")
+        if name == "lora_file" and value is not None and not isinstance(value, str):
+            raise InvalidArgumentError(name, value, "must be a file name")
+        return super().check_option(name, value)
+
     def configure_pipeline(self, pipe: Any) -> Any:
         from diffusers import LCMScheduler
 
@@ -240,10 +263,12 @@ class SD15LCMBackbone(SD15Backbone):
         return UNetBackbone.configure_pipeline(self, pipe)
 
     @classmethod
-    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> SD15LCMBackbone:
+    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None,
+             **options: Any) -> SD15LCMBackbone:
         """The tiny SD 1.5 pipeline plus a tiny LCM-LoRA in the layout of
         ``latent-consistency/lcm-lora-sdv1-5`` (kohya-style ``lora_unet_*`` keys with
         ``lora_down``/``lora_up``/``alpha``), fused through ``load``."""
+        options = cls.check_options(options)  # before building anything
         from adapterswap.presets import tiny_dir
         from adapterswap.tiny import TINY_SIZE
 
@@ -256,7 +281,8 @@ class SD15LCMBackbone(SD15Backbone):
             save_tiny_lcm_lora(unet, tmp / LCM_LORA_FILE, seed)
 
         lora_dir = build_once(tiny_dir("sd15-lcm-lora", seed, cache_dir), build)
-        backbone = cls(str(base), device="cpu", dtype="fp32", lora=str(lora_dir)).load()
+        options.setdefault("lora", str(lora_dir))
+        backbone = cls(str(base), device="cpu", dtype="fp32", **options).load()
         backbone.default_height, backbone.default_width = TINY_SIZE["sd15"]
         return backbone
 

@@ -89,6 +89,22 @@ def test_sd15_matches_pipeline_with_and_without_ip_adapter_plus(sd15, plus, refe
     assert np.abs(ours - plain).max() > 1e-3
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_timestep_spacing_option_matches_pipeline_with_that_scheduler_config(sd15, steps):
+    """``timestep_spacing="trailing"`` gives the images of the pipeline whose DDIM scheduler is
+    ``DDIMScheduler.from_config(config, timestep_spacing="trailing")``; at one step the repo's
+    "leading" spacing would run t = 1 on pure noise, "trailing" runs t = 999."""
+    from diffusers import DDIMScheduler
+
+    trailing = SD15Backbone.tiny(0, timestep_spacing="trailing")
+    pipe = reference_pipeline(trailing.source)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
+                                               timestep_spacing="trailing")
+    ours = run(trailing, steps)
+    np.testing.assert_allclose(ours, pipeline_images(pipe, steps, 7.5), atol=1e-6, rtol=0)
+    assert np.abs(ours - run(sd15, steps)).max() > 1e-3  # the option does change the images
+
+
 def test_lcm_matches_pipeline_with_lora_and_ip_adapter_plus(sd15, lcm, plus, reference):
     """LCM draws fresh noise at every step from the seed's generator, as the pipeline does.
     The reference keeps the LoRA unfused (fusing reorders float additions)."""
@@ -249,7 +265,7 @@ def test_missing_weights_are_named(sd15, tmp_path):
     with pytest.raises(WeightsNotFoundError,
                        match=f"{tmp_path.name}.*incomplete.*{LCM_LORA_FILE}"):
         SD15LCMBackbone(sd15.source, device="cpu", lora=str(tmp_path)).load()
-    with pytest.raises(InvalidArgumentError, match="invalid lora_fille="):
+    with pytest.raises(InvalidArgumentError, match="unknown option 'lora_fille'"):
         SD15LCMBackbone(lora_fille="x")
     with pytest.raises(InvalidArgumentError, match="invalid target="):
         ObjectIPAdapter(target="style")

@@ -57,7 +57,9 @@ def tiny_sdxl_dir(seed: int, cache_dir: str | None) -> Path:
 class SDXLBackbone(UNetBackbone):
     """SDXL-base 1.0: CFG 5.0, 30 Euler steps (the repo's scheduler), 1024 px.
 
-    Options: ``variant`` (e.g. ``"fp16"`` to load the repo's half-precision files).
+    Options: ``variant`` (e.g. ``"fp16"`` to load the repo's half-precision files),
+    ``timestep_spacing`` (default the repo's "leading"; "trailing" starts every step count at
+    sigma 14.6, where "leading" starts N = 1 at sigma 0.041).
     """
 
     name = "sdxl"
@@ -97,11 +99,14 @@ class SDXLBackbone(UNetBackbone):
         return random_sdxl_pipeline(device, dtype, seed)
 
     @classmethod
-    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> SDXLBackbone:
+    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None,
+             **options: Any) -> SDXLBackbone:
         """Tiny random SDXL (64 px) saved in diffusers' layout and loaded through ``load``."""
+        options = cls.check_options(options)  # before building anything
         from adapterswap.tiny import TINY_SIZE
 
-        backbone = cls(str(tiny_sdxl_dir(seed, cache_dir)), device="cpu", dtype="fp32").load()
+        backbone = cls(str(tiny_sdxl_dir(seed, cache_dir)), device="cpu", dtype="fp32",
+                       **options).load()
         backbone.default_height, backbone.default_width = TINY_SIZE["sdxl"]
         return backbone
 
@@ -203,7 +208,7 @@ class SDXLLightningBackbone(SDXLBackbone):
     (where the Lightning UNet comes from: a Hub repo id, a local directory, or the
     ``.safetensors`` file itself; default ``ByteDance/SDXL-Lightning``), ``unet_file`` (file
     name inside it, default ``sdxl_lightning_4step_unet.safetensors``; the 2- and 8-step files
-    work too), ``variant``.
+    work too), ``variant``, ``timestep_spacing`` (default "trailing", the model card's).
     """
 
     name = "sdxl-lightning"
@@ -211,7 +216,12 @@ class SDXLLightningBackbone(SDXLBackbone):
     guidance_mode = "none"
     default_guidance_scale = None
     required_files = _PIPELINE_FILES
-    option_names = ("unet", "unet_file", "variant")
+    option_docs = {
+        **SDXLBackbone.option_docs,
+        "unet": "where the Lightning UNet comes from: a Hub repo id, a local directory or the "
+                ".safetensors file (default ByteDance/SDXL-Lightning)",
+        "unet_file": "the UNet file inside it (default sdxl_lightning_4step_unet.safetensors)",
+    }
     how_to_get = ("Needs the SDXL-base pipeline (`hf download "
                   "stabilityai/stable-diffusion-xl-base-1.0 --exclude 'unet/*.safetensors'`) "
                   "and the Lightning UNet (`hf download ByteDance/SDXL-Lightning "
@@ -262,7 +272,16 @@ class SDXLLightningBackbone(SDXLBackbone):
                                     add_watermarker=False)
         return self.configure_pipeline(pipe).to(self.device)
 
+    @classmethod
+    def check_option(cls, name: str, value: Any) -> Any:
+        if name in ("unet", "unet_file") and value is not None \
+                and not isinstance(value, (str, Path)):
+            raise InvalidArgumentError(name, value, "must be a path, a file name or a repo id")
+        return super().check_option(name, value)
+
     def configure_pipeline(self, pipe: Any) -> Any:
+        """Euler with "trailing" timesteps, as the model card sets it (the
+        ``timestep_spacing`` option, applied after, can change the spacing)."""
         from diffusers import EulerDiscreteScheduler
 
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config,
@@ -270,9 +289,11 @@ class SDXLLightningBackbone(SDXLBackbone):
         return super().configure_pipeline(pipe)
 
     @classmethod
-    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None) -> SDXLLightningBackbone:
+    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None,
+             **options: Any) -> SDXLLightningBackbone:
         """The tiny SDXL pipeline plus a tiny "Lightning" UNet file (same architecture, other
         random weights) in ByteDance's layout, loaded through ``load``."""
+        options = cls.check_options(options)  # before building anything
         from adapterswap.presets import tiny_dir
         from adapterswap.tiny import TINY_SIZE
 
@@ -290,6 +311,7 @@ class SDXLLightningBackbone(SDXLBackbone):
                       str(tmp / LIGHTNING_UNET))
 
         unet_dir = build_once(tiny_dir("sdxl-lightning-unet", seed, cache_dir), build)
-        backbone = cls(str(base), device="cpu", dtype="fp32", unet=str(unet_dir)).load()
+        options.setdefault("unet", str(unet_dir))
+        backbone = cls(str(base), device="cpu", dtype="fp32", **options).load()
         backbone.default_height, backbone.default_width = TINY_SIZE["sdxl"]
         return backbone

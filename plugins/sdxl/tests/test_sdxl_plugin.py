@@ -99,6 +99,22 @@ def test_denoise_matches_pipeline_with_and_without_ip_adapter(name, sdxl, lightn
     assert np.abs(ours - plain).max() > 1e-3  # the adapter does act
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_timestep_spacing_option_matches_pipeline_with_that_scheduler_config(sdxl, steps):
+    """``timestep_spacing="trailing"`` gives the images of the pipeline whose scheduler is
+    ``EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing")``; at one step
+    "leading" would start at sigma 0.041, "trailing" starts at 14.6."""
+    from diffusers import EulerDiscreteScheduler
+
+    trailing = SDXLBackbone.tiny(0, timestep_spacing="trailing")
+    pipe = reference_pipeline(trailing, lightning=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                        timestep_spacing="trailing")
+    ours = run(trailing, steps)
+    np.testing.assert_allclose(ours, pipeline_images(pipe, steps, 5.0), atol=1e-6, rtol=0)
+    assert np.abs(ours - run(sdxl, steps)).max() > 1e-3  # the option does change the images
+
+
 def test_predict_x0_is_the_euler_estimate(sdxl):
     """x0 = x_t - sigma_t * eps at the first step, x_t the noise times sqrt(sigma^2 + 1)."""
     prompt = sdxl.encode_prompt([PROMPT], guidance_scale=5.0)
@@ -204,7 +220,7 @@ def test_unknown_target_and_option_are_named():
         StyleIPAdapter(target="stile")
     with pytest.raises(InvalidArgumentError, match="invalid colour='red'"):
         StyleIPAdapter(colour="red")
-    with pytest.raises(InvalidArgumentError, match="invalid unet_fille="):
+    with pytest.raises(InvalidArgumentError, match="unknown option 'unet_fille'"):
         SDXLLightningBackbone(unet_fille="x.safetensors")
 
 
