@@ -8,7 +8,8 @@ guidance); per backbone, adapter and step count the comparison gives:
 - the pixel distance of each pair: PSNR (dB; ``inf`` for identical images) and, where the
   ``lpips`` metric can load, LPIPS between the two images;
 - the paired change of every metric both runs scored (approximate minus exact) with its
-  bootstrap 95% CI, over reference, prompt and seed;
+  bootstrap 95% CI over reference, prompt and seed (clusters: reference, prompt;
+  "n too small" instead of an interval below two), directions from the stores' records;
 - the measured latency of both runs (where they timed it) and the speed-up.
 """
 
@@ -31,20 +32,27 @@ _PAIR = ("reference", "prompt", "seed", "scale", "start", "end", "height", "widt
          "guidance_scale")
 
 
-def load_run(directory: str | Path, argument: str) -> dict[str, Any]:
-    """The finished cells, latency rows and approximation of one sweep directory."""
+def load_run(directory: str | Path, argument: str, *, all_runs: bool = False) -> dict[str, Any]:
+    """The finished cells (of the newest run's spec unless ``all_runs``), latency rows and
+    approximation of one sweep directory."""
     from adapterswap.sweep.store import RunStore
 
     path = Path(directory)
     if not (path / "results.sqlite").is_file():
         raise InvalidArgumentError(argument, str(directory),
                                    "no sweep store (results.sqlite) in that directory")
+    from adapterswap.sweep.analysis import resolve_metric_info
+
     with RunStore(path, lock=False) as store:
-        rows = [r for r in store.rows() if r["status"] == "done"]
+        keys = None if all_runs else store.current_keys()
+        rows = [r for r in store.rows(keys) if r["status"] == "done"]
         latency = store.latency_rows()
-        versions = store.meta("versions") or {}
+        latest = store.latest_run()
+        versions = (latest or {}).get("versions") or store.meta("versions") or {}
+        info, source = resolve_metric_info(store, {m for r in rows for m in r["scores"]})
     return {"dir": str(path), "rows": rows, "latency": latency,
-            "approximation": versions.get("approximation")}
+            "approximation": versions.get("approximation"), "metric_info": info,
+            "metric_info_source": source}
 
 
 def psnr(a: Any, b: Any) -> float:
@@ -75,17 +83,18 @@ def _lpips(options: Mapping[str, Any], device: str | None) -> tuple[Any, str | N
 
 def compare_runs(exact_dir: str | Path, approx_dir: str | Path, *,
                  lpips_options: Mapping[str, Any] | None = None, lpips: bool = True,
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, all_runs: bool = False) -> dict[str, Any]:
     """Pair the cells of two runs and measure what the approximation costs (module doc)."""
     from PIL import Image
 
     from adapterswap.metrics.base import MetricBatch
-    from adapterswap.sweep.analysis import _metric_direction, paired_delta
+    from adapterswap.sweep.analysis import paired_delta, window_never_opens
 
-    exact = load_run(exact_dir, "EXACT")
-    approx = load_run(approx_dir, "APPROX")
+    exact = load_run(exact_dir, "EXACT", all_runs=all_runs)
+    approx = load_run(approx_dir, "APPROX", all_runs=all_runs)
     if Path(exact["dir"]).resolve() == Path(approx["dir"]).resolve():
         raise InvalidArgumentError("APPROX", str(approx_dir), "is the EXACT run itself")
+    metric_info = {**approx["metric_info"], **exact["metric_info"]}
     by_inputs = {tuple(r[f] for f in MATCH): r for r in exact["rows"]}
     pairs = [(by_inputs[k], r) for r in approx["rows"]
              if (k := tuple(r[f] for f in MATCH)) in by_inputs]
@@ -121,10 +130,15 @@ def compare_runs(exact_dir: str | Path, approx_dir: str | Path, *,
         metrics = sorted({m for a, b in members for m in a["scores"] if m in b["scores"]})
         deltas = {}
         for name in metrics:
-            before = {tuple(a[f] for f in _PAIR): a["scores"][name] for a, _ in members}
-            after = {tuple(a[f] for f in _PAIR): b["scores"][name] for a, b in members}
-            deltas[name] = {**paired_delta(before, after),
-                            "higher_is_better": _metric_direction(name)}
+            # pairs whose adapter window never opened on either side are no adapter cells
+            kept = [(a, b) for a, b in members
+                    if not (window_never_opens(a) or window_never_opens(b))]
+            before = {tuple(a[f] for f in _PAIR): a["scores"][name] for a, _ in kept}
+            after = {tuple(a[f] for f in _PAIR): b["scores"][name] for a, b in kept}
+            higher = (metric_info.get(name) or {}).get("higher_is_better")
+            # clusters: (reference, prompt), the first two fields of _PAIR
+            deltas[name] = {**paired_delta(before, after, cluster_of=lambda k: k[:2]),
+                            "higher_is_better": None if higher is None else bool(higher)}
         first = members[0][0]
         latency = {label: _latency(run["latency"], first) for label, run in
                    (("exact", exact), ("approx", approx))}
@@ -145,6 +159,7 @@ def compare_runs(exact_dir: str | Path, approx_dir: str | Path, *,
     return {"exact": {"dir": exact["dir"], "approximation": exact["approximation"]},
             "approx": {"dir": approx["dir"], "approximation": approx["approximation"]},
             "lpips": None if metric is not None else lpips_missing,
+            "metric_info_source": exact["metric_info_source"],
             "unpaired_approx_cells": len(approx["rows"]) - len(pairs), "groups": out}
 
 
@@ -177,9 +192,12 @@ def format_comparison(result: Mapping[str, Any]) -> str:
         lines.append(", ".join(parts))
         for name, d in g["deltas"].items():
             if d["n"]:
-                lines.append(f"    {name}: {d['mean']:+.4f} [{d['ci_low']:+.4f}, "
-                             f"{d['ci_high']:+.4f}] (n={d['n']}, "
-                             f"{'higher' if d['higher_is_better'] else 'lower'} is better)")
+                interval = ("n too small" if d["ci_low"] is None else
+                            f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")
+                better = {True: "higher is better", False: "lower is better"}.get(
+                    d["higher_is_better"], "direction unknown")
+                lines.append(f"    {name}: {d['mean']:+.4f} {interval} (n={d['n']}, "
+                             f"{d['clusters']} clusters, {better})")
     if result["unpaired_approx_cells"]:
         lines.append(f"{result['unpaired_approx_cells']} approximate cells had no exact twin")
     return "\n".join(lines)

@@ -88,12 +88,19 @@ def run_probe_exit(spec: SweepSpec, threshold: float, *,
 
 
 def exit_comparison(rows: Sequence[Mapping[str, Any]], latency_rows: Sequence[Mapping[str, Any]],
-                    plan: Mapping[str, Any], fidelity: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Per planned exit: adapter steps skipped, latency full vs exit, and the paired fidelity
-    delta (exit minus full) over reference, prompt and seed."""
-    from adapterswap.sweep.analysis import _metric_direction, paired_delta
+                    plan: Mapping[str, Any], fidelity: Mapping[str, str], *,
+                    metric_info: Mapping[str, Mapping[str, Any]] | None = None,
+                    resamples: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """Per planned exit: adapter steps skipped, median latency full vs exit, and the paired
+    delta of every metric (exit minus full) over reference, prompt and seed, with a bootstrap
+    interval that resamples (reference, prompt) clusters (``None``: n too small). Directions
+    come from ``metric_info`` (``None``: unknown); cells whose window never opened are left
+    out."""
+    from adapterswap.sweep.analysis import paired_delta, window_never_opens
 
-    done = [r for r in rows if r["status"] == "done" and r["adapter"] != "none"]
+    metric_info = metric_info or {}
+    done = [r for r in rows if r["status"] == "done" and r["adapter"] != "none"
+            and not window_never_opens(r)]
     out = []
     for entry in plan.get("plan", []):
         if entry["exit_step"] is None:
@@ -105,20 +112,26 @@ def exit_comparison(rows: Sequence[Mapping[str, Any]], latency_rows: Sequence[Ma
                and (r["start"], r["end"]) == (0.0, end)]
         if not full or not cut:
             continue
-        lat = {(r["start"], r["end"]): r["total_s"] for r in latency_rows
-               if r["backbone"] == b and r["steps"] == n and r["adapter"] == full[0]["adapter"]}
+        lat = {(r.get("start"), r.get("end")): r["total_s"] for r in latency_rows
+               if r["backbone"] == b and r["steps"] == n and r["adapter"] == full[0]["adapter"]
+               and (r.get("batch") or 1) == 1}
         label = next((k for k in fidelity if k.startswith(f"{b}|")), None)
-        metrics = sorted({m for r in full for m in r["scores"]} - {"latency"})
+        metrics = sorted({m for r in full for m in r["scores"]})
         deltas = {}
         for metric in metrics:
+            if (metric_info.get(metric) or {}).get("kind") == "latency":
+                continue
             a = {(r["reference"], r["prompt"], r["seed"]): r["scores"].get(metric) for r in full}
             c = {(r["reference"], r["prompt"], r["seed"]): r["scores"].get(metric) for r in cut}
-            deltas[metric] = {**paired_delta(a, c), "higher_is_better": _metric_direction(metric)}
+            higher = (metric_info.get(metric) or {}).get("higher_is_better")
+            deltas[metric] = {**paired_delta(a, c, resamples=resamples, seed=seed),
+                              "higher_is_better": None if higher is None else bool(higher)}
         out.append({
             "backbone": b, "steps": n, "exit_step": entry["exit_step"], "end": end,
             "adapter_steps_skipped": n - entry["exit_step"],
             "adapter_compute_saved": (n - entry["exit_step"]) / n,
             "latency_full_s": lat.get((0.0, 1.0)), "latency_exit_s": lat.get((0.0, end)),
+            "latency_statistic": "median",
             "fidelity_metric": fidelity.get(label) if label else None,
             "deltas": deltas,
         })
