@@ -3,6 +3,8 @@ with ControlNet (InfuseNet) residuals, install/remove exactness, and the sweep/C
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -246,8 +248,18 @@ def exact_and_cached(tmp_path_factory) -> tuple[str, str]:  # noqa: ANN001
     return outs[0], outs[1]
 
 
+# The exact run shares its first step (one row per seed), the cached run cannot (its stored
+# residuals follow the batch), so their 1-step images come from the same computation in
+# batches of 2 and 4 rows, whose CPU GEMM blocking and so rounding may differ: at most one
+# 8-bit level on 1% of the pixels, i.e. PSNR >= 68 dB (measured: equal, or 89 dB), and an
+# LPIPS within BATCH_ROUNDING_LPIPS of 0 (measured <= 1e-8).
+BATCH_ROUNDING_PSNR_DB = 10 * math.log10(255 ** 2 / 0.01)
+BATCH_ROUNDING_LPIPS = 1e-6
+
+
 def test_compare_pairs_cells_and_measures_the_cost(exact_and_cached, tmp_path) -> None:  # noqa: ANN001
     import json
+    import shutil
 
     from click.testing import CliRunner
 
@@ -259,21 +271,30 @@ def test_compare_pairs_cells_and_measures_the_cost(exact_and_cached, tmp_path) -
     assert result["approx"]["approximation"] == "cache=interval:2"
     assert result["exact"]["approximation"] is None and result["lpips"] is None
     one, three = result["groups"]
-    assert (one["steps"], one["pairs"], one["identical"]) == (1, 2, 2)  # step 0 computes
-    assert one["psnr_db_min"] == float("inf") and one["lpips_max"] == pytest.approx(0, abs=1e-6)
+    assert (one["steps"], one["pairs"]) == (1, 2)  # step 0 computes: equal up to rounding
+    assert one["psnr_db_min"] >= BATCH_ROUNDING_PSNR_DB
+    assert one["lpips_max"] == pytest.approx(0, abs=BATCH_ROUNDING_LPIPS)
     assert three["steps"] == 3 and three["identical"] == 0  # step 1 was served from the cache
     assert 20 < three["psnr_db_min"] < float("inf") and three["lpips_mean"] is not None
     assert set(three["deltas"]) >= {"sharpness", "contrast"}
     assert three["deltas"]["sharpness"]["n"] == 2
     assert three["latency_exact_s"] > 0 and three["speedup"] > 0
 
-    out = tmp_path / "cost.json"
-    run = CliRunner().invoke(main, ["compare", exact, cached, "--no-lpips", "--json",
-                                    str(out)])
+    runner = CliRunner()
+    run = runner.invoke(main, ["compare", exact, cached, "--no-lpips"])
     assert run.exit_code == 0, run.stderr
-    assert "identical" in run.stdout and "PSNR" in run.stdout and "not asked for" in run.stdout
+    assert "PSNR" in run.stdout and "not asked for" in run.stdout
+
+    # a byte-for-byte copy of the exact run: every pair identical, PSNR inf (null in JSON)
+    copy = tmp_path / "copy"
+    shutil.copytree(exact, copy)
+    out = tmp_path / "cost.json"
+    same = runner.invoke(main, ["compare", exact, str(copy), "--no-lpips", "--json",
+                                str(out)])
+    assert same.exit_code == 0, same.stderr
+    assert "identical" in same.stdout
     data = json.loads(out.read_text())
-    assert data["groups"][0]["psnr_db_min"] is None  # inf (identical) is null in JSON
+    assert [(g["identical"], g["psnr_db_min"]) for g in data["groups"]] == [(2, None), (2, None)]
 
 
 def test_compare_errors_name_the_argument(exact_and_cached, tmp_path) -> None:  # noqa: ANN001

@@ -462,11 +462,13 @@ def test_metric_options_reach_the_metric_and_are_validated(tmp_path):
         original(self, **options)
 
     Sharpness.__init__ = spy
+    Sharpness.options_spec = {"mode": None}  # a metric declares the options it takes
     try:
         run_sweep(tiny_spec(tmp_path, backbones=["toy-fast"], seeds=[0], steps=[1],
                             metrics=["sharpness"], metric_options={"sharpness": {"mode": 3}}))
     finally:
         Sharpness.__init__ = original
+        del Sharpness.options_spec
     assert seen.get("mode") == 3
 
 

@@ -9,7 +9,7 @@ with the reason, when its model or package is missing: a score is never invented
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -54,16 +54,25 @@ class Metric(ABC):
     :cvar name: registry name (``"identity"``, ``"lpips"``).
     :cvar needs: subset of :data:`METRIC_NEEDS` the metric requires.
     :cvar higher_is_better: direction, for reports and knee detection.
-    :cvar kinds: adapter kinds the metric measures fidelity for (``{"identity"}``); empty for
-        metrics that apply to any image (sharpness, latency).
+    :cvar kinds: adapter kinds the metric measures fidelity for (``{"identity"}``; ``{"none"}``
+        for prompt fidelity, what a run without an adapter is judged on); empty for
+        diagnostics that apply to any image (sharpness, contrast). A step recommendation is
+        only made on a metric of the adapter's kind. Recorded with every run.
+    :cvar worst: the metric's worst possible value when bounded (cosine similarity: -1), used
+        by ``report --missing worst`` for images it could not score; ``None``: unbounded.
     :cvar description: one line for ``adapterswap list metrics``.
+    :cvar options_spec: the options the constructor takes besides ``device`` (name ->
+        default); any other option is refused with the known ones listed
+        (:meth:`check_options`). Empty: the metric takes none.
     """
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
     higher_is_better: ClassVar[bool] = True
     kinds: ClassVar[frozenset[str]] = frozenset()
+    worst: ClassVar[float | None] = None
     description: ClassVar[str] = ""
+    options_spec: ClassVar[Mapping[str, Any]] = {}
 
     @classmethod
     def class_problems(cls, klass: type) -> list[str]:
@@ -77,9 +86,27 @@ class Metric(ABC):
             problems.append(f"abstract methods not implemented: {', '.join(abstract)}")
         return problems
 
+    @classmethod
+    def known_options(cls) -> list[str]:
+        """The option names the constructor accepts, ``device`` included, sorted."""
+        return sorted({"device", *cls.options_spec})
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Refuse options the metric does not know, naming them and the known ones (a typo
+        must not be ignored: the sweep would run with the default)."""
+        unknown = sorted(set(options) - set(cls.known_options()))
+        if unknown:
+            names = ", ".join(repr(key) for key in unknown)
+            raise InvalidArgumentError(
+                "metric_options", {cls.name: dict(options)},
+                f"unknown option{'s' if len(unknown) > 1 else ''} {names} of metric "
+                f"{cls.name!r}; known options: {', '.join(cls.known_options())}")
+
     def __init__(self, *, device: str | None = None, **options: Any) -> None:
         """:param device: where a model-based metric runs; :param options: metric-specific
-        (e.g. a model path); a subclass must reject unknown ones."""
+        (e.g. a model path), declared in :attr:`options_spec`; unknown ones are refused."""
+        self.check_options(options)
         self.device = device
         self.options = dict(options)
         self.loaded = False

@@ -121,17 +121,14 @@ class IdentityMetric(Metric):
     needs = frozenset({"reference"})
     higher_is_better = True
     kinds = frozenset({"identity"})
+    worst = -1.0  # cosine similarity
     description = ("ArcFace cosine similarity to the reference face (insightface antelopev2: "
                    "SCRFD detector, glintr100 recognizer)")
-    options_known: ClassVar[tuple[str, ...]] = ("recognizer", "insightface_root", "arcface_path")
+    options_spec: ClassVar[dict[str, Any]] = {"recognizer": RECOGNIZERS[0],
+                                              "insightface_root": None, "arcface_path": None}
 
     def __init__(self, *, device: str | None = None, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.options_known))
-        if unknown:
-            raise InvalidArgumentError(
-                unknown[0], options[unknown[0]],
-                f"unknown option of metric {self.name!r}; accepted: "
-                f"{', '.join(self.options_known)}")
+        self.check_options(options)
         if device is not None and not isinstance(device, str):
             raise InvalidArgumentError("device", device, "must be a string such as 'cuda:0'")
         recognizer = options.get("recognizer", RECOGNIZERS[0])

@@ -164,7 +164,7 @@ class ClipTextSimilarity(_ClipMetric):
     name = "clip-t"
     needs = frozenset({"prompt"})
     higher_is_better = True
-    kinds = frozenset()
+    kinds = frozenset({"none"})  # prompt fidelity: what a run without an adapter is judged on
     description = "CLIP-T: cosine of CLIP image and prompt embeddings (x100, clip at 0 = CLIPScore)"
     uses_text = True
 

@@ -171,14 +171,14 @@ class ModelMetric(Metric):
 
     options_spec: ClassVar[dict[str, Any]] = {}
 
+    @classmethod
+    def known_options(cls) -> list[str]:
+        """``options_spec``, ``device`` and ``batch_size``, sorted."""
+        return sorted({"batch_size", *super().known_options()})
+
     def __init__(self, *, device: str | None = None, **options: Any) -> None:
-        allowed = {"batch_size": DEFAULT_BATCH_SIZE, **self.options_spec}
-        for key, value in options.items():
-            if key not in allowed:
-                raise InvalidArgumentError(
-                    key, value, f"unknown option of metric {self.name!r}; accepted: "
-                    f"{', '.join(sorted(allowed))}")
-        merged = {**allowed, **options}
+        self.check_options(options)
+        merged = {"batch_size": DEFAULT_BATCH_SIZE, **self.options_spec, **options}
         super().__init__(device=device, **merged)
         batch_size = merged["batch_size"]
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

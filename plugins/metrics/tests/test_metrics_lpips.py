@@ -106,7 +106,7 @@ def test_too_small_images_and_bad_options_are_refused(lpips_metric):
         LPIPSMetric(against="prompt")
     with pytest.raises(InvalidArgumentError, match="invalid resolution=16"):
         LPIPSMetric(resolution=16)
-    with pytest.raises(InvalidArgumentError, match="invalid net='vgg'"):
+    with pytest.raises(InvalidArgumentError, match="unknown option 'net' of metric 'lpips'"):
         LPIPSMetric(net="vgg")
 
 

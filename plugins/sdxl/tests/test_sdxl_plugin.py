@@ -295,7 +295,9 @@ def test_mixed_window_batch_equals_separate_runs(sdxl, style, reference):
     assert inputs["ip_adapter_scales"][0] and inputs["ip_adapter_scales"][1] is None
     active = predict([0])
     inactive = predict([1])
-    assert torch.equal(joint[:1], active) and torch.equal(joint[1:], inactive)
+    # a batch of 2 against batches of 1: CPU matmul blocking may differ with the batch size
+    torch.testing.assert_close(joint[:1], active, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(joint[1:], inactive, atol=1e-5, rtol=1e-4)
     style.detach()
     assert torch.equal(inactive, predict([1], with_adapter=False))
     assert not torch.allclose(active, predict([0], with_adapter=False), atol=1e-4)
