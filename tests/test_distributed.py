@@ -1,7 +1,9 @@
-"""Distributed sweeps: 2 gloo processes under torchrun on CPU, merge, kill one rank, resume."""
+"""Distributed sweeps: 2 gloo processes under torchrun on CPU, merge, kill one rank, resume;
+rank 0 plans and broadcasts the shares."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -30,16 +32,16 @@ def environment(**extra):
     return env
 
 
-def torchrun(out, nproc=2, **env):
+def torchrun(out, nproc=2, script=HERE / "toy_cli.py", **env):
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc-per-node={nproc}", str(HERE / "toy_cli.py"), *ARGS, "--out", str(out)],
+         f"--nproc-per-node={nproc}", str(script), *ARGS, "--out", str(out)],
         env=environment(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
 
 
-def single(out):
-    return subprocess.run([sys.executable, str(HERE / "toy_cli.py"), *ARGS, "--out", str(out)],
+def single(out, args=ARGS):
+    return subprocess.run([sys.executable, str(HERE / "toy_cli.py"), *args, "--out", str(out)],
                           env=environment(), capture_output=True, text=True, timeout=300)
 
 
@@ -128,3 +130,63 @@ def test_killing_a_rank_then_rerunning_completes_without_duplicates(tmp_path, si
         assert mine[key] == pytest.approx(values, rel=1e-6), key
     # merging again adds nothing
     assert merge(out)["cells_added"] == 0
+
+
+#: A rank that sees another state of the stores than rank 0 (here: rank 1 sees nothing
+#: finished), and a record of the plan each rank ran.
+STALE_RANK = """
+import json, os, runpy
+from pathlib import Path
+from adapterswap.sweep import distributed
+
+rank = int(os.environ["RANK"])
+if rank == 1:
+    distributed.finished_everywhere = lambda out: set()
+original = distributed.broadcast_plan
+
+def recording(plan, r):
+    received = original(plan, r)
+    Path(os.environ["PLAN_DUMP"], f"plan-{r}.json").write_text(json.dumps(
+        {"sent": plan is not None, "finished": received.finished, "shares": received.shares,
+         "planned_by": received.planned_by}))
+    return received
+
+distributed.broadcast_plan = recording
+runpy.run_path(os.environ["TOY_CLI"], run_name="__main__")
+"""
+
+
+def shard_keys(out):
+    found = {}
+    for path in sorted((out / "shards").glob("rank-*/results.sqlite")):
+        with sqlite3.connect(path) as db:
+            found[path.parent.name] = [r[0] for r in db.execute("SELECT key FROM cells")]
+    return found
+
+
+def test_rank_zero_plans_and_every_cell_runs_once_though_rank_one_sees_another_state(
+        tmp_path, single_run):
+    out = tmp_path / "planned"
+    steps = ARGS.index("--steps") + 1
+    first = single(out, [*ARGS[:steps], "1", *ARGS[steps + 1:]])  # the 1-step cells finished
+    assert first.returncode == 0, first.stderr
+    before = set(keys(out))
+    assert len(before) == TOTAL // 3
+    script = tmp_path / "stale_rank.py"
+    script.write_text(STALE_RANK)
+    proc = torchrun(out, script=script, PLAN_DUMP=str(tmp_path),
+                    TOY_CLI=str(HERE / "toy_cli.py"))
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    plans = [json.loads((tmp_path / f"plan-{r}.json").read_text()) for r in (0, 1)]
+    assert plans[0]["sent"] and not plans[1]["sent"]  # rank 1 planned nothing itself
+    assert plans[0] == {**plans[1], "sent": True} and plans[1]["planned_by"] == 0
+    assert set(plans[1]["finished"]) == before  # rank 0's view, not rank 1's empty one
+    ran = shard_keys(out)
+    assert sorted(ran) == ["rank-000", "rank-001"]
+    assert [sorted(ran[f"rank-{r:03d}"]) for r in (0, 1)] == plans[0]["shares"]
+    everything = ran["rank-000"] + ran["rank-001"]
+    assert len(everything) == len(set(everything)) == TOTAL - len(before)  # each cell once
+    assert not set(everything) & before  # nothing finished ran again
+    done = keys(out)
+    assert len(done) == len(set(done)) == TOTAL and set(done) == set(keys(single_run))

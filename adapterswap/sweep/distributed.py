@@ -1,15 +1,17 @@
 """Sweeps across GPUs and machines on torch.distributed (launched by ``torchrun``).
 
 ``torchrun --nproc-per-node N -m adapterswap sweep ...`` (or ``adapterswap sweep --launcher
-torchrun --nproc N ...``) starts N ranks. Every rank expands the same spec, skips the cells
-already finished in the merged store or any shard, and takes a deterministic share of the rest:
-whole (backbone, adapter setting, reference, prompt) groups, balanced by estimated cost (steps x
-pixels) with the longest-processing-time rule, so a rank loads each backbone at most once and
-reuses encodings within its groups. Each rank writes its own store shard under
-``<out>/shards/rank-NNN/``; after a barrier, rank 0 merges the shards into
-``<out>/results.sqlite`` (every cell exactly once) and writes the report. A rank that dies loses
-only its in-flight cells; re-running the same command finishes the rest. The backend is NCCL
-on CUDA and gloo on CPU; only the barrier uses it, the work itself needs no communication.
+torchrun --nproc N ...``) starts N ranks. Rank 0 plans: it reads the cells already finished in
+the merged store and every shard, and shares the rest out (:func:`adapterswap.sweep.plan.assign`:
+whole (backbone, adapter setting, reference, prompt) groups, balanced by estimated cost, steps x
+pixels, with the longest-processing-time rule, so a rank loads each backbone at most once and
+reuses encodings within its groups). It broadcasts the finished set and the shares
+(:class:`SharePlan`, ``broadcast_object_list``); every other rank runs what it receives, so a
+rank that starts late, or sees another state of the stores, can neither overlap nor miss a
+share. Each rank writes its own store shard under ``<out>/shards/rank-NNN/``; after a barrier,
+rank 0 merges the shards into ``<out>/results.sqlite`` (every cell exactly once) and writes the
+report. A rank that dies loses only its in-flight cells; re-running the same command finishes
+the rest. The backend is NCCL on CUDA and gloo on CPU.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ import datetime
 import os
 import shutil
 import sqlite3
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterswap.sweep.plan import assign, cell_cost, rank_shares
 from adapterswap.sweep.spec import Cell
 from adapterswap.sweep.store import RunStore
+
+__all__ = ["DistEnv", "SharePlan", "assign", "barrier", "broadcast_plan", "cell_cost", "destroy",
+           "dist_env", "finished_everywhere", "init_process_group", "merge", "plan_shares",
+           "run_distributed", "shard_dir"]
 
 
 @dataclass(frozen=True)
@@ -76,26 +83,90 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def cell_cost(cell: Cell) -> float:
-    """Estimated cost of a cell: denoising steps x pixels."""
-    return float(cell.steps) * cell.height * cell.width
+@dataclass
+class SharePlan:
+    """Rank 0's plan, broadcast to every rank: the keys finished anywhere when it planned and
+    the keys each rank runs (``shares[rank]``)."""
+
+    finished: list[str]
+    shares: list[list[str]]
+    planned_by: int = 0
+    world_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.world_size = len(self.shares)
 
 
-def assign(keyed: Sequence[tuple[Cell, str]], world_size: int) -> dict[str, int]:
-    """Deterministic shard of each key: whole groups, longest-processing-time first."""
-    groups: dict[tuple[Any, ...], list[tuple[Cell, str]]] = {}
-    for cell, key in keyed:
-        groups.setdefault(cell.group(), []).append((cell, key))
-    ordered = sorted(groups.values(),
-                     key=lambda g: (-sum(cell_cost(c) for c, _ in g), min(k for _, k in g)))
-    loads = [0.0] * world_size
-    owner: dict[str, int] = {}
-    for group in ordered:
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        loads[rank] += sum(cell_cost(c) for c, _ in group)
-        for _, key in group:
-            owner[key] = rank
-    return owner
+def plan_shares(keyed: Sequence[tuple[Cell, str]], out: str | Path,
+                world_size: int) -> SharePlan:
+    """Rank 0's plan: the finished set of the merged store and every shard, and the rest of
+    ``keyed`` shared out over ``world_size`` ranks."""
+    finished = finished_everywhere(out)
+    return SharePlan(sorted(finished), rank_shares(keyed, finished, world_size))
+
+
+def broadcast_plan(plan: SharePlan | None, rank: int) -> SharePlan:
+    """Rank 0 sends its plan (``plan``); every other rank passes ``None`` and gets it. Also a
+    barrier: no rank starts writing its shard before rank 0 has read them all."""
+    import torch.distributed as dist
+
+    if rank == 0 and plan is None:
+        raise ValueError("rank 0 must pass its plan")
+    box: list[Any] = [plan if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_distributed(spec: Any, *, echo: Callable[[str], None] = print) -> tuple[Any, Any]:
+    """One rank of a torchrun job: join it, receive rank 0's plan, run this rank's share into
+    its shard; rank 0 then merges the shards and writes the report. Returns (summary of the
+    whole job, report path on rank 0 else ``None``). ``echo`` prints a line (to stderr)."""
+    import torch
+    import torch.distributed as dist
+
+    from adapterswap.sweep.engine import SweepEngine, SweepSummary
+    from adapterswap.sweep.report import build_report
+
+    env = dist_env()
+    if env is None:
+        raise RuntimeError("not started by torchrun (RANK and WORLD_SIZE are unset)")
+    init_process_group(env)
+    try:
+        spec.validate()
+        if spec.device is None and torch.cuda.is_available():
+            spec.device = f"cuda:{env.local_rank}"
+        with RunStore(shard_dir(spec.out, env.rank)) as store:
+            engine = SweepEngine(spec, store, log=lambda m: echo(f"rank {env.rank}: {m}"))
+            keyed = engine.keyed_cells()
+            plan = plan_shares(keyed, spec.out, env.world_size) if env.rank == 0 else None
+            plan = broadcast_plan(plan, env.rank)
+            finished = set(plan.finished)
+            mine = set(plan.shares[env.rank])
+            unknown = mine - {k for _, k in keyed}
+            if unknown:
+                echo(f"rank {env.rank}: {len(unknown)} cells of rank 0's plan are not in this "
+                     "rank's spec (different software versions?); they are not run")
+            summary = engine.run(only_keys=mine, finished_elsewhere=finished)
+            summary.skipped = len([k for _, k in keyed if k in finished])
+        echo(f"rank {env.rank}/{env.world_size}: {summary.done} cells done, "
+             f"{summary.failed} failed")
+        summaries: list[Any] = [None] * env.world_size
+        dist.all_gather_object(summaries, summary)
+        barrier()
+        report = None
+        total = SweepSummary(total=len(keyed), skipped=summary.skipped)
+        for part in summaries:
+            total.done += part.done
+            total.failed += part.failed
+            total.seconds = max(total.seconds, part.seconds)
+            total.unavailable_metrics.update(part.unavailable_metrics)
+        if env.rank == 0:
+            merge(spec.out)
+            report = build_report(spec.out)
+        barrier()
+        return total, report
+    finally:
+        destroy()
 
 
 def shard_dir(out: str | Path, rank: int) -> Path:

@@ -80,19 +80,23 @@ def timed_sweep(backbone: Any, adapter: Any, conditioning: Any = None,
     import tempfile
 
     from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.models import ModelFactory
     from adapterswap.sweep.spec import SweepSpec
     from adapterswap.sweep.store import RunStore
 
-    class InMemoryEngine(SweepEngine):
-        def load_backbone(self, name: str) -> Any:
+    class InMemoryModels(ModelFactory):
+        """Hands out the models already loaded (and, if given, the reference encoding)."""
+
+        def backbone(self, name: str) -> Any:
             return backbone
 
-        def adapter_for(self, name: str, b: Any) -> Any:
+        def adapter(self, name: str, b: Any = None) -> Any:
+            self.adapters[name] = adapter
             return adapter
 
-        def _conditioning(self, adapter: Any, b: Any, cell: Any) -> Any:
+        def conditioning(self, adapter: Any, b: Any, ref: str) -> Any:
             if conditioning is None:
-                return super()._conditioning(adapter, b, cell)
+                return super().conditioning(adapter, b, ref)
             return conditioning
 
     backbone.unload = lambda: None  # keep the pipeline for the baseline and the next sweep
@@ -101,9 +105,10 @@ def timed_sweep(backbone: Any, adapter: Any, conditioning: Any = None,
                          references=["synthetic:0"], out=out, save_images=False,
                          **spec_fields).validate()
         with RunStore(out) as store:
+            models = InMemoryModels.from_spec(spec, reference_folder=store.out / "references")
             sync()
             start = time.perf_counter()
-            summary = InMemoryEngine(spec, store).run()
+            summary = SweepEngine(spec, store, models=models).run()
             sync()
             wall = time.perf_counter() - start
     cells = len(spec.steps) * len(spec.seeds) * len(spec.prompts)

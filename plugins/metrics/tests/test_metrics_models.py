@@ -320,7 +320,8 @@ def test_non_vit_checkpoint_is_refused_by_dino(metrics_tiny_clip_dir):
 @pytest.mark.parametrize("metric_class", [ClipImageSimilarity, ClipTextSimilarity,
                                           StyleSimilarity, DinoSimilarity])
 def test_unknown_and_bad_options_name_the_value(metric_class):
-    with pytest.raises(InvalidArgumentError, match="unknown option 'modle' of metric .*; known options: batch_size, "):
+    with pytest.raises(InvalidArgumentError,
+                       match="unknown option 'modle' of metric .*; known options: batch_size, "):
         metric_class(modle="x")
     with pytest.raises(InvalidArgumentError, match="invalid batch_size=0"):
         metric_class(batch_size=0)
