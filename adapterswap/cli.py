@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the work failed, 2 bad usage. Errors are one line on st
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -294,29 +295,30 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
         from adapterswap.sweep.spec import DEFAULT_PROMPTS
 
         prompt = DEFAULT_PROMPTS[0]
+    from adapterswap.sweep.models import ModelFactory
+
+    models = ModelFactory(preset=preset, device=device, dtype=dtype,
+                          sources={backbone: source}, backbone_options={backbone: b_opts},
+                          adapter_source=adapter_source,
+                          adapter_kwargs={"scale": scale, "start": start, "end": end, **a_opts})
     image: Any = None
     if adapter_cls is not None:
         if reference is not None:
             load_image(reference, argument="--ref")  # readable? (fails before loading models)
             image = reference  # the path, so that adapters' errors name the file
         elif tiny:
-            image = adapter_cls.tiny_reference(seed=0)
+            image = models.reference_image("synthetic:0", adapter_cls.name)
         else:
             raise InvalidArgumentError("--ref", None,
                                        f"adapter {adapter_cls.name!r} needs a reference image")
-    adapter_kwargs = {"scale": scale, "start": start, "end": end, **a_opts}
     ad = None
-    if tiny:
-        loaded = backbone_cls.tiny(seed=0)
-        if adapter_cls is not None:
-            ad = adapter_cls.tiny(loaded, seed=0, **adapter_kwargs)
-    else:
-        loaded = backbone_cls(source, device=device, dtype=dtype, **b_opts)
-        if adapter_cls is not None:
-            # validate the adapter's settings and family before loading anything heavy
-            ad = adapter_cls(adapter_source, **adapter_kwargs)
-            ad.check_backbone(backbone_cls)
-        loaded.load()
+    if adapter_cls is not None and not tiny:
+        # validate the adapter's settings and family before loading anything heavy
+        ad = models.adapter(adapter_cls.name)
+        ad.check_backbone(backbone_cls)
+    loaded = models.backbone(backbone)
+    if adapter_cls is not None and ad is None:
+        ad = models.adapter(adapter_cls.name, loaded)  # tiny weights that fit the backbone
     from adapterswap.fastpath import FastPath
 
     if ad is not None:
@@ -366,6 +368,11 @@ def _common_sweep_options(func: Any) -> Any:
                      help="Weights for a backbone (repeatable)."),
         click.option("--adapter-source", default=None, help="Adapter weights."),
         click.option("--adapter-option", "adapter_options", multiple=True, metavar="KEY=VALUE"),
+        click.option("--backbone-option", "backbone_options", multiple=True,
+                     metavar="KEY=VALUE",
+                     help="Backbone option for every backbone of the sweep (repeatable), e.g. "
+                          "timestep_spacing=trailing (base UNet backbones: start low step "
+                          "counts from pure noise); BACKBONE.KEY=VALUE for one backbone."),
         click.option("--metric-option", "metric_options", multiple=True,
                      metavar="METRIC.KEY=VALUE",
                      help="Option of one metric (repeatable), e.g. identity.recognizer=ir-se50."),
@@ -406,7 +413,8 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
                 metric_options: tuple[str, ...] = (), dry_run: bool = False,
                 compile_: bool | None = None, attention: str | None = None,
                 fp8: bool | None = None, overlap: bool | None = None,
-                cache: str | None = None) -> dict[str, Any]:
+                cache: str | None = None,
+                backbone_options: tuple[str, ...] = ()) -> dict[str, Any]:
     from adapterswap.sweep.spec import parse_int_list, read_prompts_file
 
     prompt_list = list(prompts)
@@ -428,11 +436,27 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
         "out": out, "preset": preset, "device": device, "dtype": dtype,
         "sources": source_map or None, "adapter_source": adapter_source,
         "adapter_options": _parse_options(adapter_options, "--adapter-option") or None,
+        "backbone_options": _backbone_options(backbone_options) or None,
         "metric_options": _metric_options(metric_options) or None,
         "max_batch": max_batch,
         "compile": compile_, "attention": attention, "fp8": True if fp8 else None,
         "overlap": overlap, "cache": cache,
     }
+
+
+def _backbone_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``timestep_spacing=trailing`` (every backbone) or ``sd15.timestep_spacing=trailing``
+    (one backbone's table)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key = pair.partition("=")[0]
+        name, dot, _ = key.partition(".")
+        if dot:
+            options.setdefault(name.strip(), {}).update(
+                _parse_options((pair[len(name) + 1:],), "--backbone-option"))
+        else:
+            options.update(_parse_options((pair,), "--backbone-option"))
+    return options
 
 
 def _metric_options(pairs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -480,64 +504,17 @@ def _run_spec(spec: Any) -> Any:
             summary.shared_first_steps += extra.shared_first_steps
             summary.finish_seconds += extra.finish_seconds
             summary.decode_seconds += extra.decode_seconds
+            for flag, count in extra.confounds.items():
+                summary.confounds[flag] = summary.confounds.get(flag, 0) + count
     return summary, build_report(spec.out)
 
 
 def _execute_distributed(spec: Any) -> Any:
-    """One rank of a torchrun job: run this rank's share into its shard; rank 0 merges the
-    shards and writes the report. Returns (summary of the whole job on rank 0, report)."""
-    import torch
-    import torch.distributed as dist
+    """One rank of a torchrun job (:func:`adapterswap.sweep.distributed.run_distributed`):
+    returns (summary of the whole job on rank 0, report)."""
+    from adapterswap.sweep.distributed import run_distributed
 
-    from adapterswap.sweep.distributed import (
-        assign,
-        barrier,
-        destroy,
-        dist_env,
-        finished_everywhere,
-        init_process_group,
-        merge,
-        shard_dir,
-    )
-    from adapterswap.sweep.engine import SweepEngine, SweepSummary
-    from adapterswap.sweep.report import build_report
-    from adapterswap.sweep.store import RunStore
-
-    env = dist_env()
-    assert env is not None
-    init_process_group(env)
-    try:
-        spec.validate()
-        if spec.device is None and torch.cuda.is_available():
-            spec.device = f"cuda:{env.local_rank}"
-        finished = finished_everywhere(spec.out)
-        with RunStore(shard_dir(spec.out, env.rank)) as store:
-            engine = SweepEngine(spec, store, log=lambda m: click.echo(
-                f"rank {env.rank}: {m}", err=True))
-            keyed = engine.keyed_cells()
-            owner = assign([(c, k) for c, k in keyed if k not in finished], env.world_size)
-            mine = {k for k, r in owner.items() if r == env.rank}
-            summary = engine.run(only_keys=mine, finished_elsewhere=finished)
-            summary.skipped = len([k for _, k in keyed if k in finished])
-        click.echo(f"rank {env.rank}/{env.world_size}: {summary.done} cells done, "
-                   f"{summary.failed} failed", err=True)
-        summaries: list[Any] = [None] * env.world_size
-        dist.all_gather_object(summaries, summary)
-        barrier()
-        report = None
-        total = SweepSummary(total=len(keyed), skipped=summary.skipped)
-        for part in summaries:
-            total.done += part.done
-            total.failed += part.failed
-            total.seconds = max(total.seconds, part.seconds)
-            total.unavailable_metrics.update(part.unavailable_metrics)
-        if env.rank == 0:
-            merge(spec.out)
-            report = build_report(spec.out)
-        barrier()
-        return total, report
-    finally:
-        destroy()
+    return run_distributed(spec, echo=lambda message: click.echo(message, err=True))
 
 
 def _execute(spec: Any) -> Any:
@@ -754,11 +731,33 @@ def _dry_run(spec: Any) -> None:
                f"metrics {', '.join(spec.metrics) or '-'}; out {spec.out}")
 
 
+#: What each confound flag means for the figures, and what to do about it.
+CONFOUND_ADVICE = {
+    "schedule_starts_far_from_noise": (
+        "cell(s) ran a schedule whose first step assumes a mostly denoised input while it "
+        "gets pure noise (leading timestep spacing at low step counts: SD1.5's DDIM at 1 step "
+        "runs t=1); their low-step figures measure the schedule, not the adapter. Re-run base "
+        "backbones with --backbone-option timestep_spacing=trailing"),
+    "window_never_opens": (
+        "cell(s) have an adapter window that never opens at their step count: they are "
+        "adapter-off cells under an adapter label, and the analysis counts them as such"),
+}
+
+
+def confound_warnings(counts: dict[str, int]) -> list[str]:
+    """One line per confound flag seen in a sweep."""
+    return [f"{count} {CONFOUND_ADVICE.get(flag, f'cell(s) flagged {flag}')} "
+            f"(flag {flag!r} in the store and the report)"
+            for flag, count in sorted(counts.items()) if count]
+
+
 def _print_summary(summary: Any, report: Any) -> None:
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return
     for metric, reason in sorted(summary.unavailable_metrics.items()):
         click.echo(f"warning: metric {metric!r} unavailable: {reason}", err=True)
+    for line in confound_warnings(getattr(summary, "confounds", {}) or {}):
+        click.echo(f"warning: {line}", err=True)
     shared = f", {summary.shared_first_steps} first steps shared" \
         if summary.shared_first_steps else ""
     click.echo(f"{summary.done} cells done, {summary.skipped} already finished, "
@@ -848,8 +847,11 @@ def merge_command(directory: str) -> None:
 @click.option("--metric-option", "metric_options", multiple=True, metavar="lpips.KEY=VALUE",
               help="Options of the LPIPS metric, e.g. lpips.resolution=256.")
 @click.option("--device", default=None, help="Device for LPIPS.")
+@click.option("--all-runs", is_flag=True,
+              help="Pair every cell of both stores (default: each store's newest run's spec).")
 def compare_command(exact: str, approx: str, json_out: str | None, no_lpips: bool,
-                    metric_options: tuple[str, ...], device: str | None) -> None:
+                    metric_options: tuple[str, ...], device: str | None,
+                    all_runs: bool) -> None:
     """The fidelity cost of an approximation on the same inputs: pair the cells of an exact
     run and an approximate one (--fp8, --cache, ...) and report PSNR and LPIPS between each
     pair, the paired change of every metric (95% CI) and the latency of both."""
@@ -866,7 +868,8 @@ def compare_command(exact: str, approx: str, json_out: str | None, no_lpips: boo
         raise InvalidArgumentError("--metric-option", sorted(unknown)[0],
                                    "compare only takes options of the lpips metric")
     result = compare_runs(exact, approx, lpips=not no_lpips,
-                          lpips_options=options.get("lpips", {}), device=device)
+                          lpips_options=options.get("lpips", {}), device=device,
+                          all_runs=all_runs)
     click.echo(format_comparison(result))
     if json_out:
         def clean(value: Any) -> Any:  # JSON has no infinity: identical images give null
@@ -884,18 +887,38 @@ def compare_command(exact: str, approx: str, json_out: str | None, no_lpips: boo
 
 @main.command("report", epilog="Examples:\n\n\b\n  adapterswap report runs/sdxl-tiny")
 @click.argument("directory", type=click.Path())
-@click.option("--fraction", default=0.95, show_default=True, type=float,
-              help="Share of the plateau that defines the effective regime.")
+@click.option("--fraction", default=None, type=float,
+              help="Deprecated and ignored: the effective regime is now the fewest steps "
+                   "within --margin of the largest step count (paired).")
+@click.option("--margin", default=None, type=float,
+              help="Margin of the effective regime in metric units (default: the metric's "
+                   "seed-to-seed noise at the largest step count).")
+@click.option("--missing", default="drop", show_default=True,
+              type=click.Choice(["drop", "worst"]),
+              help="Images a metric could not score (no face found): drop them (the share "
+                   "scored is shown beside every mean) or score them as the metric's worst "
+                   "value to bound the bias.")
 @click.option("--latency-budget", default=None, type=float,
               help="Seconds per image the recommendation must fit.")
-def report_command(directory: str, fraction: float, latency_budget: float | None) -> None:
+@click.option("--all-runs", is_flag=True,
+              help="Every cell the store holds, from every run (default: the cells of the "
+                   "newest run's spec).")
+def report_command(directory: str, fraction: float | None, latency_budget: float | None,
+                   all_runs: bool, margin: float | None, missing: str) -> None:
     """Rebuild report.html, plots, results.csv and analysis.json from a run's store."""
     from adapterswap.errors import InvalidArgumentError
     from adapterswap.sweep.report import build_report
 
-    if not 0 < fraction <= 1:
+    if fraction is not None and not 0 < fraction <= 1:
         raise InvalidArgumentError("--fraction", fraction, "must be in (0, 1]")
-    report = build_report(directory, fraction=fraction, latency_budget=latency_budget)
+    if margin is not None and not (math.isfinite(margin) and margin >= 0):
+        raise InvalidArgumentError("--margin", margin, "must be a finite number >= 0")
+    if latency_budget is not None and not (math.isfinite(latency_budget)
+                                           and latency_budget > 0):
+        raise InvalidArgumentError("--latency-budget", latency_budget,
+                                   "must be a number of seconds > 0")
+    report = build_report(directory, fraction=fraction, latency_budget=latency_budget,
+                          all_runs=all_runs, margin=margin, missing=missing)
     click.echo(f"report: {report}")
 
 

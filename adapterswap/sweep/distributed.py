@@ -91,6 +91,8 @@ class SharePlan:
     finished: list[str]
     shares: list[list[str]]
     planned_by: int = 0
+    #: the ``runs`` row rank 0 recorded in the merged store; every shard's cells point at it
+    run_id: int | None = None
     world_size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -138,7 +140,11 @@ def run_distributed(spec: Any, *, echo: Callable[[str], None] = print) -> tuple[
         with RunStore(shard_dir(spec.out, env.rank)) as store:
             engine = SweepEngine(spec, store, log=lambda m: echo(f"rank {env.rank}: {m}"))
             keyed = engine.keyed_cells()
-            plan = plan_shares(keyed, spec.out, env.world_size) if env.rank == 0 else None
+            plan = None
+            if env.rank == 0:
+                plan = plan_shares(keyed, spec.out, env.world_size)
+                with RunStore(spec.out) as merged:
+                    plan.run_id = engine.begin_run(keyed, engine.versions(), store=merged)
             plan = broadcast_plan(plan, env.rank)
             finished = set(plan.finished)
             mine = set(plan.shares[env.rank])
@@ -146,7 +152,8 @@ def run_distributed(spec: Any, *, echo: Callable[[str], None] = print) -> tuple[
             if unknown:
                 echo(f"rank {env.rank}: {len(unknown)} cells of rank 0's plan are not in this "
                      "rank's spec (different software versions?); they are not run")
-            summary = engine.run(only_keys=mine, finished_elsewhere=finished)
+            summary = engine.run(only_keys=mine, finished_elsewhere=finished,
+                                 run_id=plan.run_id)
             summary.skipped = len([k for _, k in keyed if k in finished])
         echo(f"rank {env.rank}/{env.world_size}: {summary.done} cells done, "
              f"{summary.failed} failed")
@@ -162,6 +169,10 @@ def run_distributed(spec: Any, *, echo: Callable[[str], None] = print) -> tuple[
             total.unavailable_metrics.update(part.unavailable_metrics)
         if env.rank == 0:
             merge(spec.out)
+            if plan.run_id is not None:
+                with RunStore(spec.out) as merged:
+                    merged.end_run(plan.run_id, "done" if not total.failed
+                                   else "done-with-failures")
             report = build_report(spec.out)
         barrier()
         return total, report
@@ -192,6 +203,14 @@ def finished_everywhere(out: str | Path) -> set[str]:
 TABLES = ("cells", "scores", "trajectory", "probes", "latency", "metric_status")
 
 
+def _common_columns(db: sqlite3.Connection, table: str) -> str:
+    """The columns ``table`` has in both the merged store and the attached shard (a shard
+    written by an older version may lack newer ones), quoted, comma-separated."""
+    main = [r[1] for r in db.execute(f"PRAGMA main.table_info({table})")]
+    shard = {r[1] for r in db.execute(f"PRAGMA shard.table_info({table})")}
+    return ", ".join(f'"{c}"' for c in main if c in shard)
+
+
 def merge(out: str | Path) -> dict[str, int]:
     """Merge every shard under ``out/shards`` into ``out/results.sqlite``; each cell once.
 
@@ -213,16 +232,19 @@ def merge(out: str | Path) -> dict[str, int]:
                     done_keys = "SELECT key FROM shard.cells WHERE status='done' AND key NOT IN " \
                                 "(SELECT key FROM main.cells WHERE status='done')"
                     new = [r[0] for r in db.execute(done_keys)]
+                    cells = _common_columns(db, "cells")
                     for key in new:
                         for table in ("scores", "trajectory", "probes"):
                             db.execute(f"DELETE FROM main.{table} WHERE cell = ?", (key,))
                             db.execute(f"INSERT INTO main.{table} SELECT * FROM shard.{table} "
                                        "WHERE cell = ?", (key,))
-                        db.execute("INSERT OR REPLACE INTO main.cells SELECT * FROM shard.cells "
-                                   "WHERE key = ?", (key,))
-                    db.execute("INSERT OR IGNORE INTO main.cells SELECT * FROM shard.cells "
-                               "WHERE status != 'done'")
-                    db.execute("INSERT OR IGNORE INTO main.latency SELECT * FROM shard.latency")
+                        db.execute(f"INSERT OR REPLACE INTO main.cells ({cells}) SELECT {cells} "
+                                   "FROM shard.cells WHERE key = ?", (key,))
+                    db.execute(f"INSERT OR IGNORE INTO main.cells ({cells}) SELECT {cells} "
+                               "FROM shard.cells WHERE status != 'done'")
+                    latency = _common_columns(db, "latency")
+                    db.execute(f"INSERT OR IGNORE INTO main.latency ({latency}) "
+                               f"SELECT {latency} FROM shard.latency")
                     db.execute("INSERT OR REPLACE INTO main.metric_status "
                                "SELECT * FROM shard.metric_status WHERE available = 0")
                     db.execute("INSERT OR IGNORE INTO main.metric_status "

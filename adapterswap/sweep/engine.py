@@ -29,6 +29,12 @@ from adapterswap.sweep.latency import (
 )
 from adapterswap.sweep.models import ModelFactory
 from adapterswap.sweep.plan import BackbonePlan, GroupPlan, plan_sweep
+from adapterswap.sweep.provenance import (
+    Provenance,
+    adapter_kinds,
+    metric_record,
+    resolve_provenance,
+)
 from adapterswap.sweep.runner import (
     ChunkRunner,
     GroupInputs,
@@ -77,6 +83,9 @@ class SweepSummary:
     decode_seconds: float = 0.0
     #: what the fast path did per backbone (attention, compiled parts, float8 layers)
     fast_path: dict[str, Any] = field(default_factory=dict)
+    #: cells run with a confound, per flag (``schedule_starts_far_from_noise``,
+    #: ``window_never_opens``): see :func:`adapterswap.denoise.schedule_confounds`
+    confounds: dict[str, int] = field(default_factory=dict)
 
 
 class SweepEngine:
@@ -96,18 +105,45 @@ class SweepEngine:
         self.log = log or (lambda message: None)
         self.models = models or ModelFactory.from_spec(
             spec, reference_folder=store.out / "references")
+        self._provenance: Provenance | None = None
+        self._own_run = True
 
     # ------------------------------------------------------------------ setup
-    def versions(self) -> dict[str, str]:
-        """Software versions in every cell key; approximations of the fast path (float8, block
-        cache) are added so their cells never mix with exact ones."""
-        from adapterswap.plugins import _dists, adapters, backbones
+    def _plugins(self) -> set[str]:
+        """The plugins whose code makes this sweep's cells: backbones, adapters, metrics."""
+        from adapterswap.plugins import adapters, backbones, get_backbone, metrics
 
         plugins = set()
         for name in self.spec.backbones:
             plugins.add(backbones().entry(name).plugin)
-        if self.spec.adapter not in (None, "none"):
-            plugins.add(adapters().entry(self.spec.adapter).plugin)
+            adapter = self.spec.adapter_for(get_backbone(name))
+            if adapter is not None:
+                plugins.add(adapters().entry(adapter).plugin)
+        for name in self.spec.metrics:
+            plugins.add(metrics().entry(name).plugin)
+        return plugins
+
+    def provenance(self) -> Provenance:
+        """What produces this sweep's cells (code hash, weights identity, reference content,
+        device kind, dtype, options); resolved once (hashes files, loads no model)."""
+        if self._provenance is None:
+            from adapterswap.plugins import pm
+
+            modules = []
+            for name in sorted(self._plugins()):
+                plugin = pm.get_plugin(name)
+                if plugin is not None:
+                    modules.append(getattr(plugin, "__name__", None)
+                                   or type(plugin).__module__)
+            self._provenance = resolve_provenance(self.spec, modules)
+        return self._provenance
+
+    def versions(self) -> dict[str, str]:
+        """Software versions in every cell key; approximations of the fast path (float8, block
+        cache) are added so their cells never mix with exact ones."""
+        from adapterswap.plugins import _dists
+
+        plugins = self._plugins()
         dists = [_dists[p][0] for p in sorted(plugins) if p in _dists]
         versions = software_versions(dists)
         approximations = self.spec.fast_path("cpu").approximations()
@@ -116,9 +152,37 @@ class SweepEngine:
         return versions
 
     def keyed_cells(self, versions: dict[str, str] | None = None) -> list[tuple[Cell, str]]:
-        """Every cell of the spec with its key."""
+        """Every cell of the spec with its key: its fields, the software versions and its
+        provenance (:meth:`provenance`), so a cell made by other code, weights, reference
+        content, device kind, dtype or options never resumes as this one."""
         versions = self.versions() if versions is None else versions
-        return [(cell, cell.key(versions)) for cell in self.spec.cells()]
+        provenance = self.provenance()
+        return [(cell, cell.key(versions, provenance.cell_identity(cell)))
+                for cell in self.spec.cells()]
+
+    def metric_records(self, status: dict[str, tuple[bool, str | None]] | None = None
+                       ) -> dict[str, dict[str, Any]]:
+        """Each metric's direction, kind and availability, for the run's row."""
+        from adapterswap.plugins import get_metric
+
+        status = status or {}
+        records = {}
+        for name in self.spec.metrics:
+            available, reason = status.get(name, (True, None))
+            records[name] = metric_record(get_metric(name), available=available, reason=reason,
+                                          options=self.spec.metric_options.get(name, {}))
+        return records
+
+    def begin_run(self, keyed: Sequence[tuple[Cell, str]], versions: dict[str, str], *,
+                  store: RunStore | None = None) -> int:
+        """Record this invocation in ``runs`` of this engine's store, or of ``store`` (the
+        merged store of a distributed sweep); see :meth:`RunStore.begin_run`."""
+        provenance = self.provenance()
+        return (store or self.store).begin_run(
+            spec=self.spec.to_dict(), versions=versions, code_hash=provenance.code_hash,
+            weights=provenance.weights, reference_hashes=provenance.references,
+            device=provenance.device, dtype=provenance.dtype, metrics=self.metric_records(),
+            adapters=adapter_kinds(self.spec), cell_keys=[k for _, k in keyed])
 
     def load_metrics(self) -> dict[str, Any]:
         """Instantiate and load every requested metric; record the unavailable ones."""
@@ -126,8 +190,8 @@ class SweepEngine:
 
         loaded = {}
         for name in self.spec.metrics:
-            metric = get_metric(name)(device=self.spec.device,
-                                      **self.spec.metric_options.get(name, {}))
+            options = {"device": self.spec.device, **self.spec.metric_options.get(name, {})}
+            metric = get_metric(name)(**options)
             try:
                 metric.load()
             except MetricUnavailableError as exc:
@@ -197,9 +261,14 @@ class SweepEngine:
 
     # ------------------------------------------------------------------ run
     def run(self, *, only_keys: set[str] | None = None,
-            finished_elsewhere: set[str] | None = None) -> SweepSummary:
+            finished_elsewhere: set[str] | None = None,
+            run_id: int | None = None) -> SweepSummary:
         """Run every unfinished cell (or, for a distributed shard, those in ``only_keys``);
-        cells in ``finished_elsewhere`` (other shards, the merged store) are skipped too."""
+        cells in ``finished_elsewhere`` (other shards, the merged store) are skipped too.
+
+        :param run_id: record cells under this ``runs`` row of another store (a distributed
+            shard: rank 0 recorded the run in the merged store); default: add one here.
+        """
         start = time.perf_counter()
         versions = self.versions()
         keyed = self.keyed_cells(versions)
@@ -209,8 +278,29 @@ class SweepEngine:
         self.store.set_meta("spec", self.spec.to_dict())
         self.store.set_meta("versions", versions)
         self.store.set_meta("cell_keys", [k for _, k in keyed])
+        own_run = self._own_run = run_id is None
+        if own_run:
+            run_id = self.begin_run(keyed, versions)
+        self.store.run_id = run_id
+        status = "failed"
+        try:
+            self._run(plan, summary)
+            status = "done" if not summary.failed else "done-with-failures"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            if own_run:
+                self.store.end_run(run_id, status)
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def _run(self, plan: Any, summary: SweepSummary) -> None:
         metrics = self.load_metrics()
-        summary.unavailable_metrics = {m: r for m, (ok, r) in self.store.metric_status().items()
+        status = self.store.metric_status()
+        if self._own_run:
+            self.store.update_run(self.store.run_id, metrics=self.metric_records(status))
+        summary.unavailable_metrics = {m: r for m, (ok, r) in status.items()
                                        if not ok and m in self.spec.metrics}
         finisher = CellFinisher(self.store, metrics, overlap=self.spec.use_overlap(),
                                 save_images=self.spec.save_images,
@@ -246,8 +336,7 @@ class SweepEngine:
                      "output of a row with the same seed and starting timestep")
         summary.finish_seconds = finisher.seconds
         summary.decode_seconds = finisher.decode_seconds
-        summary.seconds = time.perf_counter() - start
-        return summary
+        summary.confounds = dict(runner.confounds)
 
     def _run_backbone(self, part: BackbonePlan, runner: ChunkRunner, finisher: CellFinisher,
                       meter: LatencyMeter, summary: SweepSummary, *, timed: bool) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from adapterswap.errors import InvalidArgumentError, UsageError
 from adapterswap.sweep.spec import SweepSpec
-from adapterswap.sweep.store import RunStore
+from adapterswap.sweep.store import RunStore, one_invocation
 
 
 def exit_steps(rows: Sequence[Mapping[str, Any]], probe_rows: Sequence[Mapping[str, Any]],
@@ -67,9 +67,16 @@ def run_probe_exit(spec: SweepSpec, threshold: float, *,
     if not adapter_cls.supports_probes or not adapter_cls.probe_quantity:
         raise UsageError(f"adapter {adapter_cls.name!r} has no probes, so probe-guided exit "
                          "cannot choose its window")
+    with one_invocation():  # readers show both passes as this invocation's cells
+        return _run_passes(spec, threshold, adapter_cls, run)
+
+
+def _run_passes(spec: SweepSpec, threshold: float, adapter_cls: Any,
+                run: Callable[[SweepSpec], Any]) -> dict[str, Any]:
     first = run(spec)
     with RunStore(spec.out, lock=False) as store:
-        plan = exit_steps(store.rows(), store.probe_rows(), adapter_cls.probe_quantity,
+        plan = exit_steps(store.rows(store.current_keys()), store.probe_rows(),
+                          adapter_cls.probe_quantity,
                           threshold)
     results = [first]
     for (backbone, steps), entry in sorted(plan.items()):

@@ -275,3 +275,48 @@ def resolve_provenance(spec: Any, plugin_modules: Iterable[str] = ()) -> Provena
     provenance.metrics = {name: spec.metric_options.get(name, {})
                           for name in sorted(spec.metrics)}
     return provenance
+
+
+def metric_record(metric_cls: Any, *, available: bool = True, reason: str | None = None,
+                  options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the store keeps of a metric so readers never guess: its direction, the adapter
+    kinds it measures fidelity for, its role (``kind``), its worst value when bounded, and
+    whether it could run."""
+    kinds = sorted(getattr(metric_cls, "kinds", ()) or ())
+    needs = set(getattr(metric_cls, "needs", ()) or ())
+    if "timing" in needs:
+        kind = "latency"
+    elif kinds == ["none"]:
+        kind = "text"  # fidelity to the prompt: what a run without an adapter is judged on
+    elif kinds:
+        kind = kinds[0]
+    else:
+        kind = "diagnostic"
+    return {"higher_is_better": bool(metric_cls.higher_is_better), "kinds": kinds,
+            "kind": kind, "worst": getattr(metric_cls, "worst", None),
+            "available": bool(available), "reason": reason,
+            "options": dict(options or {}),
+            "plugin_version": _dist_version_of(metric_cls)}
+
+
+def _dist_version_of(cls: Any) -> str | None:
+    from importlib import metadata
+
+    top = cls.__module__.split(".")[0]
+    try:
+        dists = metadata.packages_distributions().get(top) or []
+        return f"{dists[0]} {metadata.version(dists[0])}" if dists else None
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+def adapter_kinds(spec: Any) -> dict[str, str | None]:
+    """Adapter name -> kind for every adapter a validated spec runs (``none`` -> None)."""
+    from adapterswap.plugins import get_adapter, get_backbone
+
+    kinds: dict[str, str | None] = {"none": None}
+    for name in spec.backbones:
+        adapter = spec.adapter_for(get_backbone(name))
+        if adapter is not None:
+            kinds[adapter] = get_adapter(adapter).kind
+    return kinds

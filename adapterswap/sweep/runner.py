@@ -76,6 +76,9 @@ class ChunkRunner:
         #: first-step rows not computed (their output was another row's)
         self.shared_first_steps = 0
         self.oom_retries = 0
+        #: cells run with a confound, per flag
+        self.confounds: dict[str, int] = {}
+        self._schedule_facts: dict[Any, dict[str, Any]] = {}
 
     def run_group(self, backbone: Any, adapter: Any, items: Sequence[tuple[Cell, str]],
                   inputs: GroupInputs, *, step_parallel: bool,
@@ -116,6 +119,36 @@ class ChunkRunner:
             failed += f
         return done, failed
 
+    def describe(self, sample: Sample, backbone: Any, adapter: Any, schedule: Any) -> None:
+        """What the cell actually ran, into its ``extra`` columns: the timesteps and sigmas
+        of its schedule, the noise share its first step assumes, how many steps the adapter
+        acted, and confound flags (a schedule that starts far from noise; an adapter window
+        that never opens: an adapter-off cell under an adapter label)."""
+        from adapterswap.adapter import window_confounds
+        from adapterswap.denoise import schedule_confounds
+
+        if "confounds" in sample.extra:
+            return  # described before (a chunk retried after running out of memory)
+        key = (id(backbone), sample.steps, sample.cell.height, sample.cell.width)
+        if key not in self._schedule_facts:  # one host copy per step count, before the loop
+            sigmas = schedule.sigmas
+            self._schedule_facts[key] = {
+                "timesteps": [float(t) for t in schedule.timesteps.tolist()],
+                "sigmas": None if sigmas is None else [float(v) for v in sigmas.tolist()],
+                "start_noise": schedule.start_noise,
+                "flags": schedule_confounds(schedule)}
+        facts = self._schedule_facts[key]
+        flags = list(facts["flags"])
+        active = None
+        if adapter is not None and sample.cell.adapter != "none":
+            active = adapter.active_steps(sample.steps)
+            flags += window_confounds(adapter, sample.steps)
+        sample.extra.update(timesteps=facts["timesteps"], sigmas=facts["sigmas"],
+                            start_noise=facts["start_noise"], adapter_active_steps=active,
+                            confounds=flags)
+        for flag in flags:
+            self.confounds[flag] = self.confounds.get(flag, 0) + 1
+
     def run_chunk(self, backbone: Any, adapter: Any, chunk: list[Sample], inputs: GroupInputs,
                   first_outputs: dict[Any, Any]) -> tuple[int, int]:
         """Denoise ``chunk`` from its seeds' noise to the end; finish rows as they end."""
@@ -127,6 +160,8 @@ class ChunkRunner:
                       for s in chunk]
         latents = backbone.prepare_latents(generators, height=h, width=w)
         schedules = {n: backbone.schedule(n, height=h, width=w) for n in {s.steps for s in chunk}}
+        for sample in chunk:
+            self.describe(sample, backbone, adapter, schedules[sample.steps])
         trajectories: dict[int, list[Any]] = {j: [] for j, s in enumerate(chunk)
                                               if s.cell.trajectory}
         probes: dict[int, Probes] = {j: [] for j in range(len(chunk))}

@@ -134,7 +134,7 @@ class SweepSpec:
     cache: str | None = None
     overlap: bool | None = None
     max_batch: int = 16
-    timing_repeats: int = 1
+    timing_repeats: int = 5
     save_images: bool = True
     defaults_used: list[str] = field(default_factory=list, repr=False)
     _resolved_sources: dict[str, str] = field(default_factory=dict, repr=False)
@@ -512,8 +512,12 @@ class Cell:
         changes its pixels or scores (code hash, weights identity, reference content, device
         kind, dtype, metric options: :meth:`Provenance.cell_identity
         <adapterswap.sweep.provenance.Provenance.cell_identity>`)."""
-        payload = {"cell": self.config(), "versions": dict(versions)}
+        cell = self.config()
+        payload = {"cell": cell, "versions": dict(versions)}
         if identity is not None:
+            # the weights' identity replaces where they were read from: the same weights
+            # moved to another folder resume, other weights at the same path do not
+            del cell["source"], cell["adapter_source"]
             payload["identity"] = dict(identity)
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:24]

@@ -19,8 +19,10 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL, spec TEXT NOT NULL, versions TEXT NOT NULL, code_hash TEXT NOT NULL,
     weights TEXT NOT NULL, reference_hashes TEXT NOT NULL, device TEXT NOT NULL,
     dtype TEXT NOT NULL, metrics TEXT NOT NULL, adapters TEXT NOT NULL,
-    cell_keys TEXT NOT NULL, argv TEXT, host TEXT
+    cell_keys TEXT NOT NULL, argv TEXT, host TEXT, invocation TEXT
 );
 CREATE TABLE IF NOT EXISTS probes (
     cell TEXT NOT NULL REFERENCES cells(key), step INTEGER NOT NULL, block TEXT NOT NULL,
@@ -59,6 +61,25 @@ CREATE TABLE IF NOT EXISTS trajectory (
     value REAL, PRIMARY KEY (cell, step, metric)
 );
 """
+
+#: Runs begun inside :func:`one_invocation` share an invocation id: readers show them as one
+#: (probe-guided exit runs its sweep in two passes).
+_INVOCATION: ContextVar[str | None] = ContextVar("adapterswap_invocation", default=None)
+
+
+@contextmanager
+def one_invocation() -> Iterator[str]:
+    """Runs begun inside this block are one invocation for readers (:meth:`current_keys`)."""
+    current = _INVOCATION.get()
+    if current is not None:
+        yield current
+        return
+    token = _INVOCATION.set(uuid.uuid4().hex)
+    try:
+        yield _INVOCATION.get()  # type: ignore[misc]
+    finally:
+        _INVOCATION.reset(token)
+
 
 #: Latency: one row per timed configuration. The key is a JSON of :data:`LATENCY_KEY`.
 LATENCY_SCHEMA = """
@@ -127,6 +148,9 @@ class RunStore:
         for column, kind in CELL_EXTRA_COLUMNS.items():
             if column not in have:
                 self.db.execute(f"ALTER TABLE cells ADD COLUMN {column} {kind}")
+        runs = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
+        if "invocation" not in runs:
+            self.db.execute("ALTER TABLE runs ADD COLUMN invocation TEXT")
         latency = {r[1] for r in self.db.execute("PRAGMA table_info(latency)")}
         if latency and "key" not in latency:
             self.db.execute("DROP TABLE IF EXISTS latency_v1")
@@ -385,15 +409,16 @@ class RunStore:
         with self.transaction() as db:
             cursor = db.execute(
                 "INSERT INTO runs (started_at, status, spec, versions, code_hash, weights, "
-                "reference_hashes, device, dtype, metrics, adapters, cell_keys, argv, host) "
-                "VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "reference_hashes, device, dtype, metrics, adapters, cell_keys, argv, host, "
+                "invocation) VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (time.time(), json.dumps(dict(spec), sort_keys=True, default=str),
                  json.dumps(dict(versions), sort_keys=True), code_hash,
                  json.dumps(dict(weights), sort_keys=True),
                  json.dumps(dict(reference_hashes), sort_keys=True), device, dtype,
                  json.dumps({k: dict(v) for k, v in metrics.items()}, sort_keys=True),
                  json.dumps(dict(adapters), sort_keys=True), json.dumps(list(cell_keys)),
-                 json.dumps(list(argv if argv is not None else sys.argv)), platform.node()))
+                 json.dumps(list(argv if argv is not None else sys.argv)), platform.node(),
+                 _INVOCATION.get() or uuid.uuid4().hex))
             self.run_id = int(cursor.lastrowid)
         return self.run_id
 
@@ -417,7 +442,7 @@ class RunStore:
         """Every run, oldest first, with its JSON fields decoded."""
         columns = ("id", "started_at", "finished_at", "status", "spec", "versions", "code_hash",
                    "weights", "reference_hashes", "device", "dtype", "metrics", "adapters",
-                   "cell_keys", "argv", "host")
+                   "cell_keys", "argv", "host", "invocation")
         with self.mutex:
             found = self.db.execute(f"SELECT {', '.join(columns)} FROM runs ORDER BY id")\
                 .fetchall()
@@ -434,14 +459,22 @@ class RunStore:
         runs = self.runs()
         return runs[-1] if runs else None
 
+    def current_runs(self) -> list[dict[str, Any]]:
+        """The runs of the newest invocation (one, or the passes of a probe-guided exit)."""
+        runs = self.runs()
+        if not runs:
+            return []
+        newest = runs[-1]["invocation"]
+        return [r for r in runs if r["invocation"] == newest] if newest else runs[-1:]
+
     def current_keys(self) -> set[str] | None:
-        """The cell keys of the newest run's spec: what readers show by default (``None``
-        for a store written before runs were recorded: then every cell)."""
-        run = self.latest_run()
-        if run is None:
+        """The cell keys of the newest invocation's spec: what readers show by default
+        (``None`` for a store written before runs were recorded: then every cell)."""
+        runs = self.current_runs()
+        if not runs:
             legacy = self.meta("cell_keys")
             return set(legacy) if legacy is not None else None
-        return set(run["cell_keys"] or [])
+        return {key for run in runs for key in run["cell_keys"] or []}
 
     def metric_info(self, run: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
         """Per metric: ``higher_is_better``, ``kind``, ``worst``, ``available``, ``reason``,

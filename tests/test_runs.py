@@ -1,0 +1,116 @@
+"""Runs and provenance end to end: readers show one run's cells, keys follow what changes
+pixels (weights content, reference content, dtype), an unchanged re-run resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sqlite3
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from adapterswap import tiny
+from adapterswap.cli import main
+
+TINY = ["--backbone", "sd15", "--preset", "tiny", "--adapter", "none", "--steps", "1,2",
+        "--seeds", "0,1", "--metrics", "sharpness,contrast"]
+
+
+def _sweep(out, *args, env=None):
+    result = CliRunner().invoke(main, ["sweep", *args, "--out", str(out)], env=env)
+    assert result.exit_code == 0, result.stderr + result.stdout
+    return result
+
+
+def _csv(out):
+    with (out / "results.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _done(result) -> int:
+    return int(result.stdout.split(" cells done")[0].split()[-1])
+
+
+def test_two_sweeps_into_one_out_are_two_runs_and_readers_show_the_newest(tmp_path):
+    out = tmp_path / "runs"
+    _sweep(out, *TINY, "--prompt", "a red apple")
+    _sweep(out, *TINY, "--prompt", "a blue door")
+
+    rows = _csv(out)
+    assert {r["prompt"] for r in rows} == {"a blue door"} and len(rows) == 4
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert all(sum(c["n"]) == 4 for c in analysis["curves"] if c["metric"] == "sharpness")
+    assert "a red apple" not in (out / "report.html").read_text()
+
+    result = CliRunner().invoke(main, ["report", str(out), "--all-runs"])
+    assert result.exit_code == 0, result.stderr
+    assert {r["prompt"] for r in _csv(out)} == {"a red apple", "a blue door"}
+
+    db = sqlite3.connect(out / "results.sqlite")
+    runs = db.execute("SELECT id, code_hash, device, dtype, status FROM runs ORDER BY id")\
+        .fetchall()
+    assert len(runs) == 2
+    assert all(code and device == "cpu" and dtype == "float32" and status == "done"
+               for _, code, device, dtype, status in runs)
+    by_prompt = dict(db.execute("SELECT DISTINCT prompt, run_id FROM cells").fetchall())
+    assert by_prompt == {"a red apple": runs[0][0], "a blue door": runs[1][0]}
+
+
+def test_one_seed_sweep_shows_no_interval(tmp_path):
+    out = tmp_path / "one"
+    _sweep(out, "--backbone", "sd15", "--preset", "tiny", "--adapter", "none",
+           "--steps", "1,2", "--seeds", "0", "--metrics", "sharpness,contrast")
+    analysis = json.loads((out / "analysis.json").read_text())
+    for curve in analysis["curves"]:
+        assert all(v is None for v in curve["ci_low"] + curve["ci_high"]), curve["metric"]
+    # sharpness and contrast are diagnostics: nothing to recommend on
+    assert analysis["recommendation"] is None and analysis["recommendation_reason"]
+
+
+def _reference(path, colour):
+    Image.new("RGB", (32, 32), colour).save(path)
+    return str(path)
+
+
+def test_reference_content_not_path_keys_the_cells(tmp_path):
+    out = tmp_path / "ref"
+    ref = _reference(tmp_path / "ref.png", (200, 30, 30))
+    args = ["--backbone", "sd15", "--preset", "tiny", "--ref", ref, "--steps", "1",
+            "--seeds", "0", "--metrics", "sharpness"]
+    assert _done(_sweep(out, *args)) == 1
+    assert _done(_sweep(out, *args)) == 0  # nothing changed: resumes, no new cell
+    _reference(tmp_path / "ref.png", (30, 30, 200))  # same path, other content
+    assert _done(_sweep(out, *args)) == 1
+
+
+@pytest.fixture(scope="module")
+def saved_sd15(tmp_path_factory):
+    return tiny.save_tiny_pipeline("sd15", tmp_path_factory.mktemp("w") / "sd15", seed=0)
+
+
+def test_weights_content_and_dtype_key_the_cells(tmp_path, saved_sd15, monkeypatch):
+    config = tmp_path / "config.toml"
+    monkeypatch.setenv("ADAPTERSWAP_CONFIG", str(config))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    copy = tmp_path / "copy"
+    shutil.copytree(saved_sd15, copy)
+    out = tmp_path / "out"
+    size = tiny.TINY_SIZE["sd15"]
+    args = ["--backbone", "sd15", "--adapter", "none", "--steps", "1", "--seeds", "0",
+            "--prompt", "a cat", "--metrics", "sharpness", "--height", str(size[0]),
+            "--width", str(size[1]), "--device", "cpu"]
+
+    config.write_text(f'[sources]\nsd15 = "{saved_sd15}"\n')
+    assert _done(_sweep(out, *args)) == 1
+    config.write_text(f'[sources]\nsd15 = "{copy}"\n')  # the same weights elsewhere
+    assert _done(_sweep(out, *args)) == 0
+    tiny.save_tiny_pipeline("sd15", copy, seed=1)  # other weights, same path
+    assert _done(_sweep(out, *args)) == 1
+    assert _done(_sweep(out, *args, "--dtype", "bf16")) == 1
+    assert _done(_sweep(out, *args, "--dtype", "bf16")) == 0
+    weights = [json.loads(w)["backbone:sd15"] for (w,) in sqlite3.connect(
+        out / "results.sqlite").execute("SELECT weights FROM runs ORDER BY id")]
+    assert weights[0] == weights[1] != weights[2] and weights[0].startswith("local:")
