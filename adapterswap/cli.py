@@ -376,6 +376,12 @@ def _common_sweep_options(func: Any) -> Any:
         click.option("--metric-option", "metric_options", multiple=True,
                      metavar="METRIC.KEY=VALUE",
                      help="Option of one metric (repeatable), e.g. identity.recognizer=ir-se50."),
+        click.option("--timing-repeats", default=None, type=int,
+                     help="Timed single-image runs per latency configuration, after a warm-up "
+                          "(default 5; median and IQR stored; 0: no latency)."),
+        click.option("--timing-budget", "timing_budget_s", default=None, type=float,
+                     help="Seconds latency timing may take per adapter setting before it times "
+                          "two step counts and fits fixed + per-step time (default 60)."),
         click.option("--max-batch", default=None, type=int,
                      help="Most samples per denoiser forward (default 16)."),
         click.option("--compile/--no-compile", "compile_", default=None,
@@ -414,7 +420,8 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
                 compile_: bool | None = None, attention: str | None = None,
                 fp8: bool | None = None, overlap: bool | None = None,
                 cache: str | None = None,
-                backbone_options: tuple[str, ...] = ()) -> dict[str, Any]:
+                backbone_options: tuple[str, ...] = (), timing_repeats: int | None = None,
+                timing_budget_s: float | None = None) -> dict[str, Any]:
     from adapterswap.sweep.spec import parse_int_list, read_prompts_file
 
     prompt_list = list(prompts)
@@ -437,6 +444,7 @@ def _spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_f
         "sources": source_map or None, "adapter_source": adapter_source,
         "adapter_options": _parse_options(adapter_options, "--adapter-option") or None,
         "backbone_options": _backbone_options(backbone_options) or None,
+        "timing_repeats": timing_repeats, "timing_budget_s": timing_budget_s,
         "metric_options": _metric_options(metric_options) or None,
         "max_batch": max_batch,
         "compile": compile_, "attention": attention, "fp8": True if fp8 else None,

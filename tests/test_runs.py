@@ -70,6 +70,21 @@ def test_one_seed_sweep_shows_no_interval(tmp_path):
     assert analysis["recommendation"] is None and analysis["recommendation_reason"]
 
 
+def test_a_kind_matched_metric_gives_a_recommendation_with_its_interval(tmp_path):
+    out = tmp_path / "style"
+    # toy-adapter is a style adapter; toy-colour-match measures style fidelity
+    _sweep(out, "--backbone", "toy-fast", "--preset", "tiny", "--steps", "1,2,4",
+           "--seeds", "0,1,2", "--metrics", "toy-colour-match,sharpness")
+    analysis = json.loads((out / "analysis.json").read_text())
+    recommendation = analysis["recommendation"]
+    assert recommendation is not None and recommendation["metric"] == "toy-colour-match"
+    low, high = recommendation["regime_interval"]
+    assert low <= recommendation["regime"] <= high and recommendation["steps"] in (1, 2, 4)
+    assert recommendation["adapter_kind"] == recommendation["metric_kind"] == "style"
+    report = (out / "report.html").read_text()
+    assert "regime 90% interval" in report and f"{low}-{high}" in report
+
+
 def _reference(path, colour):
     Image.new("RGB", (32, 32), colour).save(path)
     return str(path)
@@ -114,3 +129,25 @@ def test_weights_content_and_dtype_key_the_cells(tmp_path, saved_sd15, monkeypat
     weights = [json.loads(w)["backbone:sd15"] for (w,) in sqlite3.connect(
         out / "results.sqlite").execute("SELECT weights FROM runs ORDER BY id")]
     assert weights[0] == weights[1] != weights[2] and weights[0].startswith("local:")
+
+
+def test_latency_rows_carry_median_and_iqr_or_a_fit_with_residuals(tmp_path):
+    out = tmp_path / "latency"
+    _sweep(out, "--backbone", "toy-fast", "--preset", "tiny", "--steps", "1,2,4",
+           "--seeds", "0", "--metrics", "sharpness,latency", "--timing-repeats", "5")
+    db = sqlite3.connect(out / "results.sqlite")
+    rows = db.execute("SELECT steps, total_s, total_q1_s, total_q3_s, repeats, method, fit, "
+                      "samples_s FROM latency").fetchall()
+    assert sorted(r[0] for r in rows) == [1, 2, 4]
+    for _steps, median, q1, q3, repeats, method, fit, samples in rows:
+        if method == "measured":
+            assert repeats >= 5 and len(json.loads(samples)) == repeats
+            assert q1 <= median <= q3
+        else:  # predicted from a fixed + per-step model fitted to measured step counts
+            assert method == "fitted" and json.loads(fit)["residuals_s"]
+    analysis = json.loads((out / "analysis.json").read_text())
+    table = next(iter(analysis["latency"].values()))
+    assert all(entry["median_s"] > 0 for entry in table.values())
+    # each cell's timings name the latency row they came from
+    keys = {json.loads(t).get("latency_key") for (t,) in db.execute("SELECT timings FROM cells")}
+    assert None not in keys and len(keys) == 3

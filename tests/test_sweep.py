@@ -363,7 +363,8 @@ def test_ablation_deltas_are_paired_against_adapter_off(tmp_path):
                         adapter_off=True, metrics=["toy-colour-match", "sharpness"]))
     with RunStore(tmp_path, lock=False) as store:
         rows = store.rows()
-    deltas = {d["metric"]: d for d in ablation_deltas(rows)}
+        info = store.metric_info()  # directions as the run recorded them
+    deltas = {d["metric"]: d for d in ablation_deltas(rows, metric_info=info)}
     on = {r["seed"]: r["scores"]["toy-colour-match"] for r in rows if r["adapter"] != "none"}
     off = {r["seed"]: r["scores"]["toy-colour-match"] for r in rows if r["adapter"] == "none"}
     delta = deltas["toy-colour-match"]

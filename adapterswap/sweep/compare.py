@@ -46,7 +46,7 @@ def load_run(directory: str | Path, argument: str, *, all_runs: bool = False) ->
     with RunStore(path, lock=False) as store:
         keys = None if all_runs else store.current_keys()
         rows = [r for r in store.rows(keys) if r["status"] == "done"]
-        latency = store.latency_rows()
+        latency = store.latency_rows(None if all_runs else rows)
         latest = store.latest_run()
         versions = (latest or {}).get("versions") or store.meta("versions") or {}
         info, source = resolve_metric_info(store, {m for r in rows for m in r["scores"]})

@@ -308,7 +308,7 @@ class SweepEngine:
                                 on_cell=lambda cell, status: self.on_cell(cell, status),
                                 log=self.log)
         runner = ChunkRunner(self.store, finisher, max_batch=self.spec.max_batch, log=self.log)
-        budget = getattr(self.spec, "latency_budget_s", None) or (
+        budget = self.spec.timing_budget_s or (
             TINY_BUDGET_S if self.spec.preset == "tiny" else DEFAULT_BUDGET_S)
         meter = LatencyMeter(self.store, repeats=self.spec.timing_repeats, budget_s=budget,
                              log=self.log)

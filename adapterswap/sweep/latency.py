@@ -243,14 +243,16 @@ class LatencyMeter:
 
     def timings(self, cells: Sequence[Cell], context: TimingContext) -> dict[int, dict[str,
                                                                                      float]]:
-        """Per step count of a setting's cells: ``{"total_s", "denoise_s"}`` from the table
-        (``{}`` where there is no row)."""
+        """Per step count of a setting's cells: ``{"total_s", "denoise_s", "latency_key"}``
+        from the table (``{}`` where there is no row); readers find a cell's latency row by
+        the key."""
         first = cells[0]
         out: dict[int, dict[str, float]] = {}
         for n in sorted({c.steps for c in cells}):
             row = self.store.latency(latency_key(first, n, context))
             out[n] = {} if row is None else {"total_s": row["total_s"],
-                                             "denoise_s": row["denoise_s"]}
+                                             "denoise_s": row["denoise_s"],
+                                             "latency_key": row["key"]}
         return out
 
     def forget(self, backbone: Any) -> None:

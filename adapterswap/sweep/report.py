@@ -29,6 +29,9 @@ from adapterswap.sweep.analysis import (
 )
 from adapterswap.sweep.store import RunStore
 
+_SCOPE_NOTE = (" (the cells of the newest run; every run's cells: "
+               "<code>adapterswap report --all-runs</code>)")
+
 CSV_COLUMNS = ["backbone", "adapter", "scale", "start", "end", "reference", "prompt", "seed",
                "steps", "height", "width", "guidance_scale", "status", "image"]
 
@@ -392,10 +395,9 @@ def build_report(out: str | Path, *, fraction: float | None = None,
 
         raise InvalidArgumentError("DIR", str(out), "has no results.sqlite (run a sweep first)")
     with RunStore(out, lock=False) as store:
-        keys = None if all_runs else (store.current_keys() if hasattr(store, "current_keys")
-                                      else None)
-        rows = store.rows(keys) if keys is not None else store.rows()
-        latency_rows = store.latency_rows()
+        keys = None if all_runs else store.current_keys()
+        rows = store.rows(keys)
+        latency_rows = store.latency_rows(None if all_runs else rows)
         status = store.metric_status()
         spec = store.meta("spec", {})
         versions = store.meta("versions", {})
@@ -448,7 +450,7 @@ def build_report(out: str | Path, *, fraction: float | None = None,
              f"({sum(r['status'] == 'done' for r in rows)} done, "
              f"{sum(r['status'] == 'failed' for r in rows)} failed) in "
              f"<code>{html.escape(str(out))}</code>"
-             f"{'' if keys is None else ' (the newest run; every run: all_runs)'}.</p>"]
+             f"{'' if keys is None else _SCOPE_NOTE}.</p>"]
     parts.extend(_source_warnings(analysis))
     unavailable = {m: r for m, (ok, r) in status.items() if not ok}
     for metric, reason in sorted(unavailable.items()):

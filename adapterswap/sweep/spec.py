@@ -94,6 +94,11 @@ class SweepSpec:
     :ivar overlap: finish cells (copy to host, images, metrics, store) on a background thread
         while the next forwards run; ``None`` (default): on when the sweep runs on CUDA.
     :ivar metric_options: per-metric options, e.g. ``{"identity": {"recognizer": "ir-se50"}}``.
+    :ivar timing_repeats: timed runs per latency configuration after one warm-up per backbone
+        (stored as median and IQR); 0 measures no latency.
+    :ivar timing_budget_s: seconds latency timing may take per adapter setting before it
+        times only two step counts and fits a fixed + per-step model to the others (residuals
+        stored); default 60 s (5 s with the tiny preset).
     :ivar backbone_options: backbone options (``Backbone.check_options``), e.g.
         ``{"timestep_spacing": "trailing"}`` for every backbone of the sweep, or a table per
         backbone name, ``{"sd15": {"timestep_spacing": "trailing"}}``. They enter cell keys.
@@ -135,6 +140,7 @@ class SweepSpec:
     overlap: bool | None = None
     max_batch: int = 16
     timing_repeats: int = 5
+    timing_budget_s: float | None = None
     save_images: bool = True
     defaults_used: list[str] = field(default_factory=list, repr=False)
     _resolved_sources: dict[str, str] = field(default_factory=dict, repr=False)
@@ -290,6 +296,10 @@ class SweepSpec:
             raise InvalidArgumentError("cache", self.cache,
                                        "probes need every block to run at every step; drop "
                                        "--probes or --cache")
+        if self.timing_budget_s is not None and not _finite(self.timing_budget_s, minimum=0) \
+                or self.timing_budget_s == 0:
+            raise InvalidArgumentError("timing_budget_s", self.timing_budget_s,
+                                       "must be a number of seconds > 0")
         if not isinstance(self.timing_repeats, int) or self.timing_repeats < 0:
             raise InvalidArgumentError("timing_repeats", self.timing_repeats,
                                        "must be an integer >= 0")

@@ -345,16 +345,24 @@ class RunStore:
         rows = self._latency_select("WHERE key = ?", (latency_key(key),))
         return rows[0] if rows else None
 
-    def latency_rows(self) -> list[dict[str, Any]]:
-        return self._latency_select("ORDER BY backbone, adapter, steps", ())
+    def latency_rows(self, cells: Sequence[Mapping[str, Any]] | None = None
+                     ) -> list[dict[str, Any]]:
+        """Every latency row, or those the given cell rows used (their ``timings`` name the
+        row's key; cells written before keys were recorded keep every row)."""
+        rows = self._latency_select("ORDER BY backbone, adapter, steps", ())
+        if cells is None:
+            return rows
+        used = {(c.get("timings") or {}).get("latency_key") for c in cells} - {None}
+        return [r for r in rows if r["key"] in used] if used else rows
 
     def _latency_select(self, where: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
-        columns = ", ".join(f'"{c}"' for c in LATENCY_COLUMNS)
+        names = ("key", *LATENCY_COLUMNS)
+        columns = ", ".join(f'"{c}"' for c in names)
         with self.mutex:
             found = self.db.execute(f"SELECT {columns} FROM latency {where}", args).fetchall()
         out = []
         for values in found:
-            row = dict(zip(LATENCY_COLUMNS, values))
+            row = dict(zip(names, values))
             for name in ("samples_s", "fit"):
                 row[name] = json.loads(row[name]) if row[name] else None
             out.append(row)
