@@ -164,7 +164,8 @@ def test_the_meter_stores_rows_and_warms_up_once_per_backbone(tmp_path,  # noqa:
         assert len(calls) == 13 and len(encoded) == 2
         timings = meter.timings(cells, CONTEXT)
         row = store.latency(latency_key(cells[1], 2, CONTEXT))
-        assert timings[2] == {"total_s": row["total_s"], "denoise_s": row["denoise_s"]}
+        assert timings[2] == {"total_s": row["total_s"], "denoise_s": row["denoise_s"],
+                              "latency_key": row["key"]}
         other = TimingContext("cpu", "bfloat16", CONTEXT.fast_path, CONTEXT.cache)
         assert meter.timings(cells, other) == {1: {}, 2: {}}
         meter.forget(backbone)  # unloaded: a new backbone warms up again
@@ -188,5 +189,6 @@ def test_a_sweep_reads_each_cells_timings_from_the_table(tmp_path) -> None:  # n
     by_key = {(r["scale"], r["steps"]): r for r in latency}
     for row in rows:
         lat = by_key[(row["scale"], row["steps"])]
-        assert row["timings"] == {"total_s": lat["total_s"], "denoise_s": lat["denoise_s"]}
+        assert row["timings"] == {"total_s": lat["total_s"], "denoise_s": lat["denoise_s"],
+                                  "latency_key": lat["key"]}
         assert row["scores"]["latency"] == lat["total_s"]

@@ -151,3 +151,78 @@ def test_latency_rows_carry_median_and_iqr_or_a_fit_with_residuals(tmp_path):
     # each cell's timings name the latency row they came from
     keys = {json.loads(t).get("latency_key") for (t,) in db.execute("SELECT timings FROM cells")}
     assert None not in keys and len(keys) == 3
+
+
+class _FaceLike:
+    """A style metric that, like a face metric without a face, cannot score some images:
+    here every other image of a batch (scored ``None``)."""
+
+    @staticmethod
+    def make():
+        from adapterswap import hookimpl
+        from adapterswap.metrics.base import Metric
+
+        class Spotty(Metric):
+            name = "spotty"
+            needs = frozenset({"reference"})
+            kinds = frozenset({"style"})
+            higher_is_better = True
+            worst = 0.0
+
+            def score(self, batch):  # noqa: ANN001
+                return [None if i % 2 == 0 else 1.0 for i, _ in enumerate(batch.images)]
+
+        class Plugin:
+            @hookimpl
+            def register_metrics(self, register):  # noqa: ANN001
+                register(Spotty)
+
+        return Plugin()
+
+
+def test_images_a_metric_cannot_score_are_counted_not_dropped(tmp_path):
+    from adapterswap import plugins
+
+    plugins.register_plugin(_FaceLike.make(), name="spotty-plugin")
+    try:
+        out = tmp_path / "spotty"
+        _sweep(out, "--backbone", "toy-fast", "--preset", "tiny", "--steps", "1,2",
+               "--seeds", "0,1,2", "--metrics", "spotty")
+        rows = sqlite3.connect(out / "results.sqlite").execute(
+            "SELECT count(*), count(value) FROM scores WHERE metric = 'spotty'").fetchone()
+        attempted, scored = rows
+        assert attempted == 6  # every image has a row; unscored ones hold NULL
+        assert 0 < scored < attempted, scored
+        curve = next(c for c in json.loads((out / "analysis.json").read_text())["curves"]
+                     if c["metric"] == "spotty")
+        assert sum(curve["attempted"]) == attempted and sum(curve["scored"]) == scored
+        assert curve["scored_share"] == [s / a for s, a in zip(curve["scored"],
+                                                                 curve["attempted"])]
+        result = CliRunner().invoke(main, ["report", str(out), "--missing", "worst"])
+        assert result.exit_code == 0, result.stderr
+        worst = next(c for c in json.loads((out / "analysis.json").read_text())["curves"]
+                     if c["metric"] == "spotty")
+        assert sum(worst["n"]) == attempted  # unscored images scored as the worst value
+    finally:
+        plugins.unregister_plugin("spotty-plugin")
+
+
+def test_cells_whose_window_never_opens_are_flagged_and_left_out(tmp_path):
+    out = tmp_path / "window"
+    # window 0-0.25: step i acts when (i + 1) / N <= 0.25, so never with fewer than 4 steps
+    result = _sweep(out, "--backbone", "toy-fast", "--preset", "tiny", "--steps", "1,2,4",
+                    "--seeds", "0,1", "--start", "0", "--end", "0.25",
+                    "--metrics", "toy-colour-match")
+    assert "2 cell(s) have an adapter window that never opens" not in result.stderr  # per flag
+    assert "4 cell(s) have an adapter window that never opens" in result.stderr
+    rows = sqlite3.connect(out / "results.sqlite").execute(
+        "SELECT steps, adapter_active_steps, confounds FROM cells").fetchall()
+    for steps, active, confounds in rows:
+        assert active == (1 if steps == 4 else 0)
+        assert ("window_never_opens" in json.loads(confounds)) == (steps < 4)
+    analysis = json.loads((out / "analysis.json").read_text())
+    flagged = {(c["steps"], c["cells"]) for c in analysis["confounds"]
+               if c["flag"] == "window_never_opens"}
+    assert flagged == {(1, 2), (2, 2)}
+    curve = next(c for c in analysis["curves"] if c["metric"] == "toy-colour-match")
+    assert curve["steps"] == [4]  # the never-opened cells are not the adapter's curve

@@ -17,7 +17,7 @@ EXPECTED = {
     # name: (needs, higher_is_better, kinds)
     "lpips": ({"reference"}, False, set()),
     "clip-i": ({"reference"}, True, {"object"}),
-    "clip-t": ({"prompt"}, True, set()),
+    "clip-t": ({"prompt"}, True, {"none"}),  # prompt fidelity: judges runs without an adapter
     "dino": ({"reference"}, True, {"object"}),
     "style": ({"reference"}, True, {"style"}),
 }
