@@ -62,22 +62,56 @@ def window_confounds(adapter_or_window: Adapter | tuple[float, float],
 
 
 def load_image(image: Any, *, argument: str = "reference") -> Image.Image:
-    """A PIL RGB image from a PIL image or a path; a clear error if it cannot be read."""
+    """A PIL RGB image from a PIL image or a path; a clear error if it cannot be read.
+
+    A file is decoded whole (a truncated one is refused here, not mid-run). PIL's
+    decompression-bomb protection stays: a file of more than ``PIL.Image.MAX_IMAGE_PIXELS``
+    pixels (89.5 MP unless changed) is refused with one :class:`InvalidArgumentError` naming
+    its size, never decoded."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (str, Path)):
         path = Path(image).expanduser()
-        if not path.is_file():
+        if path.is_dir():
+            raise InvalidArgumentError(argument, str(image), "is a directory, not an image file")
+        if not path.exists():
             raise InvalidArgumentError(argument, str(image), "no such file")
+        if not path.is_file():
+            raise InvalidArgumentError(argument, str(image), "is not a regular file")
+        limit = Image.MAX_IMAGE_PIXELS
         try:
-            with Image.open(path) as opened:
-                return opened.convert("RGB")
+            with warnings.catch_warnings():
+                # between 1x and 2x the limit PIL only warns: refused below, with the size
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as opened:
+                    width, height = opened.size
+                    if limit and width * height > limit:
+                        raise InvalidArgumentError(
+                            argument, str(image), _too_large(f"{width}x{height}",
+                                                             width * height, limit))
+                    return opened.convert("RGB")
+        except Image.DecompressionBombError as exc:  # over 2x the limit: PIL refuses at open
+            import re
+
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            pixels = int(found.group(1)) if found else 0
+            raise InvalidArgumentError(argument, str(image),
+                                       _too_large("the image", pixels, limit)) from None
         except (UnidentifiedImageError, OSError) as exc:
             raise InvalidArgumentError(argument, str(image),
                                        f"cannot be read as an image ({exc})") from None
     raise InvalidArgumentError(argument, type(image).__name__, "expected a PIL image or a path")
+
+
+def _too_large(what: str, pixels: int, limit: int | None) -> str:
+    size = f" ({pixels / 1e6:.1f} MP)" if pixels else ""
+    return (f"{what}{size} is larger than the {(limit or 0) / 1e6:.1f} MP an image may have "
+            "(PIL's decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS); downscale it: "
+            "adapters work on far smaller images")
 
 
 class Adapter(Probed, ABC):

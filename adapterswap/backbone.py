@@ -102,6 +102,8 @@ class Backbone(Probed, ABC):
         one-line doc for ``--help`` and the README; :meth:`check_option` validates the values.
     :cvar unsupported_options: options other backbones take that this one refuses, with the
         reason (shown in the error), e.g. ``timestep_spacing`` on a flow-matching backbone.
+    :cvar max_steps: most denoising steps one run may take (default 1000).
+    :cvar max_pixels: most pixels (height x width) one image may have (default 4096 x 4096).
     """
 
     name: ClassVar[str]
@@ -119,6 +121,18 @@ class Backbone(Probed, ABC):
     description: ClassVar[str] = ""
     option_docs: ClassVar[dict[str, str]] = {}
     unsupported_options: ClassVar[dict[str, str]] = {}
+    #: Most denoising steps one run may take; a sweep's validation and :meth:`check_inputs`
+    #: refuse more, naming the value. Schedulers trained on ``num_train_timesteps = 1000``
+    #: (every UNet backbone) cannot take more steps than they have timesteps (diffusers raises),
+    #: and no backbone gains anything from more; flow-matching schedulers have no hard limit,
+    #: so 1000 is the sane cap for them too. A plugin lowers it where its scheduler allows
+    #: fewer (LCM: its 50 original steps).
+    max_steps: ClassVar[int] = 1000
+    #: Most pixels (``height * width``) one image may have, checked the same way. The default,
+    #: 4096 x 4096 (16.8 MP), is 64 times SD1.5's and 16 times SDXL's training size: beyond it
+    #: the VAE decode alone needs tens of GB and no backbone composes a coherent image. A
+    #: plugin lowers it for its family (FLUX: 2048 x 2048).
+    max_pixels: ClassVar[int] = 4096 * 4096
     #: ``torch.compile`` mode the fast path uses for this backbone's denoiser: compute-bound
     #: transformers gain from autotuned kernels; launch-bound UNets from CUDA graphs.
     compile_mode: ClassVar[str] = "default"
@@ -533,10 +547,19 @@ class Backbone(Probed, ABC):
                 or num_inference_steps < 1:
             raise InvalidArgumentError("num_inference_steps", num_inference_steps,
                                        "must be an integer >= 1")
+        if num_inference_steps > self.max_steps:
+            raise InvalidArgumentError("num_inference_steps", num_inference_steps,
+                                       f"backbone {self.name!r} takes at most "
+                                       f"{self.max_steps} steps (max_steps)")
         m = self.size_multiple
         for arg, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < m or value % m:
                 raise InvalidArgumentError(arg, value, f"must be a positive multiple of {m}")
+        if height * width > self.max_pixels:
+            raise InvalidArgumentError(
+                "height", height, f"{height} x {width} is {height * width / 1e6:.1f} MP; "
+                f"backbone {self.name!r} makes images of at most "
+                f"{self.max_pixels / 1e6:.1f} MP (max_pixels)")
 
     @classmethod
     def default_step_grid(cls) -> list[int]:

@@ -47,16 +47,25 @@ class AdapterswapGroup(click.Group):
                     "  adapterswap doctor")
 @click.version_option(__version__, prog_name="adapterswap")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--verbose", is_flag=True,
+              help="Let diffusers, transformers and huggingface_hub print their progress bars, "
+                   "log messages and warnings (off by default).")
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
     """Move adapters across diffusion backbones and measure how many steps they need."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if not verbose:
+        from adapterswap.quiet import silenced
+
+        ctx.with_resource(silenced())
 
 
 def _warn_plugin_failures() -> None:
-    from adapterswap.plugins import plugin_failures
+    from adapterswap.plugins import plugin_failures, selection_warnings
 
+    for line in selection_warnings():  # ADAPTERSWAP_LOAD_PLUGINS names an unknown plugin
+        click.echo(f"warning: {line}", err=True)
     for failure in plugin_failures():
         click.echo(f"warning: {failure.message()}", err=True)
 
@@ -173,9 +182,9 @@ def list_command(what: str, as_json: bool) -> None:
                                "  HF_HUB_OFFLINE=1 adapterswap doctor --json")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor_command(as_json: bool) -> None:
-    """Check the environment and whether each backbone's and adapter's weights are present
-    locally (path or Hugging Face cache). Uses no network; missing weights are reported, not
-    an error."""
+    """Check the environment and whether each backbone's, adapter's and metric's weights are
+    present locally (configured path or Hugging Face cache). Uses no network; weights that
+    would have to be downloaded count as missing, which is reported, not an error."""
     from adapterswap.doctor import collect
 
     report = collect()
@@ -183,7 +192,10 @@ def doctor_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
-    env = report["environment"]
+    env = dict(report["environment"])
+    if not env.pop("config_present", True):
+        env["config"] = (f"{env['config']} (missing: no such file; each backbone and adapter "
+                         "uses its default source)")
     click.echo("environment:")
     for key, value in env.items():
         click.echo(f"  {key}: {value}")
@@ -295,6 +307,21 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
         from adapterswap.sweep.spec import DEFAULT_PROMPTS
 
         prompt = DEFAULT_PROMPTS[0]
+    from adapterswap.sweep import spec as checks
+
+    # every argument checked before anything loads or is written (the sweep's own checks)
+    checks.check_seed("--seed", seed)
+    checks.check_device("--device", device)
+    checks.check_dtype("--dtype", dtype)
+    if num_inference_steps is not None:
+        if num_inference_steps < 1:
+            raise InvalidArgumentError("--steps", num_inference_steps, "must be an integer >= 1")
+        checks.check_steps("--steps", [num_inference_steps], backbone_cls)
+    checks.check_size(backbone_cls, height, width, names=("--height", "--width"),
+                      default=(backbone_cls.default_height, backbone_cls.default_width))
+    if out is None:
+        out = f"adapterswap-{backbone_cls.name}-{adapter_name or 'none'}-s{seed}.png"
+    checks.check_output_file("--out", out)
     from adapterswap.sweep.models import ModelFactory
 
     models = ModelFactory(preset=preset, device=device, dtype=dtype,
@@ -311,6 +338,10 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
         else:
             raise InvalidArgumentError("--ref", None,
                                        f"adapter {adapter_cls.name!r} needs a reference image")
+        adapter_cls(scale=scale, start=start, end=end).check_backbone(backbone_cls)
+    models.check_weights([backbone])  # a missing or incomplete folder, before loading
+    # diffusers' name, as the backbone's own refusal at run time
+    checks.check_guidance("guidance_scale", guidance_scale, backbone_cls)
     ad = None
     if adapter_cls is not None and not tiny:
         # validate the adapter's settings and family before loading anything heavy
@@ -328,12 +359,15 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
     result = denoise(loaded, prompt, num_inference_steps=num_inference_steps, seeds=[seed],
                      height=height, width=width, guidance_scale=guidance_scale, adapter=ad,
                      reference=image)
-    if out is None:
-        out = f"adapterswap-{backbone_cls.name}-{adapter_name or 'none'}-s{seed}.png"
-    path = Path(out)
-    if path.parent and not path.parent.exists():
+    path = Path(out).expanduser()
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    result.images[0].save(path)
+        result.images[0].save(path)
+    except OSError as exc:  # checked before loading; the disk may still fill up
+        from adapterswap.errors import StoreWriteError
+
+        raise StoreWriteError(f"could not write the image {str(path)!r}: "
+                              f"{exc.strerror or exc}") from None
     t = result.timings
     click.echo(f"wrote {path} ({backbone_cls.name}"
                f"{' + ' + adapter_name if adapter_name else ''}, seed {seed}; "
@@ -512,6 +546,8 @@ def _run_spec(spec: Any) -> Any:
             summary.shared_first_steps += extra.shared_first_steps
             summary.finish_seconds += extra.finish_seconds
             summary.decode_seconds += extra.decode_seconds
+            summary.load_seconds += extra.load_seconds
+            summary.latency_seconds += extra.latency_seconds
             for flag, count in extra.confounds.items():
                 summary.confounds[flag] = summary.confounds.get(flag, 0) + count
     return summary, build_report(spec.out)
@@ -541,6 +577,7 @@ def _execute(spec: Any) -> Any:
     from adapterswap.sweep.store import RunStore
 
     spec.validate()
+    _check_weights(spec)  # the store is created only once the sweep can start
     console = Console(stderr=True)
     for note in spec.defaults_used:
         console.print(f"note: {note}")
@@ -558,11 +595,29 @@ def _execute(spec: Any) -> Any:
         try:
             summary = engine.run()
         except WeightsNotFoundError as exc:
-            raise WeightsNotFoundError(
-                f"{exc} To try the tool without weights: adapterswap sweep --backbone "
-                f"{spec.backbones[0]} --preset tiny") from None
+            raise _try_tiny(exc, spec) from None
         progress.update(task, completed=total)
     return summary
+
+
+def _try_tiny(exc: Exception, spec: Any) -> Exception:
+    """A missing-weights error with the command that tries the tool without weights."""
+    from adapterswap.errors import WeightsNotFoundError
+
+    return WeightsNotFoundError(f"{exc} To try the tool without weights: adapterswap sweep "
+                                f"--backbone {spec.backbones[0]} --preset tiny")
+
+
+def _check_weights(spec: Any) -> None:
+    """Every backbone's weights findable without the network (local folder complete, or in
+    the HF cache when offline), before the store is created or a model loads."""
+    from adapterswap.errors import WeightsNotFoundError
+    from adapterswap.sweep.models import ModelFactory
+
+    try:
+        ModelFactory.from_spec(spec).check_weights(spec.backbones)
+    except WeightsNotFoundError as exc:
+        raise _try_tiny(exc, spec) from None
 
 
 @main.command("sweep", epilog="""Examples:
@@ -675,6 +730,10 @@ def _run_sweep_command(kind: str, backbones: tuple[str, ...], adapter: str | Non
         values["out"] = (f"runs/{'-'.join(names)}{suffix}"
                          f"{'-tiny' if values.get('preset') else ''}")
     spec = SweepSpec.merged(base, values)
+    if probe_exit is not None and not (math.isfinite(probe_exit) and probe_exit > 0):
+        from adapterswap.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--probe-exit", probe_exit, "must be a number > 0")
     spec._probe_exit = probe_exit
     if dry_run:
         _dry_run(spec)
@@ -759,6 +818,30 @@ def confound_warnings(counts: dict[str, int]) -> list[str]:
             for flag, count in sorted(counts.items()) if count]
 
 
+def time_accounting(summary: Any) -> str:
+    """Where a sweep's wall time went, in parts that add up to it: loading, latency timing,
+    denoiser forwards, finishing (when inline; beside the forwards it is shown apart) and
+    the rest."""
+    shared = f", {summary.shared_first_steps} first steps shared" \
+        if summary.shared_first_steps else ""
+    finishing = f"decoding, scoring, storing {summary.finish_seconds:.1f} s"
+    shown = [round(summary.load_seconds, 1), round(summary.latency_seconds, 1),
+             round(summary.forward_seconds, 1)]
+    if not summary.finish_overlapped:
+        shown.append(round(summary.finish_seconds, 1))
+    # "other" is what is left of the total as printed, so the printed parts add up to it
+    other = round(round(summary.seconds, 1) - sum(shown), 1) + 0.0  # no "-0.0"
+    parts = [f"loading models and metrics {shown[0]:.1f} s", f"latency timing {shown[1]:.1f} s",
+             f"{summary.forwards} denoiser forwards {shown[2]:.1f} s{shared}"]
+    if not summary.finish_overlapped:
+        parts.append(finishing)
+    parts.append(f"other {other:.1f} s")
+    text = " + ".join(parts)
+    if summary.finish_overlapped:
+        text += f"; {finishing} on a background thread, beside the forwards"
+    return text
+
+
 def _print_summary(summary: Any, report: Any) -> None:
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return
@@ -766,16 +849,28 @@ def _print_summary(summary: Any, report: Any) -> None:
         click.echo(f"warning: metric {metric!r} unavailable: {reason}", err=True)
     for line in confound_warnings(getattr(summary, "confounds", {}) or {}):
         click.echo(f"warning: {line}", err=True)
-    shared = f", {summary.shared_first_steps} first steps shared" \
-        if summary.shared_first_steps else ""
     click.echo(f"{summary.done} cells done, {summary.skipped} already finished, "
                f"{summary.failed} failed, in {summary.seconds:.1f} s "
-               f"({summary.forwards} denoiser forwards: {summary.forward_seconds:.1f} s"
-               f"{shared}; "
-               f"decoding, scoring, storing: {summary.finish_seconds:.1f} s). "
-               f"Results: {report.parent} (report: {report})")
+               f"({time_accounting(summary)}). Results: {report.parent} (report: {report})")
     if summary.failed:
+        for line in failure_reasons(report.parent):
+            click.echo(f"error: {line}", err=True)
         raise SystemExit(1)
+
+
+def failure_reasons(out: Any) -> list[str]:
+    """One line per distinct reason the newest invocation's cells failed, with its count
+    (the reasons are in the store; the terminal shows them too)."""
+    from collections import Counter
+
+    from adapterswap.sweep.store import RunStore
+
+    with RunStore(out, lock=False) as store:
+        keys = store.current_keys()
+        rows = store.rows(sorted(keys) if keys is not None else None)
+    reasons = Counter(row["error"] or "no reason recorded" for row in rows
+                      if row["status"] == "failed")
+    return [f"{count} cell(s) failed: {reason}" for reason, count in reasons.most_common()]
 
 
 @main.command("swap", epilog="""Examples:
@@ -811,6 +906,7 @@ def swap_command(adapter: str | None, source: str, target: str, config: str | No
     if dry_run:
         _dry_run(spec)
         return
+    _check_weights(spec)  # before the store is created
     with RunStore(spec.out) as store:
         store.set_meta("swap", {"from": source, "to": target})
     summary, report = _run_spec(spec)

@@ -30,6 +30,7 @@ def environment() -> dict[str, Any]:
         "HF_HUB_OFFLINE": is_offline(),
         "HF_HOME": os.environ.get("HF_HOME", "~/.cache/huggingface (default)"),
         "config": str(config_path()),
+        "config_present": config_path().is_file(),
     }
     try:
         import torch
@@ -62,11 +63,23 @@ def collect() -> dict[str, Any]:
                        "status": f"could not check: {type(exc).__name__}: {exc}", "hint": ""}
             report[section].append(row)
     for entry in metrics().entries():
-        try:
-            reason = entry.cls().availability()
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        report["metrics"].append({"name": entry.name, "present": reason is None,
-                                  "status": "available" if reason is None else
-                                  f"unavailable: {reason}"})
+        report["metrics"].append(metric_row(entry.name, entry.cls))
     return report
+
+
+def metric_row(name: str, cls: Any) -> dict[str, Any]:
+    """A metric is available when its weights are on this machine (or it needs none) and its
+    packages are installed; weights it could still download do not count."""
+    try:
+        present, detail = cls.weights_status({})
+        reason = cls().availability() if present else None
+    except Exception as exc:  # a metric that cannot answer is reported, not fatal
+        present, detail, reason = False, "", f"could not check: {type(exc).__name__}: {exc}"
+    if reason is not None:
+        status = f"unavailable: {reason}"
+    elif present:
+        status = f"available ({detail})"
+    else:
+        status = f"missing: {detail}"
+    return {"name": name, "present": present and reason is None, "weights_present": present,
+            "where": detail, "status": status}

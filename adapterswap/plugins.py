@@ -9,12 +9,16 @@ environment variable ``ADAPTERSWAP_LOAD_PLUGINS``:
   names (``flux``);
 * empty: load none (adapterswap's own built-in metrics are always there).
 
+A name in the list that no installed plugin has (a typo) loads nothing; it is reported by
+:func:`selection_warnings` with a suggestion and the installed names.
+
 A plugin that fails to import, has a misspelt hook, raises inside a hook or registers something
 invalid is recorded in :func:`plugin_failures` under its own name; the rest keep working.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
@@ -73,6 +77,7 @@ class PluginInfo:
 
 
 _failures: list[PluginFailure] = []
+_selection_warnings: list[str] = []
 _dists: dict[str, tuple[str, str, str]] = {}  # plugin name -> (distribution, version, entry point)
 
 
@@ -115,7 +120,9 @@ def load_plugins() -> None:
         if pm.get_plugin(module_name) is None:
             _register_checked(importlib.import_module(module_name), module_name, None)
     env_value = os.environ.get(LOAD_PLUGINS_ENV)
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    entry_points = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    _selection_warnings[:] = _unknown_selection(env_value, entry_points)
+    for ep in entry_points:
         dist = ep.dist.name if ep.dist is not None else ep.module
         version = ep.dist.version if ep.dist is not None else "unknown"
         if not _selected(env_value, dist, ep.name):
@@ -130,6 +137,38 @@ def load_plugins() -> None:
             continue
         if _register_checked(module, name, ep.name):
             _dists[name] = (dist, version, ep.name)
+
+
+def _unknown_selection(env_value: str | None, entry_points: list[Any]) -> list[str]:
+    """One warning per name in ``ADAPTERSWAP_LOAD_PLUGINS`` that no installed plugin has."""
+    if env_value is None:
+        return []
+    names: list[str] = []  # distribution and entry-point names, as installed
+    listed: dict[str, list[str]] = {}  # distribution -> its entry-point names
+    for ep in entry_points:
+        dist = ep.dist.name if ep.dist is not None else ep.module
+        names += [dist, ep.name]
+        listed.setdefault(dist, []).append(ep.name)
+    known = {_normalise(n) for n in names} | {"adapterswap"}  # the core always loads
+    shown = ", ".join(f"{dist} ({', '.join(eps)})" for dist, eps in sorted(listed.items()))
+    warnings = []
+    for name in (part.strip() for part in env_value.split(",")):
+        if not name or _normalise(name) in known:
+            continue
+        message = (f"{LOAD_PLUGINS_ENV} names {name!r}, which no installed plugin has "
+                   "(distribution or entry-point name), so it loads nothing.")
+        close = difflib.get_close_matches(name, sorted(set(names)), n=1, cutoff=0.6)
+        if close:
+            message += f" Did you mean {close[0]!r}?"
+        message += f" Installed: {shown}" if shown else " No plugins are installed."
+        warnings.append(message)
+    return warnings
+
+
+def selection_warnings() -> list[str]:
+    """Warnings about ``ADAPTERSWAP_LOAD_PLUGINS`` naming plugins that are not installed."""
+    load_plugins()
+    return list(_selection_warnings)
 
 
 def plugin_failures() -> list[PluginFailure]:
@@ -257,6 +296,7 @@ def reset() -> None:
     for name, _ in list(pm.list_name_plugin()):
         pm.unregister(name=name)
     _failures.clear()
+    _selection_warnings.clear()
     _dists.clear()
     _cache.clear()
     _cache["key"] = None
@@ -266,5 +306,7 @@ def reset() -> None:
 def warn_failures(echo: Callable[[str], None] | None = None) -> None:
     """Print one line per failed plugin to stderr (the CLI calls this)."""
     echo = echo or (lambda line: print(line, file=sys.stderr))
+    for line in selection_warnings():
+        echo(f"warning: {line}")
     for failure in plugin_failures():
         echo(f"warning: {failure.message()}")

@@ -623,7 +623,10 @@ def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
     pass ``add_watermarker=False`` when reloading ``sdxl`` on a machine with
     ``invisible-watermark`` installed.
     """
+    from adapterswap.quiet import silenced
+
     pipeline = build_tiny_pipeline(family, seed)
     path = Path(path)
-    pipeline.save_pretrained(path, safe_serialization=True)
+    with silenced():  # transformers' "Writing model shards" bar for each tiny text encoder
+        pipeline.save_pretrained(path, safe_serialization=True)
     return path

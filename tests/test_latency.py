@@ -192,3 +192,14 @@ def test_a_sweep_reads_each_cells_timings_from_the_table(tmp_path) -> None:  # n
         assert row["timings"] == {"total_s": lat["total_s"], "denoise_s": lat["denoise_s"],
                                   "latency_key": lat["key"]}
         assert row["scores"]["latency"] == lat["total_s"]
+
+
+def test_the_fit_never_predicts_negative_time():
+    from adapterswap.sweep.latency import fit_line
+
+    # noise on a loaded machine: the longer run happened to be faster
+    fixed, per_step = fit_line([(1, 1.0), (1, 1.2), (8, 0.9), (8, 0.95)])
+    assert per_step == 0.0 and fixed == pytest.approx((1.0 + 1.2 + 0.9 + 0.95) / 4)
+    fixed, per_step = fit_line([(1, 0.1), (8, 1.6)])  # unconstrained: fixed < 0
+    assert fixed == 0.0 and per_step == pytest.approx((0.1 + 8 * 1.6) / 65)
+    assert fit_line([(1, 1.5), (3, 2.5)]) == pytest.approx((1.0, 0.5))

@@ -111,6 +111,15 @@ class Metric(ABC):
         self.options = dict(options)
         self.loaded = False
 
+    @classmethod
+    def weights_status(cls, options: Mapping[str, Any] | None = None) -> tuple[bool, str]:
+        """Whether the weights this metric would load with ``options`` are on this machine
+        (a configured path or the local Hugging Face cache), and where they are or what is
+        missing. Checked without network and without loading anything (``adapterswap
+        doctor``): weights that could still be downloaded are not present. The default is a
+        metric that needs no weights; model metrics override it."""
+        return True, "needs no weights"
+
     def availability(self) -> str | None:
         """``None`` if the metric can run here, else the reason it cannot (a missing package
         or model). Cheap: must not load models."""

@@ -63,6 +63,10 @@ CI_LEVEL = 0.95
 REGIME_LEVEL = 0.90
 #: What the report says instead of an interval that cannot be computed.
 N_TOO_SMALL = "n too small"
+#: The verdicts of a paired delta (:func:`delta_verdict`), in the report's words.
+BETTER, WORSE = "better", "worse"
+NO_DIFFERENCE = "no significant difference"
+N_TOO_SMALL_TO_TELL = "n too small to tell"
 #: The confound of a cell whose adapter window acted at no step.
 WINDOW_NEVER_OPENS = "window_never_opens"
 #: "Within the margin" is inclusive: differences that equal the margin up to float rounding
@@ -227,6 +231,22 @@ def paired_delta(a: Mapping[Any, float | None], b: Mapping[Any, float | None], *
 
 def _finite(value: Any) -> bool:
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def delta_verdict(delta: Mapping[str, Any], higher_is_better: bool | None) -> str:
+    """A paired delta's verdict in words: ``"better"`` or ``"worse"`` when its interval
+    excludes zero (in the metric's better direction), ``"no significant difference"`` when it
+    includes zero, ``"n too small to tell"`` without an interval. With an unknown direction a
+    significant delta is ``"higher (direction unknown)"`` or ``"lower (direction unknown)"``."""
+    low, high = delta.get("ci_low"), delta.get("ci_high")
+    if not (_finite(low) and _finite(high)):
+        return N_TOO_SMALL_TO_TELL
+    if low <= 0 <= high:
+        return NO_DIFFERENCE
+    up = low > 0
+    if higher_is_better is None:
+        return f"{'higher' if up else 'lower'} (direction unknown)"
+    return BETTER if up == bool(higher_is_better) else WORSE
 
 
 # ------------------------------------------------------------------------ regime and knee
@@ -799,7 +819,8 @@ def recommend(curve: Curve, latency: Mapping[int, Mapping[str, Any]], *,
             "resampled seeds of the one (reference, prompt)")
     interval_text = (f"90% interval {interval[0]}-{interval[1]} steps over {over}"
                      if interval else f"regime interval: {N_TOO_SMALL}")
-    reason = (f"{steps} steps: {curve.metric} {curve.mean[j]:.4g} is within the margin "
+    reason = (f"{steps} step{'' if steps == 1 else 's'}: {curve.metric} {curve.mean[j]:.4g} "
+              "is within the margin "
               f"{curve.margin:.3g} ({curve.margin_source}) of the plateau "
               f"{curve.plateau:.4g} at {curve.steps[-1]} steps (paired difference "
               f"{curve.difference[j]:+.4g}); effective regime {curve.effective_regime}, "
@@ -1070,8 +1091,9 @@ def swap_comparison(rows: Sequence[Mapping[str, Any]],
                     seed: int = 0) -> dict[str, Any]:
     """The swap's headline: the median-latency ratio ``source / target`` at each backbone's
     largest step count, and each metric's paired delta ``target - source`` over identical
-    (reference, prompt, seed), clusters (reference, prompt) resampled. Cells whose adapter
-    window never opened are left out and counted."""
+    (reference, prompt, seed), clusters (reference, prompt) resampled, with its
+    :func:`delta_verdict` (``verdict``). Cells whose adapter window never opened are left out
+    and counted."""
     metric_info = metric_info or {}
     done = [r for r in rows if r["status"] == "done"]
     steps = {b: sorted({r["steps"] for r in done if r["backbone"] == b}) for b in
@@ -1128,6 +1150,7 @@ def swap_comparison(rows: Sequence[Mapping[str, Any]],
         delta["from_scored"] = [len(a_vals), len(a)]
         delta["to_scored"] = [len(b_vals), len(b)]
         delta["higher_is_better"] = _direction(metric_info, metric)
+        delta["verdict"] = delta_verdict(delta, delta["higher_is_better"])
         result["metrics"][metric] = delta
     return result
 
@@ -1141,7 +1164,10 @@ def ablation_deltas(rows: Sequence[Mapping[str, Any]], *,
     of the same backbone, reference, prompt, seed and steps, with a clustered bootstrap 95%
     interval (clusters: reference, prompt), and whether the interval excludes zero in the
     metric's better direction (``from_adapter``; ``None`` when the direction is unknown or
-    there is no interval). Cells whose window never opened are left out and counted."""
+    there is no interval) and the :func:`delta_verdict` in words (``verdict``). Each entry
+    also names its setting's ``adapter``, ``scale``, ``start``, ``end`` and the ``steps``
+    its pairs ran (the report's scale x window heatmap). Cells whose window never opened are
+    left out and counted."""
     metric_info = metric_info or {}
     done = [r for r in rows if r["status"] == "done"]
     if fills is None:
@@ -1181,9 +1207,14 @@ def ablation_deltas(rows: Sequence[Mapping[str, Any]], *,
             lo, hi = delta["ci_low"], delta["ci_high"]
             from_adapter = None if higher is None or lo is None else \
                 bool((lo > 0) if higher else (hi < 0))
+            first = members[0]
             delta.update(backbone=backbone, setting=label, metric=metric,
                          higher_is_better=higher, from_adapter=from_adapter,
-                         excluded_window_never_opens=never, missing=missing)
+                         excluded_window_never_opens=never, missing=missing,
+                         verdict=delta_verdict(delta, higher), adapter=first["adapter"],
+                         scale=first.get("scale"), start=first.get("start") or 0.0,
+                         end=1.0 if first.get("end") is None else first["end"],
+                         steps=sorted({k[3] for k in a}))
             out.append(delta)
     return out
 

@@ -165,7 +165,12 @@ def run_distributed(spec: Any, *, echo: Callable[[str], None] = print) -> tuple[
         for part in summaries:
             total.done += part.done
             total.failed += part.failed
-            total.seconds = max(total.seconds, part.seconds)
+            if part.seconds >= total.seconds:  # the slowest rank's time and its parts
+                total.seconds = part.seconds
+                for name in ("load_seconds", "latency_seconds", "forward_seconds",
+                             "finish_seconds", "finish_overlapped"):
+                    setattr(total, name, getattr(part, name))
+            total.forwards += part.forwards
             total.unavailable_metrics.update(part.unavailable_metrics)
         if env.rank == 0:
             merge(spec.out)

@@ -81,11 +81,28 @@ class SweepSummary:
     #: (device time from CUDA events when the decode is queued on the side stream)
     finish_seconds: float = 0.0
     decode_seconds: float = 0.0
+    #: True when cells were finished on the background thread, beside the forwards: then
+    #: ``finish_seconds`` is not part of the engine thread's wall time
+    finish_overlapped: bool = False
+    #: seconds loading models (backbones, adapters, fast path set-up) and metrics
+    load_seconds: float = 0.0
+    #: seconds of latency timing (warm-ups and timed single-image runs)
+    latency_seconds: float = 0.0
     #: what the fast path did per backbone (attention, compiled parts, float8 layers)
     fast_path: dict[str, Any] = field(default_factory=dict)
     #: cells run with a confound, per flag (``schedule_starts_far_from_noise``,
     #: ``window_never_opens``): see :func:`adapterswap.denoise.schedule_confounds`
     confounds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def other_seconds(self) -> float:
+        """The wall time outside the measured parts (planning, provenance, prompt and
+        reference encoding, waiting for finishing jobs, unloading), so that load + latency +
+        forwards + finishing (when inline) + other = :attr:`seconds`. On CUDA the forwards
+        are device time, which can overlap host work, so this can dip below zero there."""
+        finish = 0.0 if self.finish_overlapped else self.finish_seconds
+        return (self.seconds - self.load_seconds - self.latency_seconds
+                - self.forward_seconds - finish)
 
 
 class SweepEngine:
@@ -296,7 +313,12 @@ class SweepEngine:
         return summary
 
     def _run(self, plan: Any, summary: SweepSummary) -> None:
+        started = time.perf_counter()  # loading, for the summary's load_seconds
+        # the first backbone loads before the metrics: missing weights fail in seconds with
+        # their one-line error, not after the metrics' models were loaded (or fetched)
+        first = self.models.backbone(plan.backbones[0].backbone) if plan.backbones else None
         metrics = self.load_metrics()
+        summary.load_seconds += time.perf_counter() - started
         status = self.store.metric_status()
         if self._own_run:
             self.store.update_run(self.store.run_id, metrics=self.metric_records(status))
@@ -314,8 +336,9 @@ class SweepEngine:
                              log=self.log)
         timed = "latency" in metrics and self.spec.timing_repeats > 0
         try:
-            for part in plan.backbones:
-                self._run_backbone(part, runner, finisher, meter, summary, timed=timed)
+            for index, part in enumerate(plan.backbones):
+                self._run_backbone(part, runner, finisher, meter, summary, timed=timed,
+                                   loaded=first if index == 0 else None)
         except BaseException:
             # also on errors and Ctrl-C: cells already decoded are stored, never dropped
             try:
@@ -336,14 +359,19 @@ class SweepEngine:
                      "output of a row with the same seed and starting timestep")
         summary.finish_seconds = finisher.seconds
         summary.decode_seconds = finisher.decode_seconds
+        summary.finish_overlapped = finisher.overlap
         summary.confounds = dict(runner.confounds)
 
     def _run_backbone(self, part: BackbonePlan, runner: ChunkRunner, finisher: CellFinisher,
-                      meter: LatencyMeter, summary: SweepSummary, *, timed: bool) -> None:
+                      meter: LatencyMeter, summary: SweepSummary, *, timed: bool,
+                      loaded: Any = None) -> None:
         """Load one backbone, run its settings and groups, store every cell, unload it;
-        ``timed``: measure the latency of each setting first."""
-        backbone = self.models.backbone(part.backbone)
+        ``timed``: measure the latency of each setting first; ``loaded``: the backbone, already
+        loaded (the first one loads before the metrics)."""
+        started = time.perf_counter()
+        backbone = loaded if loaded is not None else self.models.backbone(part.backbone)
         summary.fast_path[part.backbone] = self.enable_fast_path(backbone, part.cells)
+        summary.load_seconds += time.perf_counter() - started
         context = timing_context(backbone)
         fast = backbone.fast_path
         parallel = self.spec.use_step_parallel(bool(fast is not None and fast.compile))
@@ -352,8 +380,10 @@ class SweepEngine:
             adapter = self.apply_setting(backbone, setting.first)
             first = setting.first
             if timed:
+                started = time.perf_counter()
                 meter.measure(backbone, adapter, setting.cells, context, functools.partial(
                     self.models.conditioning, adapter, backbone, first.reference))
+                summary.latency_seconds += time.perf_counter() - started
             timings = meter.timings(setting.cells, context)
             for group in setting.groups:
                 inputs = self._group_inputs(backbone, adapter, group, prompts)

@@ -113,7 +113,8 @@ def spread(samples: Sequence[float]) -> tuple[float, float, float]:
 
 def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares ``y = fixed + per_step x`` through ``(x, y)`` points (two or more
-    distinct x); returns ``(fixed, per_step)``."""
+    distinct x) with both terms >= 0 (time cannot shrink with more steps; on a loaded machine
+    noise can tilt an unconstrained line below zero); returns ``(fixed, per_step)``."""
     xs = [float(x) for x, _ in points]
     ys = [float(y) for _, y in points]
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
@@ -121,7 +122,12 @@ def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     if spread_x == 0:
         raise ValueError("a line needs runs at two or more step counts")
     per_step = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / spread_x
-    return mean_y - per_step * mean_x, per_step
+    if per_step < 0:  # the constrained optimum lies on per_step = 0
+        return max(mean_y, 0.0), 0.0
+    fixed = mean_y - per_step * mean_x
+    if fixed < 0:  # ... or on fixed = 0: a line through the origin
+        return 0.0, max(sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0)
+    return fixed, per_step
 
 
 def expected_seconds(step_counts: Sequence[int], repeats: int, fixed_s: float,

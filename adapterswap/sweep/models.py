@@ -16,7 +16,7 @@ their encodings, each loaded or computed once.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,24 @@ class ModelFactory:
             return cls.random(device=self.device, dtype=self.dtype, seed=0, **options)
         return cls(self.sources.get(name), device=self.device, dtype=self.dtype,
                    **options).load()
+
+    def check_weights(self, names: Sequence[str]) -> None:
+        """Fail now, before anything is written or loaded, when a backbone's weights cannot be
+        found without the network: a missing or incomplete local folder, or ``HF_HUB_OFFLINE``
+        with the files absent from the HF cache (the check :meth:`Backbone.load` makes first:
+        :class:`~adapterswap.errors.WeightsNotFoundError`). Presets need no weights; a Hub id
+        that is not cached is left to the download."""
+        if self.preset:
+            return
+        from adapterswap.config import configured_source
+        from adapterswap.hub import resolve_source
+        from adapterswap.plugins import get_backbone
+
+        for name in names:
+            cls = get_backbone(name)
+            source = self.sources.get(name) or configured_source(name) or cls.default_source
+            resolve_source(str(source), what=f"backbone {name!r}", required=cls.required_files,
+                           how_to_get=cls.how_to_get)
 
     # ------------------------------------------------------------------ adapters
     def adapter(self, name: str, backbone: Any = None) -> Any:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -51,6 +52,11 @@ PRESETS = (None, "tiny", "random")
 #: Metrics that need no model weights (the tiny preset's default).
 MODEL_FREE_METRICS = ("sharpness", "contrast", "latency")
 SYNTHETIC_REFERENCE = "synthetic:0"
+#: Seeds are integers in ``[0, MAX_SEED]``. ``torch.Generator.manual_seed`` takes
+#: ``0 .. 2**64 - 1`` (a negative seed silently aliases a large one: -1 is 2**64 - 1, larger
+#: ones overflow), and the store keeps seeds as SQLite INTEGERs (signed 64-bit), so
+#: ``2**63 - 1`` is the largest seed that is both drawn and stored exactly.
+MAX_SEED = 2**63 - 1
 #: Prompts used when none are given (the tiny preset uses the first only).
 DEFAULT_PROMPTS = [
     "a portrait photo of a person, soft studio light",
@@ -67,8 +73,14 @@ class SweepSpec:
     :ivar adapter: adapter name; ``None`` uses each backbone's ``default_adapter``; ``"none"``
         runs without an adapter.
     :ivar references: image paths; ``synthetic:N`` is the adapter's synthetic reference N
-        (the default with ``preset="tiny"``).
-    :ivar steps: the step grid; empty uses each backbone's own grid.
+        (the default with ``preset="tiny"``). Each file is decoded when the spec is validated
+        (before any model loads), within PIL's decompression-bomb limit.
+    :ivar seeds: integers in ``[0, MAX_SEED]``; seeds, prompts, references, scales and
+        windows may each be given once (a repeat would run the same cells twice).
+    :ivar steps: the step grid; empty uses each backbone's own grid; at most each
+        backbone's ``max_steps``. ``height`` x ``width``: at most its ``max_pixels``.
+    :ivar out: the output folder: a writable directory, or one that can be created (it is
+        created only when the sweep starts, never by a refused spec).
     :ivar scales: adapter scale grid (ablation); empty uses ``scale``.
     :ivar windows: adapter windows ``[[start, end], ...]`` (ablation); empty uses
         ``[[start, end]]``.
@@ -243,6 +255,8 @@ class SweepSpec:
         if self.preset not in PRESETS:
             raise InvalidArgumentError("preset", self.preset,
                                        f"choose one of {', '.join(p for p in PRESETS if p)}")
+        check_device("device", self.device)
+        check_dtype("dtype", self.dtype)
 
         adapter_names = {self.adapter_for(cls) for cls in classes} - {None}
         for cls in classes:
@@ -257,6 +271,7 @@ class SweepSpec:
         for scale in self.scales:
             if scale < 0:
                 raise InvalidArgumentError("scales", scale, "must be >= 0")
+        _no_repeats("scales", self.scales, "scale")
         windows = []
         for window in self.windows or []:
             if not (isinstance(window, (list, tuple)) and len(window) == 2
@@ -266,24 +281,23 @@ class SweepSpec:
                                            "each window is [start, end] with 0 <= start < end <= 1")
             windows.append([float(window[0]), float(window[1])])
         self.windows = windows
+        _no_repeats("windows", self.windows, "window")
         if (self.scales or self.windows or self.adapter_off) and not adapter_names:
             raise InvalidArgumentError("adapter", self.adapter,
                                        "scale/window grids and adapter_off need an adapter")
         self.seeds = _int_list("seeds", self.seeds, minimum=0)
         if not self.seeds:
             raise InvalidArgumentError("seeds", self.seeds, "give at least one seed")
+        for seed in self.seeds:
+            check_seed("seeds", seed)
+        _no_repeats("seeds", self.seeds, "seed")
         self.steps = _int_list("steps", self.steps, minimum=1)
-        for name, value in (("height", self.height), ("width", self.width)):
-            if value is not None:
-                _int_list(name, [value], minimum=8)
-                for cls in classes:
-                    multiple = 16 if cls.family == "flux" else 8
-                    if value % multiple:
-                        raise InvalidArgumentError(name, value,
-                                                   f"{cls.name} needs a multiple of {multiple}")
-        if self.guidance_scale is not None and not _finite(self.guidance_scale, minimum=0):
-            raise InvalidArgumentError("guidance_scale", self.guidance_scale,
-                                       "must be a finite number >= 0")
+        for cls in classes:
+            check_steps("steps", self.step_grid(cls), cls)
+            check_size(cls, self.height, self.width,
+                       default=(_tiny_or_default(self, cls, "height"),
+                                _tiny_or_default(self, cls, "width")))
+            check_guidance("guidance_scale", self.guidance_scale, cls)
         if not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool) \
                 or self.max_batch < 1:
             raise InvalidArgumentError("max_batch", self.max_batch, "must be an integer >= 1")
@@ -305,6 +319,7 @@ class SweepSpec:
                                        "must be an integer >= 0")
 
         self.prompts = _str_list("prompts", self.prompts)
+        _no_repeats("prompts", self.prompts, "prompt")
         if not self.prompts:
             self.prompts = DEFAULT_PROMPTS[:1] if self.preset else list(DEFAULT_PROMPTS)
             self.defaults_used.append(f"no prompts given: using {len(self.prompts)} built-in "
@@ -317,9 +332,9 @@ class SweepSpec:
                     self.defaults_used.append(
                         "no --ref given: using the adapter's synthetic reference image "
                         "(give --ref for a meaningful study)")
-            for ref in self.references:
-                if not ref.startswith("synthetic:") and not Path(ref).expanduser().is_file():
-                    raise InvalidArgumentError("references", ref, "no such file")
+            _no_repeats("references", self.references, "reference")
+            for ref in self.references:  # read now, before any model loads
+                check_reference("references", ref)
         elif self.references:
             raise InvalidArgumentError("references", self.references,
                                        "references need an adapter (adapter is 'none')")
@@ -358,6 +373,9 @@ class SweepSpec:
             except TypeError as exc:
                 raise InvalidArgumentError("metric_options", {name: options}, str(exc)) \
                     from None
+        if not isinstance(self.out, (str, Path)) or not str(self.out).strip():
+            raise InvalidArgumentError("--out", self.out, "must be a directory path")
+        check_output_dir("--out", str(self.out))
         return self
 
     def options_for(self, backbone: str) -> dict[str, Any]:
@@ -540,6 +558,195 @@ class Cell:
     def setting(self) -> tuple[str, float | None, float, float]:
         """The adapter setting: name, scale, start, end."""
         return (self.adapter, self.scale, self.start, self.end)
+
+
+# ---------------------------------------------------------------------- checks
+# Shared by the sweep's validation and ``generate``: each names the argument and the value, and
+# none loads a model or writes anything.
+def check_seed(argument: str, value: Any) -> int:
+    """A seed in ``[0, MAX_SEED]`` (see :data:`MAX_SEED`)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise InvalidArgumentError(argument, value,
+                                   f"must be an integer in [0, {MAX_SEED}] (2**63 - 1: what "
+                                   "a torch generator and the store's 64-bit integers hold)")
+    return value
+
+
+def check_steps(argument: str, steps: Sequence[int], backbone_cls: Any) -> None:
+    """Every step count within the backbone's ``max_steps``."""
+    limit = getattr(backbone_cls, "max_steps", None)
+    for n in steps:
+        if limit is not None and n > limit:
+            raise InvalidArgumentError(argument, n, f"backbone {backbone_cls.name!r} takes at "
+                                                    f"most {limit} steps (its max_steps)")
+
+
+def check_size(backbone_cls: Any, height: Any, width: Any, *, default: tuple[int, int],
+               names: tuple[str, str] = ("height", "width")) -> None:
+    """Height and width (``None``: ``default``) that the backbone can make: integers >= 8, a
+    multiple of its latent grid, at most ``max_pixels`` together."""
+    multiple = 16 if backbone_cls.family == "flux" else 8
+    for name, value in zip(names, (height, width)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 8:
+            raise InvalidArgumentError(name, value, "must be an integer >= 8")
+        if value % multiple:
+            raise InvalidArgumentError(name, value,
+                                       f"{backbone_cls.name} needs a multiple of {multiple}")
+    h = default[0] if height is None else height
+    w = default[1] if width is None else width
+    limit = getattr(backbone_cls, "max_pixels", None)
+    if limit is not None and h * w > limit:
+        name, value = (names[0], height) if height is not None else (names[1], width)
+        raise InvalidArgumentError(
+            name, value, f"{h} x {w} is {h * w / 1e6:.1f} MP; backbone {backbone_cls.name!r} "
+                         f"makes images of at most {limit / 1e6:.1f} MP (its max_pixels)")
+
+
+def check_guidance(argument: str, value: Any, backbone_cls: Any) -> None:
+    """A finite guidance scale >= 0 that the backbone takes (none on guidance-free backbones,
+    where only 0 and 1, 'off', are accepted, as :meth:`Backbone.resolve_guidance_scale`)."""
+    if value is None:
+        return
+    if not _finite(value, minimum=0):
+        raise InvalidArgumentError(argument, value, "must be a finite number >= 0")
+    if backbone_cls.guidance_mode == "none" and value not in (0, 1):
+        raise InvalidArgumentError(argument, value,
+                                   f"backbone {backbone_cls.name!r} runs without guidance "
+                                   "(guidance_mode='none')")
+
+
+def check_dtype(argument: str, value: Any) -> None:
+    """A dtype name :func:`adapterswap.backbone.parse_dtype` knows (``None``: the default)."""
+    if value is None:
+        return
+    from adapterswap.backbone import parse_dtype
+
+    try:
+        parse_dtype(value)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(argument, value, str(exc).split(": ", 1)[1]) from None
+
+
+def check_device(argument: str, value: Any) -> None:
+    """A device that exists here: ``cpu``; ``cuda`` / ``cuda:N`` with CUDA available and ``N``
+    below the device count; ``mps`` where available (``None``: the default, CUDA if any)."""
+    if value is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidArgumentError(argument, value,
+                                   "not a device: use cpu, cuda, cuda:N or mps") from None
+    kind = device.type
+    if kind == "cpu":
+        return
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError(argument, value,
+                                       "CUDA is not available here (torch.cuda.is_available() "
+                                       "is False: no GPU or driver, or a CPU-only torch)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise InvalidArgumentError(argument, value,
+                                       f"this machine has {count} CUDA device(s): cuda:0 .. "
+                                       f"cuda:{count - 1}")
+        return
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise InvalidArgumentError(argument, value, "MPS is not available here "
+                                       "(torch.backends.mps.is_available() is False)")
+        return
+    available = getattr(getattr(torch, kind, None), "is_available", None)
+    if not callable(available):
+        raise InvalidArgumentError(argument, value, f"device type {kind!r} cannot run models: "
+                                                    "use cpu, cuda, cuda:N or mps")
+    if not available():
+        raise InvalidArgumentError(argument, value, f"{kind} is not available here")
+
+
+def check_reference(argument: str, ref: str) -> None:
+    """A reference that can be read: ``synthetic:N`` or an image file PIL decodes, within
+    its decompression-bomb limit (:func:`adapterswap.adapter.load_image`)."""
+    if ref.startswith("synthetic:"):
+        number = ref.split(":", 1)[1]
+        if not (number.isdigit() and int(number) <= MAX_SEED):
+            raise InvalidArgumentError(argument, ref, "a synthetic reference is synthetic:N "
+                                                      "with N an integer >= 0")
+        return
+    from adapterswap.adapter import load_image
+
+    load_image(ref, argument=argument)
+
+
+def _creatable(argument: str, shown: str, path: Path) -> None:
+    """``path`` does not exist: its nearest existing ancestor must be a writable directory."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InvalidArgumentError(argument, shown, f"cannot be created: {str(ancestor)!r} is "
+                                                    "a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(argument, shown, f"cannot be created: {str(ancestor)!r} is "
+                                                    "not writable")
+
+
+def check_output_dir(argument: str, path: str) -> None:
+    """An output folder that is a writable directory or can be created (nothing is created
+    here: a refused command leaves nothing behind)."""
+    target = Path(path).expanduser()
+    if target.exists():
+        if not target.is_dir():
+            raise InvalidArgumentError(argument, path, "exists and is not a directory")
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise InvalidArgumentError(argument, path, "the directory is not writable")
+        return
+    _creatable(argument, path, target)
+
+
+def check_output_file(argument: str, path: str) -> None:
+    """An image file PIL can write (its extension names a format PIL saves) in a folder that
+    is writable or can be created (nothing is created here)."""
+    from PIL import Image
+
+    target = Path(path).expanduser()
+    Image.init()
+    suffix = target.suffix.lower()
+    if Image.registered_extensions().get(suffix) not in Image.SAVE:
+        what = f"unknown image file extension {suffix!r}" if suffix else \
+            "no image file extension"
+        raise InvalidArgumentError(argument, path, f"{what}: use .png, .jpg or .webp")
+    if target.is_dir():
+        raise InvalidArgumentError(argument, path, "is a directory, not an image file")
+    if target.exists():
+        if not os.access(target, os.W_OK):
+            raise InvalidArgumentError(argument, path, "exists and is not writable")
+        return
+    parent = target.parent
+    if parent.exists():
+        if not parent.is_dir():
+            raise InvalidArgumentError(argument, path, f"{str(parent)!r} is a file, not a "
+                                                       "directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InvalidArgumentError(argument, path, f"the folder {str(parent)!r} is not "
+                                                       "writable")
+        return
+    _creatable(argument, path, target)
+
+
+def _no_repeats(name: str, values: Sequence[Any], what: str) -> None:
+    """Refuse a repeated value: it would make the same cell twice (one key), so the summary
+    would count cells the store holds once."""
+    seen: list[Any] = []
+    for value in values:
+        if value in seen:
+            raise InvalidArgumentError(name, value, f"repeated {what}: each {what} may be given "
+                                                    "once (a repeat runs the same cells twice)")
+        seen.append(value)
 
 
 # ---------------------------------------------------------------------- parsing helpers

@@ -89,6 +89,10 @@ class FluxBackbone(Backbone):
     compile_pays_after_images = 470
     default_height = 1024
     default_width = 1024
+    #: FLUX.1 was trained on 0.1 to 2.0 MP (Black Forest Labs' release notes); 2048 x 2048
+    #: (4.2 MP) leaves room to experiment. Beyond it images repeat their subject and the
+    #: attention over (height / 16) x (width / 16) image tokens grows quadratically.
+    max_pixels = 2048 * 2048
     #: T5 sequence length the checkpoint is run with.
     max_sequence_length: ClassVar[int] = 512
     #: Whether the transformer must have a guidance embedding (dev) or must not (schnell).

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -211,6 +212,17 @@ class IdentityMetric(Metric):
         except WeightsNotFoundError as exc:
             return str(exc)
         return None
+
+    @classmethod
+    def weights_status(cls, options: Mapping[str, Any] | None = None) -> tuple[bool, str]:
+        """Whether the detector and the evaluation recognizer are on this machine (nothing is
+        ever downloaded): :meth:`availability`'s answer, or where the two files are."""
+        metric = cls(**dict(options or {}))
+        reason = metric.availability()
+        if reason is not None:
+            return False, reason
+        detector, recognizer = metric.locate()
+        return True, f"detector {detector}; recognizer {recognizer}"
 
     # ------------------------------------------------------------------ loading
     def load(self) -> IdentityMetric:

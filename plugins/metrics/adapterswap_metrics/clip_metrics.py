@@ -17,6 +17,7 @@ from adapterswap_metrics.common import (
     ModelMetric,
     cosine,
     from_pretrained_strict,
+    local_weights,
     missing_package,
     resolve,
     rgb,
@@ -66,6 +67,9 @@ class _ClipMetric(ModelMetric):
     def _missing_reason(self) -> str | None:
         return missing_package("transformers", "torch") or weights_problem(
             self.source, self._required, what=self._what, how_to_get=CLIP_HOW_TO_GET)
+
+    def _local_weights(self) -> tuple[bool, str]:
+        return local_weights(self.source, self._required, how_to_get=CLIP_HOW_TO_GET)
 
     def _load_models(self) -> None:
         from transformers import (
@@ -226,6 +230,16 @@ class StyleSimilarity(_ClipMetric):
 
         return (missing_package("transformers", "torch", "torchvision")
                 or csd_weights_problem(self.csd_weights, what=self._what_csd))
+
+    def _local_weights(self) -> tuple[bool, str]:
+        if self.csd_weights is None:
+            return super()._local_weights()
+        from adapterswap_metrics.csd import CSD_HOW_TO_GET, csd_file
+
+        found = csd_file(self.csd_weights)
+        if found is not None:
+            return True, f"CSD weights {found}"
+        return False, f"CSD weights {self.csd_weights!r} not found here. {CSD_HOW_TO_GET}"
 
     @property
     def _what_csd(self) -> str:

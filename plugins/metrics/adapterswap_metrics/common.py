@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -67,6 +67,21 @@ def weights_problem(source: str, required: Sequence[str], *, what: str,
         return (f"{what}: {source!r} {where} in the local Hugging Face cache and HF_HUB_OFFLINE "
                 f"is set, so it cannot be downloaded.{hint}")
     return None
+
+
+def local_weights(source: str, required: Sequence[str], *, how_to_get: str = ""
+                  ) -> tuple[bool, str]:
+    """Whether ``source`` (a local directory or a Hub repo id) is on this machine holding
+    ``required``, and where it is or what is missing; no network. A repo id that is not in the
+    local Hugging Face cache is missing, even where it could still be downloaded."""
+    status = weights_status(source, required)
+    if status.present:
+        return True, f"{source} ({status.where}: {status.path})"
+    if status.where == "missing" and looks_like_repo_id(source):
+        detail = f"{source} is not in the local Hugging Face cache"
+    else:
+        detail = f"{source}: {status.describe()}"
+    return False, f"{detail}. {how_to_get}" if how_to_get else detail
 
 
 def resolve(source: str, required: Sequence[str], *, what: str,
@@ -200,6 +215,16 @@ class ModelMetric(Metric):
 
     def availability(self) -> str | None:
         return self._missing_reason()
+
+    @classmethod
+    def weights_status(cls, options: Mapping[str, Any] | None = None) -> tuple[bool, str]:
+        """See :meth:`adapterswap.metrics.Metric.weights_status`: the metric is built with
+        ``options`` (cheap, nothing loads) and asked by :meth:`_local_weights`."""
+        return cls(**dict(options or {}))._local_weights()
+
+    def _local_weights(self) -> tuple[bool, str]:
+        """Whether this instance's weights are on this machine, and where or what is missing."""
+        raise NotImplementedError
 
     def load(self) -> ModelMetric:
         """Load the models once (later calls return at once)."""

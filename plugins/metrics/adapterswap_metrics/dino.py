@@ -11,6 +11,7 @@ from adapterswap_metrics.common import (
     ModelMetric,
     cosine,
     from_pretrained_strict,
+    local_weights,
     missing_package,
     resolve,
     rgb,
@@ -83,6 +84,9 @@ class DinoSimilarity(ModelMetric):
     def _missing_reason(self) -> str | None:
         return missing_package("transformers", "torch", "torchvision") or weights_problem(
             self.source, DINO_FILES, what=self._what, how_to_get=DINO_HOW_TO_GET)
+
+    def _local_weights(self) -> tuple[bool, str]:
+        return local_weights(self.source, DINO_FILES, how_to_get=DINO_HOW_TO_GET)
 
     def _load_models(self) -> None:
         from torchvision import transforms

@@ -107,6 +107,22 @@ class LPIPSMetric(ModelMetric):
                 f"downloaded. Copy {ALEXNET_FILE} there (from {ALEXNET_URL}), or point TORCH_HOME "
                 "at a directory whose hub/checkpoints/ holds it")
 
+    def _local_weights(self) -> tuple[bool, str]:
+        """The lpips package's linear layers and torchvision's cached AlexNet (which would
+        otherwise be downloaded on the first load)."""
+        linear = package_file("lpips", *LPIPS_LINEAR_WEIGHTS)
+        if linear is None or not linear.is_file():
+            return False, (f"the lpips package's linear-layer weights ({linear}) are missing: "
+                           "pip install --force-reinstall lpips")
+        if self.random_backbone is not False:
+            return True, f"{linear} (random AlexNet trunk: tests only)"
+        checkpoint = alexnet_checkpoint()
+        if not checkpoint.is_file():
+            return False, (f"the AlexNet ImageNet weights are not in torchvision's cache "
+                           f"({checkpoint}); copy {ALEXNET_FILE} there (from {ALEXNET_URL}), or "
+                           "point TORCH_HOME at a directory whose hub/checkpoints/ holds it")
+        return True, f"{linear}; {checkpoint}"
+
     def _load_models(self) -> None:
         import warnings
 

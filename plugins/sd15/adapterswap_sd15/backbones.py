@@ -211,6 +211,9 @@ class SD15LCMBackbone(SD15Backbone):
                             "distillation schedule and start at t=999 at every step count",
     }
     stochastic_steps = True
+    #: LCMScheduler refuses more steps than its distillation schedule has
+    #: (``original_inference_steps``, 50 for LCM-LoRA SD 1.5).
+    max_steps = 50
     how_to_get = ("Needs SD 1.5 (`hf download stable-diffusion-v1-5/stable-diffusion-v1-5`) and "
                   "the LCM-LoRA (`hf download latent-consistency/lcm-lora-sdv1-5 "
                   "pytorch_lora_weights.safetensors`, OpenRAIL++), or local copies.")
