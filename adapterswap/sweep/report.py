@@ -147,13 +147,7 @@ def _mean_ci(mean: float | None, low: float | None, high: float | None) -> str:
 def _signed_ci(delta: Mapping[str, Any]) -> str:
     """``+0.028 [+0.010, +0.050]`` (the header says which interval), or the delta and
     ``n too small``."""
-    mean, low, high = delta.get("mean"), delta.get("ci_low"), delta.get("ci_high")
-    if mean is None:
-        return "no pairs"
-    if low is None or high is None:
-        return f"{mean:+.3g} ({N_TOO_SMALL})"
-    d = _interval_decimals(mean, low, high, 4)
-    return f"{mean:+.{d}f} [{low:+.{d}f}, {high:+.{d}f}]"
+    return _delta_text(delta, label="", too_small="")
 
 
 def _setting_order(entry: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -164,15 +158,17 @@ def _setting_order(entry: Mapping[str, Any]) -> tuple[Any, ...]:
             1.0 if entry.get("end") is None else entry["end"])
 
 
-def _delta_text(delta: Mapping[str, Any]) -> str:
-    """``+0.028 [95% CI +0.010, +0.050]``, or the delta with ``n too small for an interval``."""
+def _delta_text(delta: Mapping[str, Any], *, label: str = "95% CI ",
+                too_small: str = " for an interval") -> str:
+    """``+0.028 [95% CI +0.010, +0.050]``, or the delta with ``n too small for an interval``
+    (``label``/``too_small`` empty where a table header says which interval)."""
     mean, low, high = delta.get("mean"), delta.get("ci_low"), delta.get("ci_high")
     if mean is None:
         return "no pairs"
     if low is None or high is None:
-        return f"{mean:+.3g} ({N_TOO_SMALL} for an interval)"
+        return f"{mean:+.3g} ({N_TOO_SMALL}{too_small})"
     d = _interval_decimals(mean, low, high, 4)
-    return f"{mean:+.{d}f} [95% CI {low:+.{d}f}, {high:+.{d}f}]"
+    return f"{mean:+.{d}f} [{label}{low:+.{d}f}, {high:+.{d}f}]"
 
 
 def _verdict_html(verdict: str) -> str:
