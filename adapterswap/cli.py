@@ -847,7 +847,7 @@ def _print_summary(summary: Any, report: Any) -> None:
         return
     for metric, reason in sorted(summary.unavailable_metrics.items()):
         click.echo(f"warning: metric {metric!r} unavailable: {reason}", err=True)
-    for line in confound_warnings(getattr(summary, "confounds", {}) or {}):
+    for line in confound_warnings(summary.confounds):
         click.echo(f"warning: {line}", err=True)
     click.echo(f"{summary.done} cells done, {summary.skipped} already finished, "
                f"{summary.failed} failed, in {summary.seconds:.1f} s "

@@ -1291,22 +1291,20 @@ def resolve_metric_info(store: Any, names: Iterable[str]
     """Metric directions and kinds for ``names``: from the store (what the runs recorded);
     for names the store does not know, from the installed plugins' declarations, marked
     (``"plugins"`` or ``"store+plugins"``); a name neither knows stays unknown."""
-    names = sorted(set(names))
-    info: dict[str, dict[str, Any]] = {}
-    if hasattr(store, "metric_info"):
-        try:
-            info = {k: dict(v) for k, v in (store.metric_info() or {}).items()}
-        except Exception:  # noqa: BLE001 - an unreadable record is no record
-            info = {}
-    from_store = bool(info)
-    gaps = [n for n in names if n not in info]
+    info = {k: dict(v) for k, v in store.metric_info().items()}
+    gaps = [n for n in sorted(set(names)) if n not in info]
     found = _plugin_metric_info(gaps) if gaps else {}
+    source = _info_source(bool(info), bool(found))
     info.update(found)
-    if from_store and found:
-        return info, "store+plugins"
-    if found:
-        return info, "plugins"
-    return info, "store" if from_store else "none"
+    return info, source
+
+
+def _info_source(from_store: bool, from_plugins: bool) -> str:
+    """Where recorded facts came from: ``store``, ``plugins``, ``store+plugins`` or
+    ``none``."""
+    if from_store and from_plugins:
+        return "store+plugins"
+    return "plugins" if from_plugins else ("store" if from_store else "none")
 
 
 def _plugin_metric_info(names: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -1328,29 +1326,16 @@ def _plugin_metric_info(names: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def resolve_adapter_kinds(store: Any, names: Iterable[str]) -> tuple[dict[str, str | None], str]:
     """Adapter kinds for ``names`` from the store, else from the installed plugins (marked)."""
-    kinds: dict[str, str | None] = {}
-    if hasattr(store, "adapter_kinds"):
-        try:
-            kinds = dict(store.adapter_kinds() or {})
-        except Exception:  # noqa: BLE001
-            kinds = {}
+    kinds: dict[str, str | None] = dict(store.adapter_kinds())
     from_store = any(k != "none" for k in kinds)
     kinds.setdefault("none", None)
-    gaps = [n for n in set(names) if n not in kinds]
     found: dict[str, str | None] = {}
-    if gaps:
+    for name in sorted(set(names) - set(kinds)):
         try:
             from adapterswap.plugins import get_adapter
-        except Exception:  # noqa: BLE001
-            get_adapter = None  # type: ignore[assignment]
-        for name in gaps:
-            try:
-                found[name] = get_adapter(name).kind  # type: ignore[misc]
-            except Exception:  # noqa: BLE001 - not installed: kind unknown
-                continue
+
+            found[name] = get_adapter(name).kind
+        except Exception:  # noqa: BLE001 - not installed: kind unknown
+            continue
     kinds.update(found)
-    if from_store and found:
-        return kinds, "store+plugins"
-    if found:
-        return kinds, "plugins"
-    return kinds, "store" if from_store else "none"
+    return kinds, _info_source(from_store, bool(found))

@@ -399,13 +399,7 @@ class SweepSpec:
                                            "an option table for a backbone the sweep does not "
                                            f"run (backbones: {', '.join(self.backbones)})")
         for name, cls in zip(self.backbones, classes):
-            options = self.options_for(name)
-            check = getattr(cls, "check_options", None)
-            if check is not None:
-                options = check(options)
-            elif options:
-                raise InvalidArgumentError("backbone_options", options,
-                                           f"backbone {name!r} takes no options")
+            cls.check_options(self.options_for(name))  # unknown names and bad values
 
     def adapter_for(self, backbone_cls: Any) -> str | None:
         """The adapter name used with a backbone class (``None`` for no adapter)."""
@@ -687,12 +681,12 @@ def _creatable(argument: str, shown: str, path: Path) -> None:
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
+    where = f"the folder {str(ancestor)!r}" if ancestor == path.parent else \
+        f"cannot be created: {str(ancestor)!r}"
     if not ancestor.is_dir():
-        raise InvalidArgumentError(argument, shown, f"cannot be created: {str(ancestor)!r} is "
-                                                    "a file, not a directory")
+        raise InvalidArgumentError(argument, shown, f"{where} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InvalidArgumentError(argument, shown, f"cannot be created: {str(ancestor)!r} is "
-                                                    "not writable")
+        raise InvalidArgumentError(argument, shown, f"{where} is not writable")
 
 
 def check_output_dir(argument: str, path: str) -> None:
@@ -725,15 +719,6 @@ def check_output_file(argument: str, path: str) -> None:
     if target.exists():
         if not os.access(target, os.W_OK):
             raise InvalidArgumentError(argument, path, "exists and is not writable")
-        return
-    parent = target.parent
-    if parent.exists():
-        if not parent.is_dir():
-            raise InvalidArgumentError(argument, path, f"{str(parent)!r} is a file, not a "
-                                                       "directory")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise InvalidArgumentError(argument, path, f"the folder {str(parent)!r} is not "
-                                                       "writable")
         return
     _creatable(argument, path, target)
 
