@@ -9,8 +9,9 @@ contributes denoiser inputs (:meth:`Adapter.denoiser_inputs`) inside its active 
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,8 +26,15 @@ if TYPE_CHECKING:
     from adapterswap.backbone import Backbone
     from adapterswap.denoise import StepContext, TensorBundle
 
-#: What an adapter conditions on.
-ADAPTER_KINDS = ("identity", "style", "object")
+#: The adapter kinds the built-in plugins declare: ``identity`` (a face: InfiniteYou's
+#: InfuseNet), ``style`` (an image's style: InstantStyle-targeted IP-Adapter), ``object`` (an
+#: object or scene: IP-Adapter Plus). Kinds are open: a plugin may declare any lowercase name
+#: (``"image-prompt"``, ``"pose"``) and a metric that measures fidelity for it declares the
+#: same name in :attr:`Metric.kinds <adapterswap.metrics.Metric.kinds>`; the analysis then
+#: recommends step counts on that metric, and on nothing else. ``none`` is reserved: it is
+#: what a run without an adapter is judged on (prompt fidelity).
+BUILTIN_ADAPTER_KINDS = ("identity", "style", "object")
+_KIND = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
 def is_active(step_index: int, num_steps: int, start: float, end: float) -> bool:
@@ -120,7 +128,8 @@ class Adapter(Probed, ABC):
     Class attributes (set them in your subclass):
 
     :cvar name: registry name (``"infusenet"``).
-    :cvar kind: one of :data:`ADAPTER_KINDS`.
+    :cvar kind: what it conditions on, a lowercase name: one of
+        :data:`BUILTIN_ADAPTER_KINDS` or a kind of your own (see there).
     :cvar families: backbone families it supports (``frozenset({"flux"})``).
     :cvar default_source: Hub repo id or path of its weights.
     :cvar default_scale: conditioning scale used when none is given.
@@ -148,8 +157,9 @@ class Adapter(Probed, ABC):
         """What is wrong with a subclass's declaration (used when a plugin registers it)."""
         problems = []
         kind = getattr(klass, "kind", None)
-        if kind not in ADAPTER_KINDS:
-            problems.append(f"kind={kind!r} must be one of {', '.join(ADAPTER_KINDS)}")
+        if not (isinstance(kind, str) and _KIND.match(kind)) or kind == "none":
+            problems.append(f"kind={kind!r} must be a lowercase name other than 'none' "
+                            f"(built-in kinds: {', '.join(BUILTIN_ADAPTER_KINDS)})")
         families = getattr(klass, "families", None)
         if not (isinstance(families, (frozenset, set, tuple, list)) and families
                 and all(isinstance(f, str) for f in families)):
@@ -237,18 +247,14 @@ class Adapter(Probed, ABC):
         """Whether this adapter works with ``backbone``'s family."""
         return backbone.family in self.families
 
-    def check_backbone(self, backbone: Backbone | type[Backbone]) -> None:
-        """Raise :class:`IncompatibleAdapterError` (naming both, listing the backbones it does
-        support) if ``backbone`` is of another family."""
+    def check_backbone(self, backbone: Backbone | type[Backbone], *,
+                       installed: Iterable[type[Backbone]] = ()) -> None:
+        """Raise :class:`IncompatibleAdapterError` (naming both) if ``backbone`` is of another
+        family; the message lists those of ``installed`` (backbone classes, e.g. the
+        registry's) that the adapter does support."""
         if self.supports(backbone):
             return
-        supported: list[str] = []
-        try:
-            from adapterswap.plugins import backbones
-
-            supported = [e.name for e in backbones().entries() if e.cls.family in self.families]
-        except Exception:  # listing is a courtesy; never hide the real error
-            pass
+        supported = [cls.name for cls in installed if self.supports(cls)]
         raise IncompatibleAdapterError(self.name, self.families, backbone.name, backbone.family,
                                        supported)
 
@@ -280,8 +286,14 @@ class Adapter(Probed, ABC):
     @abstractmethod
     def load_weights(self) -> None:
         """Load the weights from ``self.source`` on ``self.device``/``self.dtype`` (called once
-        by :meth:`load`). Safetensors first; ``.bin`` only with ``torch.load(...,
-        weights_only=True)``; never ``trust_remote_code``. Check the source with
+        by :meth:`load`). It gets no backbone: an adapter loads once and then moves between
+        backbones, so whatever depends on the backbone (moving to its device, fitting its
+        widths, per-backbone caches) belongs in :meth:`_attach`.
+
+        Read files with the safe loaders of :mod:`adapterswap.weights` (``read_safetensors``,
+        ``read_pickle`` = ``torch.load(..., weights_only=True)``, ``load_model``,
+        ``load_pipeline``): safetensors first, pickles never executed, never
+        ``trust_remote_code``, one error naming the file. Check the source with
         :func:`adapterswap.hub.resolve_source` so a missing file is named."""
 
     def attach(self, backbone: Backbone) -> None:
@@ -334,16 +346,23 @@ class Adapter(Probed, ABC):
     @abstractmethod
     def denoiser_inputs(self, backbone: Backbone, conditioning: TensorBundle,
                         latents: torch.Tensor, ctx: StepContext,
-                        prompt: TensorBundle) -> dict[str, Any]:
+                        prompt: TensorBundle) -> Any:
         """Extra inputs for :meth:`Backbone.predict` at this step.
 
         :param conditioning: this batch's conditionings (``B`` rows).
         :param latents: the current latents ``(B, ...)``.
         :param ctx: per-sample timesteps and step indices; honour :meth:`active_mask` per
-            sample (an inactive sample must get exactly the no-adapter result).
+            sample: rows of one batch may be at different steps of different step counts
+            (step-parallel batching), so the adapter may be active on some rows only, and an
+            inactive row must get exactly the no-adapter result (scale its contribution by 0,
+            or split the batch: :mod:`adapterswap.kit.rows`). CFG backbones run the negative
+            rows inside ``predict``; what the adapter gives them is the family's rule (the
+            IP-Adapter's negative image embeddings, for example).
         :param prompt: the batch's prompt encoding (some adapters need the pooled text).
-        :returns: keyword inputs the backbone's ``predict`` understands (documented by the
-            backbone family), or ``{}``.
+        :returns: the inputs the backbone's ``predict`` understands, in the typed structure
+            its family documents (e.g. ``FluxDenoiserInputs`` of ``adapterswap-flux``,
+            :class:`adapterswap.kit.ip_adapter_inputs.IPAdapterInputs` of UNet backbones), or
+            ``None`` when the adapter acts on no row at this step.
         """
 
     def encode_references(self, images: Sequence[Any], backbone: Backbone) -> TensorBundle:

@@ -18,19 +18,28 @@ different step counts can share a forward, and probes and adapter windows act in
 
 :func:`adapterswap.denoise.denoise` is that loop; for the same weights, seed and settings it
 must give the image the plain diffusers pipeline gives (the plugin's parity test checks this).
+A backbone only describes its pipeline: the GPU fast path (compilation, attention kernels,
+float8, block cache) is an :class:`adapterswap.fastpath.Accelerator` the engine keeps beside
+it, which changes the modules :meth:`Backbone.fast_modules` and its neighbours name.
 
 Import torch and diffusers inside methods: ``adapterswap list`` imports every plugin module.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from adapterswap.errors import InvalidArgumentError, UsageError, WeightsNotFoundError
+from adapterswap.backbone_checks import (
+    GUIDANCE_MODES,
+    check_generation,
+    check_guidance,
+    checked_options,
+    declaration_problems,
+)
+from adapterswap.devices import default_device, default_dtype, parse_dtype
+from adapterswap.errors import UsageError, WeightsNotFoundError
 from adapterswap.hub import WeightsStatus, resolve_source, weights_status
 from adapterswap.probes import Probed
 
@@ -38,44 +47,10 @@ if TYPE_CHECKING:
     import torch
 
     from adapterswap.denoise import Schedule, StepContext, TensorBundle
-    from adapterswap.fastpath import FastPath
 
-#: Families the built-in plugins use. Third-party backbones may name a new family.
-KNOWN_FAMILIES = ("flux", "sdxl", "sd15")
-#: ``embedded``: guidance is an input of the model (FLUX dev); ``cfg``: classifier-free guidance
-#: with a negative prompt (SDXL, SD1.5); ``none``: no guidance (distilled models, FLUX schnell).
-GUIDANCE_MODES = ("embedded", "cfg", "none")
-_FAMILY = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
-
-
-def default_device() -> str:
-    """``cuda`` when a GPU is usable, else ``cpu``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str) -> Any:
-    """bf16 on CUDA, fp32 elsewhere (CPU half precision is slow and lossy)."""
-    import torch
-
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-
-
-def parse_dtype(value: Any) -> Any:
-    """``"bf16"``/``"bfloat16"``/``"fp16"``/``"float16"``/``"fp32"``/``"float32"`` or a
-    torch dtype -> torch dtype; ``None`` stays ``None``."""
-    import torch
-
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-             "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
-             "float32": torch.float32, "float": torch.float32}
-    try:
-        return table[str(value).lower()]
-    except KeyError:
-        raise InvalidArgumentError("dtype", value, f"choose one of {', '.join(table)}") from None
+#: ``GUIDANCE_MODES`` (:mod:`adapterswap.backbone_checks`) and ``default_device``,
+#: ``default_dtype``, ``parse_dtype`` (:mod:`adapterswap.devices`) are importable from here.
+__all__ = ["GUIDANCE_MODES", "Backbone", "default_device", "default_dtype", "parse_dtype"]
 
 
 class Backbone(Probed, ABC):
@@ -102,8 +77,28 @@ class Backbone(Probed, ABC):
         one-line doc for ``--help`` and the README; :meth:`check_option` validates the values.
     :cvar unsupported_options: options other backbones take that this one refuses, with the
         reason (shown in the error), e.g. ``timestep_spacing`` on a flow-matching backbone.
-    :cvar max_steps: most denoising steps one run may take (default 1000).
-    :cvar max_pixels: most pixels (height x width) one image may have (default 4096 x 4096).
+    :cvar max_steps: most denoising steps one run may take; a sweep's validation and
+        :meth:`check_inputs` refuse more. Default 1000: schedulers trained on 1000 timesteps
+        (every UNet) cannot take more, and no backbone gains from more; a plugin lowers it
+        where its scheduler allows fewer (LCM: its 50 original steps).
+    :cvar max_pixels: most pixels (height x width) one image may have. Default 4096 x 4096
+        (16.8 MP, 16 times SDXL's training size: beyond it the VAE decode alone needs tens of
+        GB and no backbone composes a coherent image); FLUX lowers it to 2048 x 2048.
+    :cvar size_multiple: height and width must be multiples of this: the VAE's downsampling
+        factor times the denoiser's patch packing (default 8; FLUX, which packs 2 x 2 latent
+        patches, declares 16).
+    :cvar tiny_size: ``(height, width)`` the tiny preset (:meth:`tiny`) runs at, multiples of
+        ``size_multiple``; ``None`` when the backbone has no tiny preset.
+    :cvar block_cache_layout: the names of the denoiser's double-stream and single-stream
+        block lists when it is a joint-attention transformer the block cache can serve
+        (:mod:`adapterswap.fastpath.blockcache`), e.g. ``("transformer_blocks",
+        "single_transformer_blocks")``; ``None`` (default): ``--cache`` is refused.
+
+    Loading hooks: :meth:`load_pipeline` (real weights), :meth:`tiny` and :meth:`random`
+    (presets); each docstring says what the hook gets. How the fast path compiles the denoiser,
+    and when that repays itself, is data measured per card, not a class attribute: a plugin
+    ships ``fastpath_profile.json`` beside its backbone classes
+    (:mod:`adapterswap.fastpath.profile`).
     """
 
     name: ClassVar[str]
@@ -121,57 +116,17 @@ class Backbone(Probed, ABC):
     description: ClassVar[str] = ""
     option_docs: ClassVar[dict[str, str]] = {}
     unsupported_options: ClassVar[dict[str, str]] = {}
-    #: Most denoising steps one run may take; a sweep's validation and :meth:`check_inputs`
-    #: refuse more, naming the value. Schedulers trained on ``num_train_timesteps = 1000``
-    #: (every UNet backbone) cannot take more steps than they have timesteps (diffusers raises),
-    #: and no backbone gains anything from more; flow-matching schedulers have no hard limit,
-    #: so 1000 is the sane cap for them too. A plugin lowers it where its scheduler allows
-    #: fewer (LCM: its 50 original steps).
     max_steps: ClassVar[int] = 1000
-    #: Most pixels (``height * width``) one image may have, checked the same way. The default,
-    #: 4096 x 4096 (16.8 MP), is 64 times SD1.5's and 16 times SDXL's training size: beyond it
-    #: the VAE decode alone needs tens of GB and no backbone composes a coherent image. A
-    #: plugin lowers it for its family (FLUX: 2048 x 2048).
     max_pixels: ClassVar[int] = 4096 * 4096
-    #: ``torch.compile`` mode the fast path uses for this backbone's denoiser: compute-bound
-    #: transformers gain from autotuned kernels; launch-bound UNets from CUDA graphs.
-    compile_mode: ClassVar[str] = "default"
-    #: What the fast path compiles: ``"regions"`` (each repeated block: transformers, fast to
-    #: compile) or ``"model"`` (the whole forward, for CUDA graphs).
-    compile_scope: ClassVar[str] = "regions"
-    #: Planned denoiser forwards from which compilation repays itself in a sweep (compile time
-    #: on a cold inductor cache over the time it saves per forward: launch-bound denoisers
-    #: save about the same per forward at any batch); ``None``: the general
-    #: :data:`adapterswap.fastpath.AUTO_COMPILE_FORWARDS`.
-    compile_pays_after: ClassVar[int | None] = None
-    #: The same in image-steps (forwards x images per forward), for compute-bound denoisers,
-    #: which save per image; when set it is used instead of :attr:`compile_pays_after`.
-    compile_pays_after_images: ClassVar[int | None] = None
-    #: The fast path in force (:meth:`enable_fast_path`), ``None`` for plain eager diffusers.
-    fast_path: FastPath | None = None
-    #: The block cache the fast path installed (:mod:`adapterswap.blockcache`), or ``None``.
-    block_cache: Any = None
+    size_multiple: ClassVar[int] = 8
+    tiny_size: ClassVar[tuple[int, int] | None] = None
+    block_cache_layout: ClassVar[tuple[str, str] | None] = None
 
     @classmethod
     def class_problems(cls, klass: type) -> list[str]:
-        """What is wrong with a subclass's declaration (used when a plugin registers it)."""
-        problems = []
-        for attr in ("family", "default_source", "default_steps", "guidance_mode"):
-            if not hasattr(klass, attr):
-                problems.append(f"class attribute {attr!r} is not set")
-        family = getattr(klass, "family", None)
-        if family is not None and not (isinstance(family, str) and _FAMILY.match(family)):
-            problems.append(f"family={family!r} must be a lowercase identifier")
-        mode = getattr(klass, "guidance_mode", None)
-        if mode is not None and mode not in GUIDANCE_MODES:
-            problems.append(f"guidance_mode={mode!r} must be one of {', '.join(GUIDANCE_MODES)}")
-        steps = getattr(klass, "default_steps", None)
-        if steps is not None and not (isinstance(steps, int) and steps >= 1):
-            problems.append(f"default_steps={steps!r} must be an integer >= 1")
-        abstract = sorted(getattr(klass, "__abstractmethods__", ()))
-        if abstract:
-            problems.append(f"abstract methods not implemented: {', '.join(abstract)}")
-        return problems
+        """What is wrong with a subclass's declaration (used when a plugin registers it):
+        missing or bad class attributes, abstract methods left unimplemented."""
+        return declaration_problems(klass)
 
     # ------------------------------------------------------------------ options
     @classmethod
@@ -184,20 +139,7 @@ class Backbone(Probed, ABC):
         ``backbone_options`` naming the option, its value and the known options; a bad value
         one naming the option and the value (:meth:`check_option`).
         """
-        if not isinstance(options, Mapping):
-            raise InvalidArgumentError("backbone_options", options,
-                                       "must be a mapping of option names to values")
-        checked = {}
-        for name, value in options.items():
-            if name not in cls.option_docs:
-                known = ", ".join(cls.option_docs) or "none"
-                why = cls.unsupported_options.get(name)
-                raise InvalidArgumentError(
-                    "backbone_options", {name: value},
-                    f"unknown option {name!r} of backbone {cls.name!r}"
-                    f"{f' ({why})' if why else ''}; known options: {known}")
-            checked[name] = cls.check_option(name, value)
-        return checked
+        return checked_options(cls, options)
 
     @classmethod
     def check_option(cls, name: str, value: Any) -> Any:
@@ -262,9 +204,16 @@ class Backbone(Probed, ABC):
     @abstractmethod
     def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
         """Build and return the diffusers pipeline from ``source`` on ``self.device`` in
-        ``self.dtype`` (called by :meth:`load` after the source was checked).
+        ``self.dtype``. Called once by :meth:`load`, which has resolved ``self.device`` and
+        ``self.dtype`` (defaults filled in) and ``self.options`` (checked), and passes:
 
-        Use safetensors weights and never ``trust_remote_code``.
+        :param source: a local diffusers directory that has every :attr:`required_files`, or
+            a Hub repo id (present in the HF cache when offline).
+        :param local_files_only: True when nothing may be downloaded (a local directory, or
+            ``HF_HUB_OFFLINE``): pass it on to diffusers' ``from_pretrained``.
+
+        Use safetensors weights and never ``trust_remote_code``; an ``OSError`` (not cached,
+        gated) becomes a :class:`~adapterswap.errors.WeightsNotFoundError` naming the source.
         """
 
     @classmethod
@@ -297,15 +246,12 @@ class Backbone(Probed, ABC):
 
     def to(self, device: str) -> Backbone:
         """Move the loaded pipeline to ``device`` (e.g. a tiny preset onto a GPU for tests);
-        caches made for the old device are dropped (:meth:`clear_caches`)."""
+        caches made for the old device are dropped (:meth:`clear_caches`). Move before the
+        fast path compiles or casts modules (``Accelerator.to`` refuses it after)."""
         self.require_loaded()
-        if self.fast_path is not None and (self.fast_path.compile or self.fast_path.fp8):
-            raise UsageError(f"backbone {self.name!r} runs a compiled or float8 fast path; "
-                             "move it before enabling that")
         self.pipe.to(device)
         self.device = str(device)
         self.clear_caches()
-        self.begin_run()  # stored block-cache residuals live on the old device
         return self
 
     def clear_caches(self) -> None:
@@ -314,8 +260,6 @@ class Backbone(Probed, ABC):
     def unload(self) -> None:
         """Drop the pipeline so its memory can be freed."""
         self.pipe = None
-        self.fast_path = None
-        self.block_cache = None
 
     @classmethod
     def weights_status(cls, source: str | None = None) -> WeightsStatus:
@@ -362,147 +306,6 @@ class Backbone(Probed, ABC):
         modules["vae.encoder"] = getattr(getattr(self.pipe, "vae", None), "encoder", None)
         return {name: module for name, module in modules.items() if module is not None}
 
-    def compile(self, **options: Any) -> None:
-        """``torch.compile`` the denoiser (the pipeline's ``transformer`` or ``unet``) in place,
-        so adapters and probes that hold the module keep working. ``options`` go to
-        ``torch.compile`` (default mode: :attr:`compile_mode`). The first calls at each new
-        shape are slow (compilation); outputs agree within bf16 tolerance."""
-        from adapterswap import fastpath
-
-        options.setdefault("mode", self.compile_mode)
-        self.denoiser().compile(**options)
-        # recorded like the fast path's compilation, so CUDA-graph modes get their step marks
-        # (begin_step) and enable_fast_path knows the module changed
-        mode = options["mode"] if options["mode"] in fastpath.COMPILE_MODES else None
-        self.fast_path = (self.fast_path or fastpath.DEFAULT).with_(
-            compile=True, compile_mode=mode, compile_scope="model")
-
-    def enable_fast_path(self, fast: FastPath | None = None, *,
-                         adapters: Sequence[Any] = ()) -> dict[str, Any]:
-        """Apply the fast path (:mod:`adapterswap.fastpath`) to this backbone and the modules
-        of ``adapters`` (:meth:`Adapter.fast_modules`); once per loaded pipeline. Returns what
-        was done, for logs and benchmark records. On CPU only the attention choice applies
-        (and does nothing there)."""
-        from adapterswap import fastpath
-
-        fast = fastpath.DEFAULT if fast is None else fast
-        self.require_loaded()
-        previous = self.fast_path
-        if previous is not None and previous.same_modules(fast):
-            encoders = previous.compile_encoders or (fast.compile and fast.compile_encoders)
-            self.fast_path = previous.with_(attention=fast.attention, cache=fast.cache,
-                                            compile_encoders=encoders)
-            report = {"attention": fast.attention, "already": True}
-            if (previous.cache or None) != (fast.cache or None):
-                report["cache"] = self._set_block_cache(fast.cache)
-            if encoders and not previous.compile_encoders:
-                report["compiled"] = self._compile_encoders()
-            return report
-        if previous is not None and (previous.compile or previous.fp8 or previous.fuse_qkv):
-            raise UsageError(f"backbone {self.name!r} already runs a fast path that changed "
-                             f"its modules ({previous}); reload it to change the switches")
-        on_cuda = str(self.execution_device).startswith("cuda")
-        modules = dict(self.fast_modules())
-        for adapter in adapters:
-            modules.update({f"{adapter.name}.{k}": m for k, m in adapter.fast_modules().items()})
-        report: dict[str, Any] = {"attention": fast.attention, "fused_qkv": [], "fp8_layers": 0,
-                                  "compiled": [], "cache": self._set_block_cache(fast.cache)}
-        if fast.fp8:
-            if not fastpath.fp8_supported(self.execution_device):
-                raise InvalidArgumentError("fp8", True, "float8 needs a CUDA GPU of compute "
-                                           f"capability 8.9+ (device: {self.execution_device})")
-            for module in modules.values():
-                report["fp8_layers"] += fastpath.to_float8(module)
-        if fast.fuse_qkv and on_cuda and not fast.fp8:
-            report["fused_qkv"] = [n for n, m in modules.items() if fastpath.fuse_qkv(m)]
-        if fast.compile:
-            mode = fast.compile_mode or self.compile_mode
-            for name, module in modules.items():
-                scope = (fast.compile_scope or self.compile_scope) if name == "denoiser" \
-                    else "regions"
-                parts = fastpath.compile_module(module, mode, scope)
-                report["compiled"].append(f"{name}: {', '.join(parts)} ({mode})")
-            decoder = self.decoder_module()
-            if decoder is not None and on_cuda:
-                decoder.compile(mode="default")  # no CUDA graphs: its batch varies
-                report["compiled"].append("vae.decoder: forward (default)")
-            if fast.compile_encoders:
-                report["compiled"] += self._compile_encoders()
-        self.fast_path = fast
-        return report
-
-    def _compile_encoders(self) -> list[str]:
-        """Compile :meth:`encoder_modules` on CUDA (nothing elsewhere); what was compiled."""
-        from adapterswap import fastpath
-
-        if not str(self.execution_device).startswith("cuda"):
-            return []
-        compiled = []
-        for name, module in self.encoder_modules().items():
-            if name.startswith("vae."):  # its blocks differ in shape: the whole forward
-                module.compile(mode="default")
-                parts = ["forward"]
-            else:
-                parts = fastpath.compile_encoder(module)
-            compiled.append(f"{name}: {', '.join(parts)} (default)")
-        return compiled
-
-    @classmethod
-    def compile_repays(cls, forwards: int, batch: int) -> bool:
-        """Whether compiling repays itself over ``forwards`` planned forwards of ``batch``
-        images each (:attr:`compile_pays_after`, :attr:`compile_pays_after_images`)."""
-        from adapterswap.fastpath import AUTO_COMPILE_FORWARDS
-
-        if cls.compile_pays_after_images is not None:
-            return forwards * max(1, batch) >= cls.compile_pays_after_images
-        return forwards >= (cls.compile_pays_after or AUTO_COMPILE_FORWARDS)
-
-    def _set_block_cache(self, policy: str | None) -> str | None:
-        """Install (or remove, for ``None``) the block cache on the denoiser, before any
-        compilation so the compiled blocks include it."""
-        from adapterswap.blockcache import BlockCache
-
-        if self.block_cache is not None:
-            self.block_cache.remove()
-            self.block_cache = None
-        if policy:
-            self.block_cache = BlockCache(self.denoiser(), policy).install()
-        return policy
-
-    def begin_run(self) -> None:
-        """Called by the loop before the first step of new latents: the block cache (if any)
-        forgets the previous run's residuals."""
-        if self.block_cache is not None:
-            self.block_cache.reset()
-
-    def keep_rows(self, rows: list[int]) -> None:
-        """Called by the loop when rows of the batch finished: ``rows`` are the positions (in
-        the previous batch) of those that go on. State kept per row (the block cache's stored
-        residuals) follows them."""
-        if self.block_cache is not None:
-            self.block_cache.keep_rows(rows)
-
-    def begin_step(self) -> None:
-        """Called by the loop before each step's denoiser calls: with a CUDA-graph compile
-        mode, marks the step's start so the graphs may reuse the previous step's memory."""
-        from adapterswap import fastpath
-
-        fast = self.fast_path
-        if fast is not None and fast.compile and \
-                (fast.compile_mode or self.compile_mode) in fastpath.CUDAGRAPH_MODES:
-            fastpath.mark_step()
-
-    def step_context(self) -> Any:
-        """Context manager the engine holds around each denoiser step (adapter + denoiser):
-        the fast path's attention kernels, or nothing."""
-        import contextlib
-
-        from adapterswap import fastpath
-
-        if self.fast_path is None:
-            return contextlib.nullcontext()
-        return fastpath.attention_context(self.fast_path.attention, self.execution_device)
-
     @property
     def generator_device(self) -> str:
         """Device for ``torch.Generator`` objects (diffusers draws noise on CPU when offloading
@@ -520,46 +323,19 @@ class Backbone(Probed, ABC):
     def resolve_guidance_scale(self, guidance_scale: float | None) -> float | None:
         """The guidance scale to use: the default if ``None``; an error if the backbone has no
         guidance and a positive scale other than 0/1 was asked for."""
+        check_guidance(self, guidance_scale)
         if self.guidance_mode == "none":
-            if guidance_scale not in (None, 0.0, 1.0):
-                raise InvalidArgumentError(
-                    "guidance_scale", guidance_scale,
-                    f"backbone {self.name!r} runs without guidance (guidance_mode='none')",
-                )
             return None
         if guidance_scale is None:
             return self.default_guidance_scale
-        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)
-                and guidance_scale >= 0):
-            raise InvalidArgumentError("guidance_scale", guidance_scale,
-                                       "must be a finite number >= 0")
         return float(guidance_scale)
-
-    @property
-    def size_multiple(self) -> int:
-        """Height and width must be multiples of this (VAE factor x packing)."""
-        return 16 if self.family == "flux" else 8
 
     def check_inputs(self, *, num_inference_steps: int, height: int, width: int,
                      guidance_scale: float | None = None) -> None:
-        """Validate generation settings early, naming the argument and value on error."""
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                or num_inference_steps < 1:
-            raise InvalidArgumentError("num_inference_steps", num_inference_steps,
-                                       "must be an integer >= 1")
-        if num_inference_steps > self.max_steps:
-            raise InvalidArgumentError("num_inference_steps", num_inference_steps,
-                                       f"backbone {self.name!r} takes at most "
-                                       f"{self.max_steps} steps (max_steps)")
-        m = self.size_multiple
-        for arg, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < m or value % m:
-                raise InvalidArgumentError(arg, value, f"must be a positive multiple of {m}")
-        if height * width > self.max_pixels:
-            raise InvalidArgumentError(
-                "height", height, f"{height} x {width} is {height * width / 1e6:.1f} MP; "
-                f"backbone {self.name!r} makes images of at most "
-                f"{self.max_pixels / 1e6:.1f} MP (max_pixels)")
+        """Validate generation settings early, naming the argument and value on error.
+        ``guidance_scale`` is the resolved one (:meth:`resolve_guidance_scale`)."""
+        check_generation(self, num_inference_steps=num_inference_steps, height=height,
+                         width=width, guidance_scale=guidance_scale)
 
     @classmethod
     def default_step_grid(cls) -> list[int]:
@@ -606,7 +382,7 @@ class Backbone(Probed, ABC):
     @abstractmethod
     def predict(self, latents: torch.Tensor, ctx: StepContext, prompt: TensorBundle, *,
                 guidance_scale: float | None,
-                adapter_inputs: dict[str, Any] | None = None) -> torch.Tensor:
+                adapter_inputs: Any = None) -> torch.Tensor:
         """One denoiser evaluation for the whole batch.
 
         :param latents: current latents ``(B, ...)``.
@@ -615,8 +391,11 @@ class Backbone(Probed, ABC):
         :param prompt: the batch's prompt encoding (``B`` rows).
         :param guidance_scale: resolved guidance (embedded guidance value, or the CFG scale;
             CFG backbones run the unconditional branch inside this call).
-        :param adapter_inputs: extra denoiser inputs from :meth:`Adapter.denoiser_inputs`
-            (e.g. ControlNet residuals, IP-Adapter image embeddings), or ``None``.
+        :param adapter_inputs: what :meth:`Adapter.denoiser_inputs` returned for this step, in
+            the typed structure the backbone's family documents and checks (a dataclass such
+            as :class:`adapterswap.kit.ip_adapter_inputs.IPAdapterInputs` for UNet backbones
+            or ``FluxDenoiserInputs`` of the FLUX plugin: ControlNet residuals, IP-Adapter
+            image embeddings with per-row scales), or ``None`` when no adapter acts.
         :returns: the model output (velocity, epsilon, ...) after guidance, shaped like
             ``latents``.
         """
@@ -652,6 +431,8 @@ class Backbone(Probed, ABC):
     @classmethod
     def tiny(cls, seed: int = 0, *, cache_dir: str | None = None, **options: Any) -> Backbone:
         """A loaded instance built from tiny random-initialised components of the same classes
-        (for tests and ``--preset tiny``), with ``options`` as the constructor takes them.
-        Plugins that support the preset override this."""
+        (for tests and ``--preset tiny``, which runs it at :attr:`tiny_size`), from ``seed``,
+        with ``options`` as the constructor takes them; ``cache_dir`` keeps the saved tiny
+        weights (:func:`adapterswap.presets.tiny_dir`). Plugins that support the preset
+        override this and set :attr:`tiny_size`."""
         raise UsageError(f"backbone {cls.name!r} has no tiny preset")

@@ -7,6 +7,11 @@
     infusenet = "/models/InfiniteYou"
 
 A configured source replaces the plugin's ``default_source``; an explicit source wins over both.
+
+Defaults for arguments left out::
+
+    [defaults]
+    backbone = "sdxl"   # what `adapterswap generate` uses without --backbone
 """
 
 from __future__ import annotations
@@ -46,9 +51,17 @@ def load_config() -> dict[str, Any]:
     sources = data.get("sources", {})
     if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
         raise UsageError(f"{str(path)!r}: [sources] must map names to path or repo-id strings")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict) or not all(isinstance(v, str) for v in defaults.values()):
+        raise UsageError(f"{str(path)!r}: [defaults] must map settings to strings")
     return data
 
 
 def configured_source(name: str) -> str | None:
     """The source configured for backbone/adapter ``name``, if any."""
     return load_config().get("sources", {}).get(name)
+
+
+def configured_default(setting: str) -> str | None:
+    """The value of ``setting`` in the configuration's ``[defaults]`` table, if any."""
+    return load_config().get("defaults", {}).get(setting) or None

@@ -1,21 +1,25 @@
 """Data passed between the engine, backbones and adapters, and the reference denoising loop.
 
-The engine owns the loop (see ``docs/architecture.md``): a backbone exposes the steps of its
-pipeline and the loop here strings them together exactly as a diffusers pipeline would. The
-sweep engine builds on the same pieces (cached encodings, batches of seeds, per-sample timesteps).
+The engine owns the loop (see the README's "Architecture" section): a backbone exposes the
+steps of its pipeline and the loop here strings them together exactly as a diffusers pipeline
+would. The sweep engine builds on the same pieces (cached encodings, batches of seeds,
+per-sample timesteps). The fast path reaches the loop only through the hooks of an
+accelerator (:class:`Eager` here, which does nothing;
+:class:`adapterswap.fastpath.Accelerator` on a backbone it sped up), so this module does not
+import it.
 
 torch is imported lazily so that ``adapterswap --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
     from adapterswap.adapter import Adapter
@@ -56,7 +60,7 @@ class TensorBundle:
 
     def select(self, indices: Sequence[int]) -> TensorBundle:
         """A bundle with the given batch rows (repeat an index to repeat a row)."""
-        from adapterswap.fastpath import device_tensor
+        from adapterswap.tensors import device_tensor
 
         def pick(value: Any) -> Any:
             if value is None:
@@ -253,25 +257,31 @@ class DenoiseResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int], *, device: Any,
-               dtype: Any) -> torch.Tensor:
-    """One noise row per generator, as diffusers' ``randn_tensor`` draws a batch of one
-    (what a pipeline called once per seed would draw). Generators on the CPU draw on the host
-    and the noise is queued to ``device`` (:func:`adapterswap.fastpath.host_to_device`)."""
-    from diffusers.utils.torch_utils import randn_tensor
+class Eager:
+    """The loop hooks of plain eager diffusers: each does nothing. :func:`denoise` uses it when
+    given no accelerator; :class:`adapterswap.fastpath.Accelerator` has the same hooks (and
+    attributes) for a backbone whose fast path it switched on."""
 
-    from adapterswap.errors import InvalidArgumentError
-    from adapterswap.fastpath import host_to_device
+    #: the fast path in force (none) and its block cache (none)
+    fast_path: Any = None
+    block_cache: Any = None
 
-    generators = list(generators)
-    if not generators:
-        raise InvalidArgumentError("generators", generators, "need at least one generator")
-    if all(g.device.type == "cpu" for g in generators):  # drawn on the host either way
-        noise = randn_tensor((len(generators), *shape), generator=generators, device="cpu",
-                             dtype=dtype)
-        return host_to_device(noise, device)
-    return randn_tensor((len(generators), *shape), generator=generators, device=device,
-                        dtype=dtype)
+    def begin_run(self) -> None:
+        """Before the first step of new latents."""
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Rows of the batch finished; ``rows`` are the positions of those that go on."""
+
+    def begin_step(self) -> None:
+        """Before each step's denoiser calls."""
+
+    def step_context(self) -> Any:
+        """Held around the steps: nothing to set up."""
+        return contextlib.nullcontext()
+
+
+#: The accelerator of a backbone run as plain eager diffusers.
+EAGER = Eager()
 
 
 def denoise(
@@ -289,6 +299,7 @@ def denoise(
     prompt_encoding: TensorBundle | None = None,
     output_type: str = "pil",
     on_step: Callable[[StepRecord], None] | None = None,
+    accelerator: Any = None,
 ) -> DenoiseResult:
     """Generate one image per seed with ``backbone`` (and ``adapter`` if given).
 
@@ -302,6 +313,10 @@ def denoise(
     :param reference: reference image for the adapter; or pass a cached ``conditioning``.
     :param prompt_encoding: a cached result of ``backbone.encode_prompt`` for these prompts.
     :param on_step: called after every step with a :class:`StepRecord`.
+    :param accelerator: the backbone's :class:`~adapterswap.fastpath.Accelerator` (its
+        attention kernels, CUDA-graph step marks and block cache act in the loop); ``None``:
+        plain eager (:data:`EAGER`). Pass the one that changed the backbone's modules: a block
+        cache it installed must be told where runs begin.
     """
     import time
 
@@ -356,8 +371,9 @@ def denoise(
     schedule = backbone.schedule(num_inference_steps, height=height, width=width)
     batch = len(seeds)
     start = time.perf_counter()
-    backbone.begin_run()
-    with backbone.step_context():
+    hooks = EAGER if accelerator is None else accelerator
+    hooks.begin_run()
+    with hooks.step_context():
         for i in range(num_inference_steps):
             t = schedule.timesteps[i]
             ctx = StepContext(
@@ -368,7 +384,7 @@ def denoise(
                 width=width,
                 sigmas=None if schedule.sigmas is None else schedule.sigmas[i].expand(batch),
             )
-            backbone.begin_step()
+            hooks.begin_step()
             adapter_inputs: Mapping[str, Any] | None = None
             if adapter is not None and conditioning is not None:
                 adapter_inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx,

@@ -6,8 +6,9 @@ match the specs below, made known through the ``adapterswap`` entry-point group:
     [project.entry-points.adapterswap]
     myplugin = "my_package.plugin"
 
-Each ``register_*`` hook receives a ``register`` callback; call it once per class you provide.
-The host validates the class and refuses a name another plugin already took. Import heavy
+Each ``register_*`` hook of a class kind receives a ``register`` callback; call it once per
+class you provide. The host validates the class and refuses a name another plugin already took.
+``register_commands`` receives the command group instead and adds click commands to it. Import heavy
 libraries (torch, diffusers) inside your classes' methods, never at the top of the plugin module:
 ``adapterswap plugins`` and ``adapterswap list`` load every plugin and must stay fast.
 
@@ -18,8 +19,12 @@ the arguments it names, so existing plugins keep working.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pluggy
+
+if TYPE_CHECKING:
+    import click
 
 hookspec = pluggy.HookspecMarker("adapterswap")
 
@@ -53,6 +58,23 @@ def register_metrics(register: Callable[[type], None]) -> None:
 
     :param register: call ``register(MetricSubclass)`` once per metric. The class must subclass
         :class:`adapterswap.metrics.Metric` and set ``name`` and ``needs``.
+    :returns: nothing; the return value is ignored. Not ``firstresult``: every plugin's
+        implementation is called.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add click commands to the ``adapterswap`` command line.
+
+    :param cli: a :class:`click.Group` standing in for the ``adapterswap`` group: add commands
+        with ``@cli.command()`` (or ``cli.add_command(...)``; sub-groups with ``@cli.group()``).
+        The host moves them into the real group once the hook returns, so they appear in
+        ``adapterswap --help`` and run as ``adapterswap NAME``. A name a built-in command or an
+        earlier plugin already has is refused with a warning naming the plugin; when the hook
+        raises, none of its commands is added, one warning names the plugin and the rest of
+        the command line works. Import heavy libraries inside the commands, not in the hook:
+        it runs for ``adapterswap --help``.
     :returns: nothing; the return value is ignored. Not ``firstresult``: every plugin's
         implementation is called.
     """

@@ -14,6 +14,11 @@ A name in the list that no installed plugin has (a typo) loads nothing; it is re
 
 A plugin that fails to import, has a misspelt hook, raises inside a hook or registers something
 invalid is recorded in :func:`plugin_failures` under its own name; the rest keep working.
+
+Hooks are called through pluggy, one plugin at a time (:func:`call_each_plugin`), so hook
+wrappers (``hookwrapper=True`` / ``wrapper=True``) and pluggy's tracing see every call while a
+failing implementation is still charged to its own plugin. With ``ADAPTERSWAP_TRACE_PLUGINS=1``
+each hook call is written to stderr.
 """
 
 from __future__ import annotations
@@ -37,16 +42,20 @@ from adapterswap.registry import Registry
 
 ENTRY_POINT_GROUP = "adapterswap"
 LOAD_PLUGINS_ENV = "ADAPTERSWAP_LOAD_PLUGINS"
+TRACE_PLUGINS_ENV = "ADAPTERSWAP_TRACE_PLUGINS"
 
 #: Modules inside adapterswap that are registered as plugins before any entry point.
 DEFAULT_PLUGINS = ("adapterswap.metrics.basic",)
 
+#: The hooks that fill the three registries (``register_commands`` is the CLI's:
+#: :mod:`adapterswap.cli.common`).
 HOOKS = ("register_backbones", "register_adapters", "register_metrics")
 
 pm = pluggy.PluginManager("adapterswap")
 pm.add_hookspecs(hookspecs)
 
 _loaded = False
+_untrace: Callable[[], None] | None = None  # undoes pluggy's tracing while it is on
 
 
 @dataclass
@@ -110,12 +119,32 @@ def _record(plugin: str, entry_point: str | None, exc: BaseException) -> None:
     _failures.append(failure)
 
 
+def _trace_to_stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def _configure_tracing() -> None:
+    """Turn pluggy's hook-call tracing on (to stderr) or off, as ``ADAPTERSWAP_TRACE_PLUGINS``
+    says: any value but empty, ``0``, ``false`` or ``no`` turns it on."""
+    global _untrace
+    wanted = os.environ.get(TRACE_PLUGINS_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    if wanted and _untrace is None:
+        pm.trace.root.setwriter(_trace_to_stderr)
+        _untrace = pm.enable_tracing()
+    elif not wanted and _untrace is not None:
+        _untrace()
+        pm.trace.root.setwriter(None)
+        _untrace = None
+
+
 def load_plugins() -> None:
     """Register the built-in plugins and every selected entry point, once."""
     global _loaded
     if _loaded:
         return
     _loaded = True
+    _configure_tracing()
     for module_name in DEFAULT_PLUGINS:
         if pm.get_plugin(module_name) is None:
             _register_checked(importlib.import_module(module_name), module_name, None)
@@ -177,13 +206,90 @@ def plugin_failures() -> list[PluginFailure]:
     return list(_failures)
 
 
+@dataclass
+class HookCall:
+    """One plugin's implementation of a hook, called through pluggy: the arguments it got and
+    the exception it raised (``None`` when it returned)."""
+
+    plugin: str
+    kwargs: dict[str, Any]
+    error: Exception | None = None
+
+
+def call_each_plugin(hook_name: str,
+                     kwargs_for: Callable[[str], dict[str, Any]]) -> list[HookCall]:
+    """Call hook ``hook_name`` once per plugin that implements it, in registration order,
+    through pluggy, so that one plugin's failure stays its own.
+
+    Each call goes through :meth:`pluggy.PluginManager.subset_hook_caller` with every *other*
+    plugin's plain implementation removed: the plugin's implementation runs inside every
+    registered wrapper (``hookwrapper=True`` / ``wrapper=True``, from any plugin that has no
+    plain implementation of the hook), and pluggy's tracing sees the call. An exception is
+    returned in the plugin's :class:`HookCall`, not raised; one raised by a wrapper is charged
+    to the plugin being called.
+
+    :param kwargs_for: the hook's arguments for the plugin of a given name (fresh per plugin,
+        so a callback can tell who called it).
+    """
+    load_plugins()
+    plain = [impl for impl in getattr(pm.hook, hook_name).get_hookimpls()
+             if not (impl.wrapper or impl.hookwrapper)]
+    providers = {impl.plugin_name: impl.plugin for impl in plain}
+    calls = []
+    for name in providers:
+        others = [plugin for other, plugin in providers.items() if other != name]
+        call = HookCall(name, kwargs_for(name))
+        try:
+            pm.subset_hook_caller(hook_name, remove_plugins=others)(**call.kwargs)
+        except Exception as exc:  # noqa: BLE001 - any plugin bug is recorded, never raised
+            call.error = exc
+        calls.append(call)
+    return calls
+
+
+def _record_hook_failure(plugin: str, hook_name: str, exc: Exception) -> None:
+    """Record that ``plugin``'s ``hook_name`` raised ``exc`` (shown by :func:`plugin_failures`
+    until the set of plugins changes)."""
+    if not isinstance(exc, AdapterswapError):
+        exc = PluginLoadError(f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+    exc._from_hook = True  # type: ignore[attr-defined]
+    _record(plugin, None, exc)
+
+
+class _Register:
+    """The ``register`` callback of one plugin's ``register_*`` hook: adds classes to one
+    registry under that plugin's name and remembers their names (for ``adapterswap plugins``).
+    Its text names the registry and the plugin, which is what a hook trace shows."""
+
+    def __init__(self, registry: Registry[Any], plugin: str) -> None:
+        self.registry = registry
+        self.plugin = plugin
+        self.added: list[str] = []
+
+    def __call__(self, cls: object) -> None:
+        self.registry.register(cls, self.plugin)
+        self.added.append(getattr(cls, "name", "?"))
+
+    def __repr__(self) -> str:
+        return f"<register {self.registry.kind} for plugin {self.plugin!r}>"
+
+
 _cache: dict[str, Any] = {"key": None}
+#: Bumped by every (un)registration made through this module, so that a new plugin object
+#: reusing a freed one's id never makes a cache look current.
+_generation = 0
+
+
+def plugin_set_key() -> tuple[Any, ...]:
+    """A value that changes whenever the set of registered plugins changes (loads them first):
+    what caches of hook results are keyed on."""
+    load_plugins()
+    return (_generation, tuple((name, id(plugin)) for name, plugin in pm.list_name_plugin()))
 
 
 def _registries() -> dict[str, Registry[Any]]:
     """Build (or reuse) the registries from the currently registered plugins."""
-    load_plugins()
-    key = tuple((name, id(plugin)) for name, plugin in pm.list_name_plugin())
+    key = plugin_set_key()
     if _cache["key"] == key:
         return _cache["registries"]
     from adapterswap.adapter import Adapter
@@ -199,23 +305,12 @@ def _registries() -> dict[str, Registry[Any]]:
     _failures[:] = [f for f in _failures if not getattr(f.error, "_from_hook", False)]
     provided: dict[str, dict[str, list[str]]] = {}
     for hook_name, registry in registries.items():
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            plugin_name = impl.plugin_name
-            added: list[str] = []
-
-            def register(cls: object, _plugin: str = plugin_name,
-                         _registry: Registry[Any] = registry, _added: list[str] = added) -> None:
-                _registry.register(cls, _plugin)
-                _added.append(getattr(cls, "name", "?"))
-
-            try:
-                impl.function(**{arg: register for arg in impl.argnames})
-            except Exception as exc:
-                if not isinstance(exc, AdapterswapError):
-                    exc = PluginLoadError(f"hook {hook_name} raised {type(exc).__name__}: {exc}")
-                exc._from_hook = True  # type: ignore[attr-defined]
-                _record(plugin_name, None, exc)
-            provided.setdefault(plugin_name, {}).setdefault(hook_name, []).extend(added)
+        for call in call_each_plugin(
+                hook_name, lambda plugin, r=registry: {"register": _Register(r, plugin)}):
+            if call.error is not None:
+                _record_hook_failure(call.plugin, hook_name, call.error)
+            added = call.kwargs["register"].added
+            provided.setdefault(call.plugin, {}).setdefault(hook_name, []).extend(added)
     _cache.update(key=key, registries=registries, provided=provided)
     return registries
 
@@ -279,13 +374,17 @@ def _hookimpls_of(plugin: object) -> list[Any]:
 
 def register_plugin(plugin: object, name: str) -> None:
     """Register a plugin object directly (tests, notebooks); raises on a bad hook."""
+    global _generation
     load_plugins()
+    _generation += 1
     pm.register(plugin, name=name)
     pm.check_pending()
 
 
 def unregister_plugin(name: str) -> None:
     """Remove a plugin registered with :func:`register_plugin`."""
+    global _generation
+    _generation += 1
     if pm.get_plugin(name) is not None:
         pm.unregister(name=name)
 

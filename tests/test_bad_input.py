@@ -20,7 +20,7 @@ from PIL import Image
 from adapterswap import plugins
 from adapterswap.cli import main
 from adapterswap.errors import InvalidArgumentError, WeightsNotFoundError
-from adapterswap.sweep import spec as spec_module
+from adapterswap.sweep import checks as checks_module
 from adapterswap.sweep.spec import MAX_SEED, SweepSpec
 from adapterswap.sweep.store import RunStore
 
@@ -167,7 +167,7 @@ def read_only(monkeypatch, folder: str) -> None:
             return False
         return real(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(spec_module.os, "access", access)
+    monkeypatch.setattr(checks_module.os, "access", access)
 
 
 def invoke(argv, paths, monkeypatch, env=None):

@@ -1,5 +1,6 @@
-"""Caching of slowly changing blocks (adapterswap.blockcache): policies, the residual algebra
-with ControlNet (InfuseNet) residuals, install/remove exactness, and the sweep/CLI wiring."""
+"""Caching of slowly changing blocks (adapterswap.fastpath.blockcache): policies, the residual
+algebra with ControlNet (InfuseNet) residuals, install/remove exactness, and the sweep/CLI
+wiring."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import math
 import pytest
 import torch
 
-from adapterswap.blockcache import BlockCache, CachePolicy
 from adapterswap.errors import InvalidArgumentError
+from adapterswap.fastpath.blockcache import BlockCache, CachePolicy
 
 
 @pytest.mark.parametrize("text", ["fast", "threshold", "threshold:", "threshold:0",
@@ -130,40 +131,41 @@ def test_stored_residuals_follow_the_rows_that_go_on() -> None:
 
 def test_a_threshold_of_almost_zero_never_caches_and_changes_nothing() -> None:
     from adapterswap.denoise import denoise
-    from adapterswap.fastpath import FastPath
+    from adapterswap.fastpath import Accelerator, FastPath
     from adapterswap.plugins import get_adapter, get_backbone
 
     backbone = get_backbone("flux-dev").tiny()
+    accelerator = Accelerator(backbone)
     adapter = get_adapter("infusenet").tiny(backbone)
     reference = adapter.encode_reference(adapter.tiny_reference(), backbone)
 
     def run() -> torch.Tensor:
         return denoise(backbone, "a photo", num_inference_steps=4, seeds=[0, 1], height=64,
                        width=64, adapter=adapter, conditioning=reference,
-                       output_type="pt").images
+                       output_type="pt", accelerator=accelerator).images
 
     exact = run()
-    backbone.enable_fast_path(FastPath(cache="threshold:1e-9"))
+    accelerator.enable(FastPath(cache="threshold:1e-9"))
     assert torch.equal(run(), exact)
-    assert backbone.block_cache.stats()["cached_steps"] == 0
-    backbone.enable_fast_path(FastPath(cache="interval:2"))
+    assert accelerator.block_cache.stats()["cached_steps"] == 0
+    accelerator.enable(FastPath(cache="interval:2"))
     approximate = run()
-    assert backbone.block_cache.stats() == {"policy": "interval:2", "computed_steps": 2,
-                                            "cached_steps": 2}
+    assert accelerator.block_cache.stats() == {"policy": "interval:2", "computed_steps": 2,
+                                               "cached_steps": 2}
     assert not torch.equal(approximate, exact)
     assert (approximate - exact).abs().max() < 0.5  # close, not equal
-    backbone.enable_fast_path(FastPath())
-    assert backbone.block_cache is None and torch.equal(run(), exact)
+    accelerator.enable(FastPath())
+    assert accelerator.block_cache is None and torch.equal(run(), exact)
 
 
 def test_unsupported_denoisers_and_probes_are_clear_errors(tmp_path) -> None:  # noqa: ANN001
-    from adapterswap.fastpath import FastPath
+    from adapterswap.fastpath import Accelerator, FastPath
     from adapterswap.plugins import get_backbone
     from adapterswap.sweep.spec import SweepSpec
 
-    sd15 = get_backbone("sd15").tiny()
+    sd15 = Accelerator(get_backbone("sd15").tiny())
     with pytest.raises(InvalidArgumentError, match="cache.*UNet2DConditionModel"):
-        sd15.enable_fast_path(FastPath(cache="interval:2"))
+        sd15.enable(FastPath(cache="interval:2"))
     with pytest.raises(InvalidArgumentError, match="probes"):
         SweepSpec(backbones=["flux-schnell"], preset="tiny", steps=[1], cache="interval:2",
                   probes=True, out=str(tmp_path)).validate()
@@ -213,20 +215,21 @@ def test_compiled_blocks_keep_the_cache(policy: str) -> None:
     """Regional compilation after the cache wraps the blocks: same steps cached, same images
     as the eager cached run (float32 tolerance)."""
     from adapterswap.denoise import denoise
-    from adapterswap.fastpath import FastPath
+    from adapterswap.fastpath import Accelerator, FastPath
     from adapterswap.plugins import get_adapter, get_backbone
 
     images, stats = [], []
     for compile_ in (False, True):
         backbone = get_backbone("flux-dev").tiny()
+        accelerator = Accelerator(backbone)
         adapter = get_adapter("infusenet").tiny(backbone)
         adapter.attach(backbone)
-        backbone.enable_fast_path(FastPath(cache=policy, compile=compile_), adapters=[adapter])
+        accelerator.enable(FastPath(cache=policy, compile=compile_), adapters=[adapter])
         reference = adapter.encode_reference(adapter.tiny_reference(), backbone)
         images.append(denoise(backbone, "a photo", num_inference_steps=4, seeds=[0, 1],
                               height=64, width=64, adapter=adapter, conditioning=reference,
-                              output_type="pt").images)
-        stats.append(backbone.block_cache.stats())
+                              output_type="pt", accelerator=accelerator).images)
+        stats.append(accelerator.block_cache.stats())
     assert stats[0] == stats[1] and stats[0]["cached_steps"] >= 1
     torch.testing.assert_close(images[1], images[0], atol=1e-4, rtol=1e-4)
 

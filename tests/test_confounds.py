@@ -19,9 +19,8 @@ from adapterswap.denoise import (
     start_noise_from_sigma,
 )
 from adapterswap.errors import InvalidArgumentError
+from adapterswap.kit.schedules import TIMESTEP_SPACINGS
 from adapterswap.plugins import backbones, get_backbone
-from adapterswap.tiny import _SD15_SCHEDULER_CONFIG, _SDXL_SCHEDULER_CONFIG
-from adapterswap.unet import TIMESTEP_SPACINGS
 
 FAR = ["schedule_starts_far_from_noise"]
 NEVER = ["window_never_opens"]
@@ -36,6 +35,18 @@ def needs(name: str) -> None:
 def tiny(name: str, **options):
     needs(name)
     return get_backbone(name).tiny(0, **options)
+
+
+def scheduler_config(name: str) -> dict:
+    """The checkpoint's scheduler config that backbone ``name``'s tiny pipeline ships."""
+    needs(name)
+    if name.startswith("sdxl"):
+        from adapterswap_sdxl.tiny import SDXL_SCHEDULER_CONFIG
+
+        return SDXL_SCHEDULER_CONFIG
+    from adapterswap_sd15.tiny import SD15_SCHEDULER_CONFIG
+
+    return SD15_SCHEDULER_CONFIG
 
 
 def sd_alphas_cumprod() -> np.ndarray:
@@ -59,7 +70,7 @@ def test_timestep_spacing_gives_diffusers_timesteps(name, scheduler, spacing):
     backbone = tiny(name, timestep_spacing=spacing)
     assert type(backbone.pipe.scheduler).__name__ == scheduler
     assert backbone.pipe.scheduler.config.timestep_spacing == spacing
-    config = _SDXL_SCHEDULER_CONFIG if name.startswith("sdxl") else _SD15_SCHEDULER_CONFIG
+    config = scheduler_config(name)
     for n in (1, 2, 4, 7):
         theirs = getattr(diffusers, scheduler).from_config(config, timestep_spacing=spacing)
         theirs.set_timesteps(n)
@@ -118,7 +129,7 @@ def test_lcm_scheduler_really_ignores_timestep_spacing():
     starts = set()
     for spacing in TIMESTEP_SPACINGS:
         scheduler = LCMScheduler.from_config(
-            {k: v for k, v in _SD15_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"},
+            {k: v for k, v in scheduler_config("sd15").items() if k != "skip_prk_steps"},
             timestep_spacing=spacing)
         scheduler.set_timesteps(2)
         starts.add(tuple(scheduler.timesteps.tolist()))
@@ -166,7 +177,7 @@ def test_random_preset_takes_the_options(monkeypatch):
     """``random`` configures the pipeline with the options as ``load`` does (a tiny pipeline
     stands in for the published-size one)."""
     needs("sd15")
-    from adapterswap.tiny import build_tiny_pipeline
+    from adapterswap_sd15.tiny import build_tiny_pipeline
 
     cls = get_backbone("sd15")
     monkeypatch.setattr(cls, "random_pipeline",

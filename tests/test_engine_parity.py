@@ -66,17 +66,21 @@ def test_compile_keeps_the_module_and_the_image():
     import torch
 
     from adapterswap.errors import UsageError
+    from adapterswap.fastpath import Accelerator
 
     with pytest.raises(UsageError, match="no transformer or unet"):
-        get_backbone("toy-dev").tiny().compile()
+        Accelerator(get_backbone("toy-dev").tiny()).compile()
     if not installed("sd15"):
         pytest.skip("sd15 is not installed")
     backbone = get_backbone("sd15").tiny(seed=0)
+    accelerator = Accelerator(backbone)
     before = denoise(backbone, "a cat", num_inference_steps=2, seeds=[0], output_type="pt")
     unet = backbone.pipe.unet
-    backbone.compile(backend="eager")  # the mechanics; inductor is for GPUs
+    accelerator.compile(backend="eager")  # the mechanics; inductor is for GPUs
     assert backbone.pipe.unet is unet
     # recorded as the fast path's compilation (CUDA-graph step marks, no second compile)
-    assert backbone.fast_path.compile and backbone.fast_path.compile_mode == "reduce-overhead"
-    after = denoise(backbone, "a cat", num_inference_steps=2, seeds=[0], output_type="pt")
+    fast = accelerator.fast_path
+    assert fast.compile and fast.compile_mode == "reduce-overhead"
+    after = denoise(backbone, "a cat", num_inference_steps=2, seeds=[0], output_type="pt",
+                    accelerator=accelerator)
     torch.testing.assert_close(after.images, before.images, atol=1e-5, rtol=0)

@@ -113,12 +113,14 @@ def test_sweep_decides_compilation_from_the_planned_forwards() -> None:
     assert not spec.fast_path("cuda", fastpath.AUTO_COMPILE_FORWARDS - 1).compile
     assert spec.fast_path("cuda", fastpath.AUTO_COMPILE_FORWARDS).compile
     assert spec.use_step_parallel(compiled=False) and not spec.use_step_parallel(compiled=True)
-    # each backbone's own measured break-even
+    # each backbone's own measured break-even (its compile profile for the card)
     from adapterswap.plugins import get_backbone
 
-    flux, sd15 = get_backbone("flux-dev"), get_backbone("sd15")
-    assert flux.compile_repays(120, 4) and not flux.compile_repays(120, 1)  # per image-step
-    assert not sd15.compile_repays(2999, 8) and sd15.compile_repays(3000, 1)  # per forward
+    h100 = "NVIDIA H100 80GB HBM3"
+    flux = fastpath.find_profile(get_backbone("flux-dev"), h100)
+    sd15 = fastpath.find_profile(get_backbone("sd15"), h100)
+    assert flux.repays(120, 4) and not flux.repays(120, 1)  # per image-step
+    assert not sd15.repays(2999, 8) and sd15.repays(3000, 1)  # per forward
     assert spec.fast_path("cuda", 10, repays=True).compile
     assert not spec.fast_path("cpu", 10, repays=True).compile
     assert not spec.fast_path("cuda", 10**6, repays=False).compile
@@ -176,18 +178,18 @@ def test_backbone_to_moves_and_forgets_device_caches() -> None:
 
 
 def test_enable_fast_path_refuses_changing_compiled_modules() -> None:
-    backbone = get_backbone("sd15").tiny()
-    report = backbone.enable_fast_path(fastpath.FastPath(compile=True))
+    backbone = fastpath.Accelerator(get_backbone("sd15").tiny())
+    report = backbone.enable(fastpath.FastPath(compile=True))
     assert report["compiled"] == ["denoiser: forward (reduce-overhead)"]
-    assert backbone.enable_fast_path(fastpath.FastPath(compile=True))["already"]
+    assert backbone.enable(fastpath.FastPath(compile=True))["already"]
     with pytest.raises(UsageError, match="reload"):
-        backbone.enable_fast_path(fastpath.FastPath())
+        backbone.enable(fastpath.FastPath())
     with pytest.raises(InvalidArgumentError, match="fp8"):
-        get_backbone("sd15").tiny().enable_fast_path(fastpath.FastPath(fp8=True))
+        fastpath.Accelerator(get_backbone("sd15").tiny()).enable(fastpath.FastPath(fp8=True))
     # compiled encoders are exact: asking with or without them is the same compiled path
-    backbone.enable_fast_path(fastpath.FastPath(compile=True, compile_encoders=True))
+    backbone.enable(fastpath.FastPath(compile=True, compile_encoders=True))
     assert backbone.fast_path.compile_encoders  # added (compiles on CUDA only)
-    assert backbone.enable_fast_path(fastpath.FastPath(compile=True))["already"]
+    assert backbone.enable(fastpath.FastPath(compile=True))["already"]
     assert backbone.fast_path.compile_encoders  # kept: compilation cannot be undone
 
 
@@ -200,12 +202,14 @@ def test_compiled_flux_matches_eager_on_tiny_weights() -> None:
     expected = denoise(eager, "a photo", num_inference_steps=2, seeds=[0, 1], height=64,
                        width=64, adapter=adapter, conditioning=reference, output_type="pt").images
     adapter.attach(fast)
-    report = fast.enable_fast_path(fastpath.FastPath(compile=True), adapters=[adapter])
+    accelerator = fastpath.Accelerator(fast)
+    report = accelerator.enable(fastpath.FastPath(compile=True), adapters=[adapter])
     assert [part.split(":")[0] for part in report["compiled"]] == ["denoiser",
                                                                    "infusenet.infusenet"]
     assert all("transformer_blocks[" in part for part in report["compiled"])
     got = denoise(fast, "a photo", num_inference_steps=2, seeds=[0, 1], height=64, width=64,
-                  adapter=adapter, conditioning=reference, output_type="pt").images
+                  adapter=adapter, conditioning=reference, output_type="pt",
+                  accelerator=accelerator).images
     assert torch.allclose(got, expected, atol=1e-4)
 
 
@@ -221,7 +225,7 @@ def test_no_host_sync_inside_the_loop(name: str) -> None:
     interval block cache, which decides on the host. (sd15-lcm is left out: LCM draws fresh
     noise at every step from CPU generators, as diffusers does; so is the threshold cache,
     which reads one number per step by design.)"""
-    from adapterswap.fastpath import FastPath
+    from adapterswap.fastpath import Accelerator, FastPath
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -230,8 +234,9 @@ def test_no_host_sync_inside_the_loop(name: str) -> None:
     adapter = get_adapter(backbone.default_adapter).tiny(backbone)
     adapter.attach(backbone)
     assert next(backbone.denoiser().parameters()).is_cuda
-    backbone.enable_fast_path(FastPath(cache=cache or None))
-    backbone.begin_run()
+    accelerator = Accelerator(backbone)
+    accelerator.enable(FastPath(cache=cache or None))
+    accelerator.begin_run()
     guidance = backbone.resolve_guidance_scale(None)
     prompt = backbone.encode_prompt(["a photo"], guidance_scale=guidance).repeat(2)
     conditioning = adapter.encode_reference(adapter.tiny_reference(), backbone).repeat(2)
@@ -245,13 +250,13 @@ def test_no_host_sync_inside_the_loop(name: str) -> None:
     def step(i: int, latents: torch.Tensor) -> torch.Tensor:
         ctx = StepContext(schedule.timesteps[i].expand(2), (i, i), (steps, steps), size, size,
                           None if schedule.sigmas is None else schedule.sigmas[i].expand(2))
-        backbone.begin_step()
+        accelerator.begin_step()
         inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx, prompt)
         out = backbone.predict(latents, ctx, prompt, guidance_scale=guidance,
                                adapter_inputs=inputs)
         return backbone.step(out, latents, schedule, i)
 
-    with torch.no_grad(), backbone.step_context():
+    with torch.no_grad(), accelerator.step_context():
         latents = step(0, latents)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -262,7 +267,7 @@ def test_no_host_sync_inside_the_loop(name: str) -> None:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(latents).all()
     if cache:
-        assert backbone.block_cache.stats()["cached_steps"] == 2  # steps 1 and 3
+        assert accelerator.block_cache.stats()["cached_steps"] == 2  # steps 1 and 3
 
 
 @pytest.mark.gpu

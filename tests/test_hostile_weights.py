@@ -111,7 +111,7 @@ def style_adapter_dir(sdxl):
 def infiniteyou(tmp_path_factory, sd15):
     """A tiny InfiniteYou repository (InfuseNetModel, image_proj_model.bin, face models) for the
     tiny FLUX transformer, and that transformer's config."""
-    from adapterswap.tiny import save_tiny_pipeline
+    from adapterswap_flux.tiny import save_tiny_pipeline
 
     base = tmp_path_factory.mktemp("infiniteyou")
     flux = save_tiny_pipeline("flux-dev", base / "flux-dev", 0)
@@ -392,7 +392,7 @@ def test_file_that_is_no_ip_adapter_is_named(style_adapter_dir, tmp_path):
 
 # -------------------------------------------------------- 5. InfuseNet of the wrong architecture
 def test_infusenet_with_other_joint_attention_dim_is_named(infiniteyou, tmp_path):
-    from adapterswap.tiny import tiny_flux_controlnet
+    from adapterswap_flux.tiny import tiny_flux_controlnet
 
     root = copy(infiniteyou[0], tmp_path / "InfiniteYou")
     folder = model_dir(root) / "InfuseNetModel"

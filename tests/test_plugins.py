@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterswap import hookimpl, hookspecs
+from adapterswap import hookimpl, hookspecs, plugins
 from adapterswap.errors import (
     DuplicateNameError,
     IncompatibleAdapterError,
@@ -191,10 +192,11 @@ def test_unknown_name_suggests_and_lists():
 def test_family_mismatch_names_both_and_lists_supported():
     from toy_plugin import ToyAdapter
 
-    from adapterswap.testing import _OtherFamilyBackbone
+    from adapterswap.testing.adapter_contract import _OtherFamilyBackbone
 
     with pytest.raises(IncompatibleAdapterError) as info:
-        ToyAdapter().check_backbone(_OtherFamilyBackbone)
+        ToyAdapter().check_backbone(_OtherFamilyBackbone,
+                                    installed=[e.cls for e in plugins.backbones().entries()])
     message = str(info.value)
     assert "'toy-adapter'" in message and "'contract-other-family'" in message
     assert "Backbones it supports: toy-dev, toy-fast" in message
@@ -203,8 +205,10 @@ def test_family_mismatch_names_both_and_lists_supported():
 def test_every_hook_is_documented():
     readme = (HERE.parent / "README.md").read_text()
     specs = [n for n in dir(hookspecs) if n.startswith("register_")]
-    assert specs == ["register_adapters", "register_backbones", "register_metrics"]
+    assert specs == ["register_adapters", "register_backbones", "register_commands",
+                     "register_metrics"]
     for name in specs:
+        (argument,) = inspect.signature(getattr(hookspecs, name)).parameters
         doc = getattr(hookspecs, name).__doc__ or ""
-        assert ":param register:" in doc and ":returns:" in doc, name
-        assert f"`{name}(register)`" in readme, f"{name} is not documented in README.md"
+        assert f":param {argument}:" in doc and ":returns:" in doc, name
+        assert f"`{name}({argument})`" in readme, f"{name} is not documented in README.md"

@@ -9,10 +9,11 @@ import shutil
 import sqlite3
 
 import pytest
+from adapterswap_sd15 import tiny
+from adapterswap_sd15.backbones import SD15Backbone
 from click.testing import CliRunner
 from PIL import Image
 
-from adapterswap import tiny
 from adapterswap.cli import main
 
 TINY = ["--backbone", "sd15", "--preset", "tiny", "--adapter", "none", "--steps", "1,2",
@@ -113,7 +114,7 @@ def test_weights_content_and_dtype_key_the_cells(tmp_path, saved_sd15, monkeypat
     copy = tmp_path / "copy"
     shutil.copytree(saved_sd15, copy)
     out = tmp_path / "out"
-    size = tiny.TINY_SIZE["sd15"]
+    size = SD15Backbone.tiny_size
     args = ["--backbone", "sd15", "--adapter", "none", "--steps", "1", "--seeds", "0",
             "--prompt", "a cat", "--metrics", "sharpness", "--height", str(size[0]),
             "--width", str(size[1]), "--device", "cpu"]

@@ -1,4 +1,6 @@
-"""Tests for ``adapterswap.tiny``: tiny real-class components that run offline on a CPU.
+"""Tests for the tiny presets: :mod:`adapterswap.kit.tiny` (the shared recipe) and each
+built-in plugin's ``tiny`` module (``adapterswap_flux.tiny``, ``adapterswap_sdxl.tiny``,
+``adapterswap_sd15.tiny``): tiny real-class components that run offline on a CPU.
 
 Each family's pipeline is built once per module (``reference``) and the other tests compare against
 that output: the same seed must give the same image, and a saved-and-reloaded pipeline must give
@@ -8,6 +10,7 @@ the tests so that ``HF_HUB_OFFLINE`` below is set before ``huggingface_hub`` rea
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -19,12 +22,21 @@ import pytest
 import torch
 from PIL import Image
 
-from adapterswap import tiny
+from adapterswap.kit import tiny
 
 # Nothing here may reach the network; should anything try, fail instead of downloading.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 PROMPT = "a photo of a woman wearing a red hat, oil painting"
+
+#: The plugin module that builds each family's tiny pipeline.
+FAMILY_MODULES = {
+    "flux-dev": "adapterswap_flux.tiny",
+    "flux-schnell": "adapterswap_flux.tiny",
+    "sdxl": "adapterswap_sdxl.tiny",
+    "sd15": "adapterswap_sd15.tiny",
+}
+FAMILIES = tuple(FAMILY_MODULES)
 
 PIPELINE_CLASS_NAMES = {
     "flux-dev": "FluxPipeline",
@@ -50,9 +62,27 @@ def pipeline_class(family: str):
     return getattr(diffusers, PIPELINE_CLASS_NAMES[family])
 
 
+def recipes(family: str):
+    """The plugin's tiny module for ``family`` (skips when the plugin is not installed)."""
+    return pytest.importorskip(FAMILY_MODULES[family])
+
+
+def flux_tiny():
+    return pytest.importorskip("adapterswap_flux.tiny")
+
+
+def tiny_size(family: str) -> tuple[int, int]:
+    """The tiny ``(height, width)`` the family's backbone class declares."""
+    from adapterswap.plugins import backbones, get_backbone
+
+    if family not in backbones():
+        pytest.skip(f"backbone {family!r} is not installed")
+    return tuple(get_backbone(family).tiny_size)
+
+
 def run_pipeline(pipe, family: str, **kwargs) -> np.ndarray:
     """Two steps at the family's tiny size with a fixed generator; images as a numpy array."""
-    height, width = tiny.TINY_SIZE[family]
+    height, width = tiny_size(family)
     pipe.set_progress_bar_config(disable=True)
     return pipe(
         PROMPT,
@@ -66,11 +96,11 @@ def run_pipeline(pipe, family: str, **kwargs) -> np.ndarray:
     ).images
 
 
-@pytest.fixture(scope="module", params=tiny.TINY_FAMILIES)
+@pytest.fixture(scope="module", params=FAMILIES)
 def reference(request) -> tuple[str, np.ndarray]:
     """(family, images) from the family's pipeline built from seed-0 components."""
     family = request.param
-    pipe = pipeline_class(family)(**tiny.tiny_components(family, seed=0))
+    pipe = pipeline_class(family)(**recipes(family).tiny_components(family, seed=0))
     return family, run_pipeline(pipe, family)
 
 
@@ -81,7 +111,7 @@ def reference(request) -> tuple[str, np.ndarray]:
 
 def test_pipeline_runs_at_tiny_size(reference):
     family, images = reference
-    height, width = tiny.TINY_SIZE[family]
+    height, width = tiny_size(family)
     assert images.shape == (1, height, width, 3)
     assert np.isfinite(images).all()
     assert images.min() >= 0.0 and images.max() <= 1.0
@@ -90,19 +120,19 @@ def test_pipeline_runs_at_tiny_size(reference):
 
 def test_same_seed_gives_the_same_images(reference):
     family, images = reference
-    rebuilt = pipeline_class(family)(**tiny.tiny_components(family, seed=0))
+    rebuilt = pipeline_class(family)(**recipes(family).tiny_components(family, seed=0))
     np.testing.assert_array_equal(run_pipeline(rebuilt, family), images)
 
 
 def test_other_seed_gives_other_weights(reference):
     family, images = reference
-    other = pipeline_class(family)(**tiny.tiny_components(family, seed=1))
+    other = pipeline_class(family)(**recipes(family).tiny_components(family, seed=1))
     assert not np.allclose(run_pipeline(other, family), images)
 
 
 def test_save_and_reload_gives_the_same_images(reference, tmp_path):
     family, images = reference
-    saved = tiny.save_tiny_pipeline(family, tmp_path / family, seed=0)
+    saved = recipes(family).save_tiny_pipeline(family, tmp_path / family, seed=0)
 
     assert saved == tmp_path / family
     model_index = json.loads((saved / "model_index.json").read_text())
@@ -111,23 +141,25 @@ def test_save_and_reload_gives_the_same_images(reference, tmp_path):
         assert (saved / folder).is_dir(), folder
     assert list(saved.glob("*/*.safetensors")), "weights should be saved as safetensors"
 
-    reloaded = pipeline_class(family).from_pretrained(saved, local_files_only=True)
+    reloaded = tiny.reload_pipeline(pipeline_class(family), saved)
     assert type(reloaded) is pipeline_class(family)
     np.testing.assert_allclose(run_pipeline(reloaded, family), images, rtol=0,
                                atol=RELOAD_ATOL)
 
 
-@pytest.mark.parametrize("family", tiny.TINY_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_build_tiny_pipeline_uses_the_real_class(family):
-    pipe = tiny.build_tiny_pipeline(family)
-    assert type(pipe) is pipeline_class(family) is tiny.tiny_pipeline_class(family)
+    module = recipes(family)
+    pipe = module.build_tiny_pipeline(family)
+    assert type(pipe) is pipeline_class(family) is module.tiny_pipeline_class(family)
+    assert family in module.TINY_FAMILIES
 
 
-@pytest.mark.parametrize("family", tiny.TINY_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_models_are_float32_and_in_eval_mode(family):
     models = [
         value
-        for value in tiny.tiny_components(family).values()
+        for value in recipes(family).tiny_components(family).values()
         if isinstance(value, torch.nn.Module)
     ]
     assert models
@@ -138,13 +170,27 @@ def test_models_are_float32_and_in_eval_mode(family):
 
 def test_unknown_family_is_refused_with_the_allowed_ones(tmp_path):
     with pytest.raises(ValueError, match="family 'sdxl-bse'") as error:
-        tiny.save_tiny_pipeline("sdxl-bse", tmp_path)
+        recipes("sdxl").save_tiny_pipeline("sdxl-bse", tmp_path)
     assert "Did you mean 'sdxl'?" in str(error.value)
-    assert "flux-dev, flux-schnell, sd15, sdxl" in str(error.value)
+    assert "Allowed: sdxl" in str(error.value)
+    with pytest.raises(ValueError, match="family 'flux-dve'") as error:
+        flux_tiny().save_tiny_pipeline("flux-dve", tmp_path)
+    assert "Did you mean 'flux-dev'?" in str(error.value)
+    assert "flux-dev, flux-schnell" in str(error.value)
     assert not any(tmp_path.iterdir()), "nothing should be written for a bad family"
 
-    with pytest.raises(ValueError, match="family 'flux-dev'"):
-        tiny.tiny_vae(family="flux-dev")
+    with pytest.raises(ValueError, match="scaling_factor"):
+        tiny.tiny_vae(scaling_factor=0)
+
+
+def test_vae_takes_its_latent_normalisation_explicitly():
+    shifted = tiny.tiny_vae(scaling_factor=0.5, shift_factor=0.25, quant_convs=False).config
+    assert (shifted.scaling_factor, shifted.shift_factor) == (0.5, 0.25)
+    assert (shifted.use_quant_conv, shifted.use_post_quant_conv) == (False, False)
+    plain = tiny.tiny_vae(scaling_factor=0.5).config
+    assert plain.shift_factor is None and plain.use_quant_conv and plain.use_post_quant_conv
+    assert plain.latent_channels == tiny.VAE_LATENT_CHANNELS
+    assert len(plain.block_out_channels) == 4, "8x down-sampling, as in the real VAEs"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,8 +199,8 @@ def test_unknown_family_is_refused_with_the_allowed_ones(tmp_path):
 
 
 def test_flux_scheduler_configs_follow_the_real_checkpoints():
-    dev = tiny.flux_scheduler_config("dev")
-    schnell = tiny.flux_scheduler_config("schnell")
+    dev = flux_tiny().flux_scheduler_config("dev")
+    schnell = flux_tiny().flux_scheduler_config("schnell")
 
     assert dev["shift"] == 3.0 and dev["use_dynamic_shifting"] is True
     assert (dev["base_shift"], dev["max_shift"]) == (0.5, 1.15)
@@ -163,24 +209,24 @@ def test_flux_scheduler_configs_follow_the_real_checkpoints():
     assert dev["num_train_timesteps"] == schnell["num_train_timesteps"] == 1000
 
     dev["shift"] = 99.0
-    assert tiny.flux_scheduler_config("dev")["shift"] == 3.0, "callers get a copy"
+    assert flux_tiny().flux_scheduler_config("dev")["shift"] == 3.0, "callers get a copy"
 
     with pytest.raises(ValueError, match="variant 'pro'"):
-        tiny.flux_scheduler_config("pro")
+        flux_tiny().flux_scheduler_config("pro")
 
 
 @pytest.mark.parametrize(("guidance_embeds", "variant"), [(True, "dev"), (False, "schnell")])
 def test_flux_components_pair_guidance_with_the_matching_scheduler(guidance_embeds, variant):
-    components = tiny.tiny_flux_components(guidance_embeds=guidance_embeds)
+    components = flux_tiny().tiny_flux_components(guidance_embeds=guidance_embeds)
     assert components["transformer"].config.guidance_embeds is guidance_embeds
     scheduler_config = components["scheduler"].config
-    for key, value in tiny.flux_scheduler_config(variant).items():
+    for key, value in flux_tiny().flux_scheduler_config(variant).items():
         assert scheduler_config[key] == value, key
     assert components["image_encoder"] is None and components["feature_extractor"] is None
 
 
 def test_flux_widths_line_up():
-    components = tiny.tiny_flux_components()
+    components = flux_tiny().tiny_flux_components()
     transformer = components["transformer"].config
     vae = components["vae"].config
 
@@ -194,8 +240,8 @@ def test_flux_widths_line_up():
 
 @pytest.mark.filterwarnings("ignore:.*FluxPosEmbed.*:FutureWarning")
 def test_flux_controlnet_matches_the_transformer():
-    transformer = tiny.tiny_flux_components(guidance_embeds=False)["transformer"]
-    controlnet = tiny.tiny_flux_controlnet(transformer_config=transformer.config)
+    transformer = flux_tiny().tiny_flux_components(guidance_embeds=False)["transformer"]
+    controlnet = flux_tiny().tiny_flux_controlnet(transformer_config=transformer.config)
 
     for key in ("in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim"):
         assert controlnet.config[key] == transformer.config[key], key
@@ -206,7 +252,7 @@ def test_flux_controlnet_matches_the_transformer():
     assert len(controlnet.single_transformer_blocks) < len(transformer.single_transformer_blocks)
     assert len(controlnet.controlnet_single_blocks) == len(controlnet.single_transformer_blocks)
 
-    default = tiny.tiny_flux_controlnet()
+    default = flux_tiny().tiny_flux_controlnet()
     assert default.config.guidance_embeds is True
     assert default.config.joint_attention_dim == transformer.config.joint_attention_dim
 
@@ -216,18 +262,18 @@ def test_flux_controlnet_pipeline_runs_and_the_control_shows():
     from diffusers import FluxControlNetPipeline
 
     family = "flux-dev"
-    control_image = Image.new("RGB", tiny.TINY_SIZE[family][::-1], (200, 30, 30))
+    control_image = Image.new("RGB", tiny_size(family)[::-1], (200, 30, 30))
 
     def images(controlnet, scale: float) -> np.ndarray:
-        components = tiny.tiny_flux_components(seed=0)
+        components = flux_tiny().tiny_flux_components(seed=0)
         pipe = FluxControlNetPipeline(**components, controlnet=controlnet)
         return run_pipeline(
             pipe, family, control_image=control_image, controlnet_conditioning_scale=scale
         )
 
-    controlnet = tiny.tiny_flux_controlnet(seed=0)
+    controlnet = flux_tiny().tiny_flux_controlnet(seed=0)
     controlled = images(controlnet, 1.0)
-    height, width = tiny.TINY_SIZE[family]
+    height, width = tiny_size(family)
     assert controlled.shape == (1, height, width, 3)
     assert np.isfinite(controlled).all()
 
@@ -235,7 +281,7 @@ def test_flux_controlnet_pipeline_runs_and_the_control_shows():
     assert not np.allclose(controlled, uncontrolled), "random residuals must change the image"
 
     # diffusers' own zero initialisation: a fresh controlnet changes nothing.
-    zero = tiny.tiny_flux_controlnet(seed=0, zero_residuals=True)
+    zero = flux_tiny().tiny_flux_controlnet(seed=0, zero_residuals=True)
     np.testing.assert_array_equal(images(zero, 1.0), uncontrolled)
 
 
@@ -245,7 +291,7 @@ def test_flux_controlnet_pipeline_runs_and_the_control_shows():
 
 
 def test_sdxl_unet_has_instantstyle_blocks():
-    components = tiny.tiny_sdxl_components()
+    components = recipes("sdxl").tiny_sdxl_components()
     unet = components["unet"]
 
     assert len(unet.up_blocks[0].attentions) == 3
@@ -261,7 +307,7 @@ def test_sdxl_unet_has_instantstyle_blocks():
 
 
 def test_sdxl_widths_line_up():
-    components = tiny.tiny_sdxl_components()
+    components = recipes("sdxl").tiny_sdxl_components()
     unet = components["unet"].config
     text_1 = components["text_encoder"].config
     text_2 = components["text_encoder_2"].config
@@ -275,7 +321,7 @@ def test_sdxl_widths_line_up():
 
 
 def test_sdxl_scheduler_is_sdxl_base_euler():
-    scheduler = tiny.tiny_sdxl_components()["scheduler"]
+    scheduler = recipes("sdxl").tiny_sdxl_components()["scheduler"]
     assert type(scheduler).__name__ == "EulerDiscreteScheduler"
     config = scheduler.config
     assert (config.beta_start, config.beta_end, config.beta_schedule) == (
@@ -288,7 +334,7 @@ def test_sdxl_scheduler_is_sdxl_base_euler():
 
 
 def test_sd15_components_follow_sd15():
-    components = tiny.tiny_sd15_components()
+    components = recipes("sd15").tiny_sd15_components()
     unet = components["unet"]
     scheduler = components["scheduler"]
 
@@ -362,7 +408,7 @@ def test_t5_tokenizer_encodes_pads_truncates_and_round_trips(tmp_path):
 
 def test_text_encoders_accept_every_token_id():
     """The embedding tables must cover the tokenizers' whole vocabularies."""
-    flux = tiny.tiny_flux_components()
+    flux = flux_tiny().tiny_flux_components()
     assert flux["text_encoder"].config.vocab_size >= len(flux["tokenizer"])
     assert flux["text_encoder_2"].config.vocab_size >= len(flux["tokenizer_2"])
     assert flux["text_encoder"].config.eos_token_id == flux["tokenizer"].eos_token_id
@@ -388,10 +434,16 @@ def test_clip_vision_encoder_and_processor_are_tiny():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_importing_tiny_does_not_import_torch():
+TINY_MODULES = ("adapterswap.kit.tiny", "adapterswap.kit.tiny_tokenizers",
+                *sorted(set(FAMILY_MODULES.values())))
+
+
+@pytest.mark.parametrize("module", TINY_MODULES)
+def test_importing_tiny_does_not_import_torch(module):
     """Fast CLI paths (``--help``, ``plugins``) may import the module."""
+    pytest.importorskip(module.partition(".")[0])
     code = (
-        "import sys, adapterswap.tiny; "
+        f"import sys, {module}; "
         "print(sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)))"
     )
     result = subprocess.run(
@@ -401,11 +453,18 @@ def test_importing_tiny_does_not_import_torch():
 
 
 def test_every_public_function_has_a_docstring():
-    public = [
-        obj
-        for name, obj in vars(tiny).items()
-        if not name.startswith("_") and inspect.isfunction(obj) and obj.__module__ == tiny.__name__
-    ]
+    public = []
+    for name in TINY_MODULES:
+        module = importlib.import_module(name)
+        public += [
+            obj
+            for key, obj in vars(module).items()
+            if not key.startswith("_") and inspect.isfunction(obj)
+            and obj.__module__ == module.__name__
+        ]
     assert len(public) >= 10
     for function in public:
         assert inspect.getdoc(function), function.__name__
+    for method in vars(tiny.TinyPipelines).values():
+        if inspect.isfunction(method) and not method.__name__.startswith("_"):
+            assert inspect.getdoc(method), method.__name__

@@ -52,6 +52,7 @@ class ToyBackbone(Backbone):
     default_source = "adapterswap-test/toy"
     default_height = 16
     default_width = 16
+    tiny_size = (16, 16)
     required_files = ("model_index.json", "denoiser.safetensors")
     how_to_get = "Build one with ToyBackbone.save_random(path)."
 

@@ -9,7 +9,7 @@ with the reason, when its model or package is missing: a score is never invented
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -58,6 +58,12 @@ class Metric(ABC):
         for prompt fidelity, what a run without an adapter is judged on); empty for
         diagnostics that apply to any image (sharpness, contrast). A step recommendation is
         only made on a metric of the adapter's kind. Recorded with every run.
+    :cvar default_for: adapter kinds for which the metric is in a sweep's default list besides
+        the kind-matched ones (a metric is always a default for the kinds in :attr:`kinds`);
+        ``"*"``: every kind, and runs without an adapter (``"none"``). E.g. LPIPS is a
+        default for ``{"identity", "style"}``, sharpness for ``{"*"}``.
+    :cvar model_free: True when the metric loads no model weights (sharpness, contrast,
+        latency): the only defaults of the ``tiny`` and ``random`` presets.
     :cvar worst: the metric's worst possible value when bounded (cosine similarity: -1), used
         by ``report --missing worst`` for images it could not score; ``None``: unbounded.
     :cvar description: one line for ``adapterswap list metrics``.
@@ -70,6 +76,8 @@ class Metric(ABC):
     needs: ClassVar[frozenset[str]] = frozenset()
     higher_is_better: ClassVar[bool] = True
     kinds: ClassVar[frozenset[str]] = frozenset()
+    default_for: ClassVar[frozenset[str]] = frozenset()
+    model_free: ClassVar[bool] = False
     worst: ClassVar[float | None] = None
     description: ClassVar[str] = ""
     options_spec: ClassVar[Mapping[str, Any]] = {}
@@ -81,6 +89,11 @@ class Metric(ABC):
         needs = getattr(klass, "needs", None)
         if not isinstance(needs, (frozenset, set, tuple)) or not set(needs) <= set(METRIC_NEEDS):
             problems.append(f"needs={needs!r} must be a subset of {', '.join(METRIC_NEEDS)}")
+        for attr in ("kinds", "default_for"):
+            value = getattr(klass, attr, None)
+            if not (isinstance(value, (frozenset, set, tuple))
+                    and all(isinstance(k, str) and k for k in value)):
+                problems.append(f"{attr}={value!r} must be a set of adapter kind names")
         abstract = sorted(getattr(klass, "__abstractmethods__", ()))
         if abstract:
             problems.append(f"abstract methods not implemented: {', '.join(abstract)}")
@@ -156,3 +169,28 @@ class Metric(ABC):
     @abstractmethod
     def score(self, batch: MetricBatch) -> list[float | None]:
         """One score per image (``None`` where a score is undefined, e.g. no face found)."""
+
+
+#: The order of a default metric list after the kind-matched metrics: what the metric needs
+#: (reference-based, prompt-based, image-only, timing), then its name.
+_NEEDS_ORDER = ("reference", "baseline", "prompt", "", "timing")
+
+
+def default_metrics(adapter_kind: str | None, classes: Iterable[type[Metric]], *,
+                    model_free_only: bool = False) -> list[str]:
+    """The metrics a sweep scores when none are given, from the metrics' declarations: those
+    measuring fidelity for ``adapter_kind`` (:attr:`Metric.kinds`; ``None`` or ``"none"``: no
+    adapter, prompt fidelity) by name, then those whose :attr:`Metric.default_for` names the
+    kind or ``"*"``. ``model_free_only``: only :attr:`Metric.model_free` ones (presets of
+    random weights, where model-based scores mean nothing)."""
+    kind = adapter_kind or "none"
+    classes = [c for c in classes if c.model_free or not model_free_only]
+    matched = sorted(c.name for c in classes if kind in c.kinds)
+
+    def order(cls: type[Metric]) -> tuple[int, str]:
+        need = next((n for n in _NEEDS_ORDER if n and n in cls.needs), "")
+        return _NEEDS_ORDER.index(need), cls.name
+
+    extra = [c for c in classes if c.name not in matched
+             and (kind in c.default_for or "*" in c.default_for)]
+    return matched + [c.name for c in sorted(extra, key=order)]

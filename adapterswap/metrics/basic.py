@@ -36,6 +36,8 @@ def rms_contrast(image: Image.Image) -> float:
 
 class Sharpness(Metric):
     name = "sharpness"
+    default_for = frozenset({"*"})
+    model_free = True
     needs = frozenset()
     higher_is_better = True
     description = "Variance of the Laplacian of the luma (detail / focus)"
@@ -46,6 +48,8 @@ class Sharpness(Metric):
 
 class Contrast(Metric):
     name = "contrast"
+    default_for = frozenset({"*"})
+    model_free = True
     needs = frozenset()
     higher_is_better = True
     description = "RMS contrast: standard deviation of the luma in [0, 1]"
@@ -56,6 +60,8 @@ class Contrast(Metric):
 
 class Latency(Metric):
     name = "latency"
+    default_for = frozenset({"*"})
+    model_free = True
     needs = frozenset({"timing"})
     higher_is_better = False
     description = "Synchronised wall time per image in seconds (total; denoise_s also kept)"

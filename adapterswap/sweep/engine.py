@@ -7,7 +7,9 @@ family, the training-free swap; prompts and references are encoded once), measur
 apart (:mod:`~adapterswap.sweep.latency`), runs each group through the step loop
 (:mod:`~adapterswap.sweep.runner`: seeds batched, step counts advancing together with
 per-sample timesteps) and finishes cells as they end (:mod:`~adapterswap.sweep.finish`: one
-transaction per cell, so an interruption loses at most the cells in flight).
+transaction per cell, so an interruption loses at most the cells in flight). Each backbone's
+fast path is its :class:`~adapterswap.fastpath.Accelerator`, which the model factory keeps and
+the engine enables, deciding compilation from the backbone's compile profile for the card.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ class SweepSummary:
     load_seconds: float = 0.0
     #: seconds of latency timing (warm-ups and timed single-image runs)
     latency_seconds: float = 0.0
-    #: what the fast path did per backbone (attention, compiled parts, float8 layers)
+    #: what the fast path did per backbone (attention, compiled parts, float8 layers, the
+    #: compile profile that decided, block-cache counts)
     fast_path: dict[str, Any] = field(default_factory=dict)
     #: cells run with a confound, per flag (``schedule_starts_far_from_noise``,
     #: ``window_never_opens``): see :func:`adapterswap.denoise.schedule_confounds`
@@ -233,20 +236,28 @@ class SweepEngine:
 
     def enable_fast_path(self, backbone: Any, cells: Sequence[Cell]) -> dict[str, Any]:
         """The spec's fast path on ``backbone`` and the adapters its cells use (loaded and
-        attached first, so their modules are compiled or cast along)."""
+        attached first, so their modules are compiled or cast along), through the backbone's
+        accelerator. With ``compile=None`` it compiles on CUDA where the cells' planned
+        forwards reach the break-even of the backbone's compile profile for this card
+        (:mod:`adapterswap.fastpath.profile`); the report names that profile."""
+        accelerator = self.models.accelerator(backbone)
         per_forward = max(1, min(self.spec.max_batch, len(self.spec.seeds)))
         forwards = sum(cell.steps for cell in cells) // per_forward
         fast = self.spec.fast_path(str(backbone.device), forwards,
-                                   backbone.compile_repays(forwards, per_forward))
+                                   accelerator.compile_repays(forwards, per_forward))
         adapters = []
         for name in sorted({cell.adapter for cell in cells} - {"none"}):
             adapter = self.models.adapter(name, backbone)
             adapter.attach(backbone)
             adapters.append(adapter)
-        report = backbone.enable_fast_path(fast, adapters=adapters)
+        report = accelerator.enable(fast, adapters=adapters)
+        profile = accelerator.profile
+        report["compile_profile"] = profile.report()
         if report.get("compiled"):
             self.log(f"{backbone.name}: compiling {'; '.join(report['compiled'])} "
                      f"(~{forwards} forwards planned; the first call per batch shape is slow)")
+            if fast.compile and profile.note:
+                self.log(f"{backbone.name}: compile profile {profile.note}")
         if report.get("fp8_layers"):
             self.log(f"{backbone.name}: {report['fp8_layers']} linear layers in float8 "
                      "(approximation)")
@@ -372,8 +383,9 @@ class SweepEngine:
         backbone = loaded if loaded is not None else self.models.backbone(part.backbone)
         summary.fast_path[part.backbone] = self.enable_fast_path(backbone, part.cells)
         summary.load_seconds += time.perf_counter() - started
-        context = timing_context(backbone)
-        fast = backbone.fast_path
+        accelerator = self.models.accelerator(backbone)
+        context = timing_context(backbone, accelerator)
+        fast = accelerator.fast_path
         parallel = self.spec.use_step_parallel(bool(fast is not None and fast.compile))
         prompts: dict[str, Any] = {}
         for setting in part.settings:
@@ -382,18 +394,20 @@ class SweepEngine:
             if timed:
                 started = time.perf_counter()
                 meter.measure(backbone, adapter, setting.cells, context, functools.partial(
-                    self.models.conditioning, adapter, backbone, first.reference))
+                    self.models.conditioning, adapter, backbone, first.reference),
+                    accelerator=accelerator)
                 summary.latency_seconds += time.perf_counter() - started
             timings = meter.timings(setting.cells, context)
             for group in setting.groups:
                 inputs = self._group_inputs(backbone, adapter, group, prompts)
                 done, failed = runner.run_group(backbone, adapter, group.items, inputs,
-                                                step_parallel=parallel, timings=timings)
+                                                step_parallel=parallel, timings=timings,
+                                                accelerator=accelerator)
                 summary.done += done
                 summary.failed += failed
         finisher.drain()  # every cell of this backbone stored before unloading
-        if backbone.block_cache is not None:
-            stats = backbone.block_cache.stats()
+        if accelerator.block_cache is not None:
+            stats = accelerator.block_cache.stats()
             summary.fast_path[part.backbone]["block_cache"] = stats
             self.store.set_meta(f"block_cache:{part.backbone}", stats)
             self.log(f"{part.backbone}: block cache computed {stats['computed_steps']} "

@@ -69,9 +69,10 @@ def fast_path_label(fast: Any) -> str:
     return "+".join(parts)
 
 
-def timing_context(backbone: Any) -> TimingContext:
-    """The :class:`TimingContext` of a loaded backbone."""
-    fast = backbone.fast_path
+def timing_context(backbone: Any, accelerator: Any = None) -> TimingContext:
+    """The :class:`TimingContext` of a loaded backbone run through ``accelerator`` (its
+    :class:`~adapterswap.fastpath.Accelerator`; ``None``: plain eager, no fast path set)."""
+    fast = None if accelerator is None else accelerator.fast_path
     dtype = str(backbone.dtype).removeprefix("torch.") if backbone.dtype is not None else ""
     return TimingContext(device=str(backbone.device), dtype=dtype,
                          fast_path=fast_path_label(fast),
@@ -221,10 +222,12 @@ class LatencyMeter:
                 if self.store.latency(latency_key(first, n, context)) is None]
 
     def measure(self, backbone: Any, adapter: Any, cells: Sequence[Cell],
-                context: TimingContext, conditioning: Callable[[], Any]) -> None:
+                context: TimingContext, conditioning: Callable[[], Any], *,
+                accelerator: Any = None) -> None:
         """Time one image of the setting of ``cells`` (all of one setting, with ``adapter``
         applied) at each step count without a row; ``conditioning()`` gives the reference's
-        encoding (the first cell's prompt, seed and reference are used)."""
+        encoding (the first cell's prompt, seed and reference are used). The images run
+        through the backbone's ``accelerator``, as the sweep's do (``None``: plain eager)."""
         steps = self.missing(cells, context)
         if not steps:
             return
@@ -237,7 +240,8 @@ class LatencyMeter:
             return denoise(backbone, first.prompt, num_inference_steps=n, seeds=[first.seed],
                            height=first.height, width=first.width,
                            guidance_scale=first.guidance_scale, adapter=adapter,
-                           conditioning=encoded, output_type="pil").timings
+                           conditioning=encoded, output_type="pil",
+                           accelerator=accelerator).timings
 
         warm_up = id(backbone) not in self._warm
         self._warm.add(id(backbone))

@@ -10,7 +10,10 @@ their encodings, each loaded or computed once.
 - reference images (``synthetic:N`` is the adapter's synthetic reference N), cached and, with a
   ``reference_folder``, saved there once;
 - an adapter's encoding of a reference, cached per loaded backbone and reference (it does not
-  depend on scale, window, prompt, seed or steps).
+  depend on scale, window, prompt, seed or steps);
+- the :class:`~adapterswap.fastpath.Accelerator` of each loaded backbone: ONE per backbone
+  object, since compiled and float8 modules cannot be changed back, so enabling it again
+  (another sweep part, ``generate`` after a sweep) sees what was already done.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class ModelFactory:
         self.adapters: dict[str, Any] = {}
         self._references: dict[str, Any] = {}
         self._conditionings: dict[tuple[Any, ...], Any] = {}
+        self._accelerators: dict[int, Any] = {}
 
     @classmethod
     def from_spec(cls, spec: Any, *, reference_folder: str | Path | None = None
@@ -78,6 +82,17 @@ class ModelFactory:
             return cls.random(device=self.device, dtype=self.dtype, seed=0, **options)
         return cls(self.sources.get(name), device=self.device, dtype=self.dtype,
                    **options).load()
+
+    def accelerator(self, backbone: Any) -> Any:
+        """The :class:`~adapterswap.fastpath.Accelerator` of ``backbone`` (made on first use,
+        then the same one until :meth:`forget`): the engine and ``generate`` enable the fast
+        path through it and hand it to the denoising loop."""
+        from adapterswap.fastpath import Accelerator
+
+        accelerator = self._accelerators.get(id(backbone))
+        if accelerator is None or accelerator.backbone is not backbone:
+            accelerator = self._accelerators[id(backbone)] = Accelerator(backbone)
+        return accelerator
 
     def check_weights(self, names: Sequence[str]) -> None:
         """Fail now, before anything is written or loaded, when a backbone's weights cannot be
@@ -160,6 +175,10 @@ class ModelFactory:
         return self._conditionings[key]
 
     def forget(self, backbone: Any) -> None:
-        """Drop the encodings made for ``backbone`` (before it is unloaded)."""
+        """Drop the encodings and the accelerator made for ``backbone`` (before it is
+        unloaded)."""
         self._conditionings = {k: v for k, v in self._conditionings.items()
                                if k[0] != id(backbone)}
+        accelerator = self._accelerators.get(id(backbone))
+        if accelerator is not None and accelerator.backbone is backbone:
+            del self._accelerators[id(backbone)]

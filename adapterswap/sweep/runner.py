@@ -7,7 +7,9 @@ go to the :class:`~adapterswap.sweep.finish.CellFinisher` at once. Rows whose fi
 the same inputs as another's (same seed, schedules that start alike) reuse its output
 (:func:`adapterswap.sweep.plan.first_step_plan`). Probes and per-step predicted clean images
 (trajectories) are recorded here, where they act. A chunk that runs out of memory is split in
-two and retried; a single image that does is stored as failed.
+two and retried; a single image that does is stored as failed. The fast path acts through the
+backbone's accelerator (:class:`adapterswap.fastpath.Accelerator`), whose loop hooks the
+runner calls.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from adapterswap.denoise import StepContext, TensorBundle
-from adapterswap.fastpath import ForwardTimer, device_tensor
+from adapterswap.denoise import EAGER, StepContext, TensorBundle
+from adapterswap.fastpath import ForwardTimer
 from adapterswap.sweep.finish import CellFinisher, Probes, Sample
 from adapterswap.sweep.plan import FirstStepPlan, chunks, first_step_key, first_step_plan
 from adapterswap.sweep.spec import Cell
+from adapterswap.tensors import device_tensor
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -82,10 +85,13 @@ class ChunkRunner:
 
     def run_group(self, backbone: Any, adapter: Any, items: Sequence[tuple[Cell, str]],
                   inputs: GroupInputs, *, step_parallel: bool,
-                  timings: dict[int, dict[str, float]] | None = None) -> tuple[int, int]:
+                  timings: dict[int, dict[str, float]] | None = None,
+                  accelerator: Any = None) -> tuple[int, int]:
         """All seeds and step counts of one group; returns ``(done, failed)`` counted here.
-        ``timings``: the latency of the group's setting per step count."""
+        ``timings``: the latency of the group's setting per step count; ``accelerator``: the
+        backbone's :class:`~adapterswap.fastpath.Accelerator` (``None``: plain eager)."""
         timings = timings or {}
+        hooks = EAGER if accelerator is None else accelerator
         samples = [Sample(cell, key, cell.steps, dict(timings.get(cell.steps) or {}))
                    for cell, key in items]
         done = failed = 0
@@ -94,7 +100,7 @@ class ChunkRunner:
         while pending:
             chunk = pending.pop(0)
             try:
-                d, f = self.run_chunk(backbone, adapter, chunk, inputs, first_outputs)
+                d, f = self.run_chunk(backbone, adapter, chunk, inputs, first_outputs, hooks)
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -150,8 +156,9 @@ class ChunkRunner:
             self.confounds[flag] = self.confounds.get(flag, 0) + 1
 
     def run_chunk(self, backbone: Any, adapter: Any, chunk: list[Sample], inputs: GroupInputs,
-                  first_outputs: dict[Any, Any]) -> tuple[int, int]:
-        """Denoise ``chunk`` from its seeds' noise to the end; finish rows as they end."""
+                  first_outputs: dict[Any, Any], hooks: Any = EAGER) -> tuple[int, int]:
+        """Denoise ``chunk`` from its seeds' noise to the end; finish rows as they end.
+        ``hooks``: the backbone's accelerator (:data:`adapterswap.denoise.EAGER`: none)."""
         import torch
 
         first = chunk[0].cell
@@ -166,15 +173,17 @@ class ChunkRunner:
                                               if s.cell.trajectory}
         probes: dict[int, Probes] = {j: [] for j in range(len(chunk))}
         recorder = self._install_probes(backbone, adapter) if first.probes else None
-        plan = None if recorder is not None else \
+        # not with probes (they record every row) nor a block cache (its stored residuals
+        # follow the batch)
+        plan = None if recorder is not None or hooks.block_cache is not None else \
             self._first_step_plan(backbone, adapter, chunk, schedules, first_outputs)
         if plan is not None:
             self.shared_first_steps += plan.shared
         active = list(range(len(chunk)))
         done = failed = 0
         tick = 0
-        backbone.begin_run()
-        with backbone.step_context():
+        hooks.begin_run()
+        with hooks.step_context():
             while active:
                 steps_of = [chunk[j].steps for j in active]
                 # rows the forward computes: at step 0 only those whose output is not known yet
@@ -184,7 +193,7 @@ class ChunkRunner:
                 output = None
                 if rows:
                     output = self._forward(backbone, adapter, current, rows, steps_of, tick,
-                                           schedules, inputs, h, w)
+                                           schedules, inputs, h, w, hooks)
                 if tick == 0 and plan:
                     output = self._first_step_outputs(output, plan, first_outputs)
                 if recorder is not None:
@@ -214,7 +223,7 @@ class ChunkRunner:
                     failed += f
                 going_on = [r for r, j in enumerate(active) if chunk[j].steps > tick]
                 if len(going_on) < len(active) and going_on:
-                    backbone.keep_rows(going_on)
+                    hooks.keep_rows(going_on)
                 active = [active[r] for r in going_on]
         if recorder is not None:
             self._remove_probes(backbone, adapter)
@@ -222,7 +231,7 @@ class ChunkRunner:
 
     def _forward(self, backbone: Any, adapter: Any, current: Any, rows: list[int],
                  steps_of: list[int], tick: int, schedules: dict[int, Any],
-                 inputs: GroupInputs, h: int, w: int) -> Any:
+                 inputs: GroupInputs, h: int, w: int, hooks: Any = EAGER) -> Any:
         """One timed adapter + denoiser forward of ``rows`` of the active batch ``current``."""
         import torch
 
@@ -238,7 +247,7 @@ class ChunkRunner:
         batch_prompt = inputs.prompt.repeat(len(rows))
         adapter_inputs = None
         timer = self.forward_timer.start()
-        backbone.begin_step()
+        hooks.begin_step()
         if adapter is not None and inputs.conditioning is not None:
             adapter_inputs = adapter.denoiser_inputs(
                 backbone, inputs.conditioning.repeat(len(rows)), batch, ctx, batch_prompt)
@@ -256,10 +265,8 @@ class ChunkRunner:
         shares prompt, reference and adapter setting), equal :attr:`Schedule.first_step_key`
         and equal :meth:`Adapter.first_step_key`. Such outputs are kept for the whole group
         (``known``), so step counts run one after another (compiled sweeps) share them too.
-        Off with a block cache (its stored residuals follow the batch); with probes this is
-        not called (they record every row)."""
-        if backbone.block_cache is not None:
-            return None
+        Not called with probes (they record every row) or a block cache (its stored residuals
+        follow the batch)."""
         keys = [first_step_key(sample.cell.seed, schedules[sample.steps].first_step_key,
                                None if adapter is None else adapter.first_step_key(sample.steps),
                                adapter is not None)

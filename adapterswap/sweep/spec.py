@@ -19,17 +19,35 @@ Example ``sweep.toml``::
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterswap.errors import InvalidArgumentError, UsageError
+from adapterswap.errors import InvalidArgumentError
+from adapterswap.sweep.cells import Cell, expand, preset_size
+from adapterswap.sweep.checks import (  # noqa: F401 - re-exported: callers import them here
+    MAX_SEED,
+    _finite,
+    _float_list,
+    _int_list,
+    _no_repeats,
+    _str_list,
+    check_device,
+    check_dtype,
+    check_guidance,
+    check_output_dir,
+    check_output_file,
+    check_reference,
+    check_seed,
+    check_size,
+    check_steps,
+    parse_float_list,
+    parse_int_list,
+    parse_windows,
+    read_prompts_file,
+)
 
 if TYPE_CHECKING:
     from adapterswap.fastpath import FastPath
@@ -39,24 +57,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-#: Metrics used when none are given, by adapter kind (those not installed are left out).
-DEFAULT_METRICS = {
-    "identity": ["identity", "lpips", "clip-t", "sharpness", "contrast", "latency"],
-    "style": ["style", "clip-t", "lpips", "sharpness", "contrast", "latency"],
-    "object": ["clip-i", "dino", "clip-t", "sharpness", "contrast", "latency"],
-    None: ["clip-t", "sharpness", "contrast", "latency"],
-}
 #: ``tiny``: tiny random models on CPU; ``random``: random weights at the published sizes
 #: (real latency and memory without downloads, meaningless images).
 PRESETS = (None, "tiny", "random")
-#: Metrics that need no model weights (the tiny preset's default).
-MODEL_FREE_METRICS = ("sharpness", "contrast", "latency")
 SYNTHETIC_REFERENCE = "synthetic:0"
-#: Seeds are integers in ``[0, MAX_SEED]``. ``torch.Generator.manual_seed`` takes
-#: ``0 .. 2**64 - 1`` (a negative seed silently aliases a large one: -1 is 2**64 - 1, larger
-#: ones overflow), and the store keeps seeds as SQLite INTEGERs (signed 64-bit), so
-#: ``2**63 - 1`` is the largest seed that is both drawn and stored exactly.
-MAX_SEED = 2**63 - 1
 #: Prompts used when none are given (the tiny preset uses the first only).
 DEFAULT_PROMPTS = [
     "a portrait photo of a person, soft studio light",
@@ -96,13 +100,14 @@ class SweepSpec:
     :ivar max_batch: most samples in one denoiser forward.
     :ivar compile: ``torch.compile`` each backbone's denoiser and adapter (the fast path,
         :mod:`adapterswap.fastpath`); ``None`` (default): on with a CUDA device for backbones
-        whose cells plan enough work to repay it (``Backbone.compile_repays``: FLUX ~470
-        image-steps, SD1.5 ~3000 forwards, SDXL ~3700 on an H100), off elsewhere. The first call
+        whose cells plan enough work to repay it (the break-even of the backbone's compile
+        profile for this card, :mod:`adapterswap.fastpath.profile`), off elsewhere. The first call
         at each batch shape compiles (seconds to minutes).
     :ivar attention: SDPA kernel preference (:data:`adapterswap.fastpath.ATTENTION_CHOICES`).
     :ivar fp8: float8 linear layers (an approximation: its cells get keys of their own).
     :ivar cache: block cache policy, ``"threshold:T"`` or ``"interval:N"`` (an approximation,
-        FLUX backbones only: :mod:`adapterswap.blockcache`; cells get keys of their own).
+        backbones that declare ``block_cache_layout`` only:
+        :mod:`adapterswap.fastpath.blockcache`; cells get keys of their own).
     :ivar overlap: finish cells (copy to host, images, metrics, store) on a background thread
         while the next forwards run; ``None`` (default): on when the sweep runs on CUDA.
     :ivar metric_options: per-metric options, e.g. ``{"identity": {"recognizer": "ir-se50"}}``.
@@ -161,7 +166,7 @@ class SweepSpec:
                   repays: bool | None = None) -> FastPath:
         """The fast-path switches for a backbone on ``device`` whose cells plan ``forwards``
         denoiser forwards: with ``compile=None``, compile on CUDA where it ``repays`` itself
-        (``Backbone.compile_repays``; without it, from
+        (``Accelerator.compile_repays`` from the compile profile; without it, from
         :data:`adapterswap.fastpath.AUTO_COMPILE_FORWARDS` forwards on)."""
         from adapterswap.fastpath import AUTO_COMPILE_FORWARDS, FastPath
 
@@ -243,6 +248,7 @@ class SweepSpec:
     # ------------------------------------------------------------------ validation
     def validate(self) -> SweepSpec:
         """Check every field, resolve defaults that need the registries; return self."""
+        from adapterswap.metrics.base import default_metrics
         from adapterswap.plugins import adapters, backbones, get_adapter, get_backbone, metrics
 
         self.backbones = _str_list("backbones", self.backbones)
@@ -251,7 +257,8 @@ class SweepSpec:
         if len(set(self.backbones)) != len(self.backbones):
             raise InvalidArgumentError("backbones", self.backbones, "repeated backbone")
         classes = [get_backbone(name) for name in self.backbones]  # unknown -> suggestion
-        del backbones, adapters
+        installed = [entry.cls for entry in backbones().entries()]
+        del adapters
         if self.preset not in PRESETS:
             raise InvalidArgumentError("preset", self.preset,
                                        f"choose one of {', '.join(p for p in PRESETS if p)}")
@@ -263,7 +270,8 @@ class SweepSpec:
             name = self.adapter_for(cls)
             if name is not None:
                 adapter_cls = get_adapter(name)
-                adapter_cls(scale=self.scale, start=self.start, end=self.end).check_backbone(cls)
+                adapter_cls(scale=self.scale, start=self.start, end=self.end).check_backbone(
+                    cls, installed=installed)
         if len(adapter_names) > 1 and self.adapter is not None:
             raise InvalidArgumentError("adapter", self.adapter, "one adapter per sweep")
 
@@ -294,9 +302,7 @@ class SweepSpec:
         self.steps = _int_list("steps", self.steps, minimum=1)
         for cls in classes:
             check_steps("steps", self.step_grid(cls), cls)
-            check_size(cls, self.height, self.width,
-                       default=(_tiny_or_default(self, cls, "height"),
-                                _tiny_or_default(self, cls, "width")))
+            check_size(cls, self.height, self.width, default=preset_size(self.preset, cls))
             check_guidance("guidance_scale", self.guidance_scale, cls)
         if not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool) \
                 or self.max_batch < 1:
@@ -306,6 +312,14 @@ class SweepSpec:
                 raise InvalidArgumentError(name, getattr(self, name), "must be true or false")
         self._validate_backbone_options(classes)
         self.cache = self.fast_path("cpu").cache  # validates attention, fp8 and cache
+        if self.probes:
+            self._check_probes(classes)
+        for cls in classes if self.cache else ():
+            if cls.block_cache_layout is None:
+                raise InvalidArgumentError(
+                    "cache", self.cache, f"backbone {cls.name!r} has no block cache (it "
+                    "declares no block_cache_layout: its denoiser is not a joint-attention "
+                    "transformer the cache can serve)")
         if self.cache and self.probes:
             raise InvalidArgumentError("cache", self.cache,
                                        "probes need every block to run at every step; drop "
@@ -345,9 +359,10 @@ class SweepSpec:
         self.metrics = _str_list("metrics", self.metrics)
         registry = metrics()
         if not self.metrics:
-            self.metrics = [m for m in DEFAULT_METRICS[kind] if m in registry]
+            classes = [entry.cls for entry in registry.entries()]
+            self.metrics = default_metrics(kind, classes,
+                                           model_free_only=self.preset in ("tiny", "random"))
             if self.preset in ("tiny", "random"):
-                self.metrics = [m for m in self.metrics if m in MODEL_FREE_METRICS]
                 self.defaults_used.append(
                     f"{self.preset} preset: model-based metrics are off by default (their "
                     "weights would be downloaded); name them with --metrics to use them")
@@ -377,6 +392,25 @@ class SweepSpec:
             raise InvalidArgumentError("--out", self.out, "must be a directory path")
         check_output_dir("--out", str(self.out))
         return self
+
+    def _check_probes(self, classes: Sequence[Any]) -> None:
+        """``probes`` needs a backbone or adapter that declares ``supports_probes``: refused
+        when no backbone of the sweep has one, noted for those that have none."""
+        from adapterswap.plugins import get_adapter
+
+        silent = []
+        for cls in classes:
+            adapter = self.adapter_for(cls)
+            parts = [cls] + ([get_adapter(adapter)] if adapter else [])
+            if not any(part.supports_probes for part in parts):
+                silent.append(cls.name + (f" with adapter {adapter!r}" if adapter else ""))
+        if len(silent) == len(classes):
+            raise InvalidArgumentError(
+                "probes", True, f"no part of this sweep records probes ({'; '.join(silent)}: "
+                "none declares supports_probes); drop --probes")
+        for what in silent:
+            self.defaults_used.append(f"--probes: backbone {what} records no probes (neither "
+                                      "declares supports_probes)")
 
     def options_for(self, backbone: str) -> dict[str, Any]:
         """The options of one backbone: the flat options plus its own table, if any."""
@@ -419,424 +453,19 @@ class SweepSpec:
 
     # ------------------------------------------------------------------ cells
     def cells(self) -> list[Cell]:
-        """Every cell of the sweep, in a stable order (validate first)."""
-        from adapterswap.plugins import get_backbone
+        """Every cell of the sweep, in a stable order (validate first): see
+        :func:`adapterswap.sweep.cells.expand`."""
+        return expand(self)
 
-        out = []
-        for backbone in self.backbones:
-            cls = get_backbone(backbone)
-            self._resolved_sources[backbone] = self._source_of(backbone, cls)
-            adapter = self.adapter_for(cls)
-            refs = self.references if adapter else [""]
-            for ref in refs:
-                for adapter_name, scale, start, end in self.adapter_settings(adapter):
-                    for prompt in self.prompts:
-                        for seed in self.seeds:
-                            for steps in self.step_grid(cls):
-                                out.append(self._cell(
-                                    cls, backbone, adapter_name, scale, start, end, ref,
-                                    prompt, seed, steps))
-        return out
-
-    def adapter_settings(self, adapter: str | None) -> list[tuple[str, float | None, float,
-                                                                  float]]:
-        """(adapter, scale, start, end) variants: the scale x window grid, plus 'none'."""
-        if adapter is None:
-            return [("none", None, 0.0, 1.0)]
-        scales = self.scales or [self.scale]
-        windows = self.windows or [[self.start, self.end]]
-        settings = [(adapter, s, w[0], w[1]) for s in scales for w in windows]
-        if self.adapter_off:
-            settings.append(("none", None, 0.0, 1.0))
-        return settings
-
-    def _source_of(self, name: str, cls: Any) -> str:
-        """The source a model loads from: the preset, the spec's, config.toml's, or the
-        plugin's default (never ``""``: cells of different sources must not share keys)."""
-        from adapterswap.config import configured_source
-
-        if self.preset:
-            return self.preset
-        return self.sources.get(name) or configured_source(name) or cls.default_source
-
-    def _cell(self, cls: Any, backbone: str, adapter: str, scale: float | None, start: float,
-              end: float, ref: str, prompt: str, seed: int, steps: int) -> Cell:
-        on = adapter != "none"
-        tiny = self.preset or ""
-        if on and adapter not in self._resolved_sources:
-            from adapterswap.plugins import get_adapter
-
-            self._resolved_sources[adapter] = self.adapter_source or self._source_of(
-                adapter, get_adapter(adapter))
-        return Cell(
-            backbone=backbone, adapter=adapter, scale=scale, start=start, end=end,
-            reference=ref, prompt=prompt, seed=seed, steps=steps,
-            height=self.height or _tiny_or_default(self, cls, "height"),
-            width=self.width or _tiny_or_default(self, cls, "width"),
-            guidance_scale=self.guidance_scale,
-            source=self._resolved_sources.get(backbone) or self.sources.get(backbone, tiny),
-            adapter_source=self._resolved_sources.get(adapter, self.adapter_source or tiny)
-            if on else "",
-            dtype=self.dtype or "",
-            adapter_options=json.dumps(self.adapter_options, sort_keys=True) if on else "{}",
-            trajectory=self.trajectory,
-            probes=self.probes,
-            backbone_options=json.dumps(self.options_for(backbone), sort_keys=True),
-        )
-
-
-def _tiny_or_default(spec: SweepSpec, cls: Any, attr: str) -> int:
-    if spec.preset == "tiny":
-        from adapterswap.tiny import TINY_SIZE
-
-        family_key = {"flux": "flux-dev"}.get(cls.family, cls.family)
-        if family_key in TINY_SIZE:
-            return TINY_SIZE[family_key][0 if attr == "height" else 1]
-    return getattr(cls, f"default_{attr}")
+    def size(self, backbone_cls: Any) -> tuple[int, int]:
+        """``(height, width)`` of the backbone's images: the spec's, else the size the
+        backbone declares for the preset (:attr:`Backbone.tiny_size
+        <adapterswap.backbone.Backbone.tiny_size>` with ``tiny``), else its default."""
+        default = preset_size(self.preset, backbone_cls)
+        return (self.height or default[0], self.width or default[1])
 
 
 def get_metric_cls(name: str) -> Any:
     from adapterswap.plugins import get_metric
 
     return get_metric(name)
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One image of the sweep. Its key hashes every field and the software versions."""
-
-    backbone: str
-    adapter: str
-    scale: float | None
-    start: float
-    end: float
-    reference: str
-    prompt: str
-    seed: int
-    steps: int
-    height: int
-    width: int
-    guidance_scale: float | None
-    source: str
-    adapter_source: str
-    dtype: str
-    adapter_options: str = "{}"
-    trajectory: bool = False
-    probes: bool = False
-    backbone_options: str = "{}"
-
-    def config(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def key(self, versions: Mapping[str, str],
-            identity: Mapping[str, Any] | None = None) -> str:
-        """sha256 of the cell's fields, the software versions and ``identity``: what else
-        changes its pixels or scores (code hash, weights identity, reference content, device
-        kind, dtype, metric options: :meth:`Provenance.cell_identity
-        <adapterswap.sweep.provenance.Provenance.cell_identity>`)."""
-        cell = self.config()
-        payload = {"cell": cell, "versions": dict(versions)}
-        if identity is not None:
-            # the weights' identity replaces where they were read from: the same weights
-            # moved to another folder resume, other weights at the same path do not
-            del cell["source"], cell["adapter_source"]
-            payload["identity"] = dict(identity)
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-    def group(self) -> tuple[Any, ...]:
-        """Cells that share a loaded backbone, adapter setting, reference and prompt."""
-        return (self.backbone, self.adapter, self.scale, self.start, self.end, self.reference,
-                self.prompt, self.height, self.width, self.guidance_scale)
-
-    def setting(self) -> tuple[str, float | None, float, float]:
-        """The adapter setting: name, scale, start, end."""
-        return (self.adapter, self.scale, self.start, self.end)
-
-
-# ---------------------------------------------------------------------- checks
-# Shared by the sweep's validation and ``generate``: each names the argument and the value, and
-# none loads a model or writes anything.
-def check_seed(argument: str, value: Any) -> int:
-    """A seed in ``[0, MAX_SEED]`` (see :data:`MAX_SEED`)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise InvalidArgumentError(argument, value,
-                                   f"must be an integer in [0, {MAX_SEED}] (2**63 - 1: what "
-                                   "a torch generator and the store's 64-bit integers hold)")
-    return value
-
-
-def check_steps(argument: str, steps: Sequence[int], backbone_cls: Any) -> None:
-    """Every step count within the backbone's ``max_steps``."""
-    limit = getattr(backbone_cls, "max_steps", None)
-    for n in steps:
-        if limit is not None and n > limit:
-            raise InvalidArgumentError(argument, n, f"backbone {backbone_cls.name!r} takes at "
-                                                    f"most {limit} steps (its max_steps)")
-
-
-def check_size(backbone_cls: Any, height: Any, width: Any, *, default: tuple[int, int],
-               names: tuple[str, str] = ("height", "width")) -> None:
-    """Height and width (``None``: ``default``) that the backbone can make: integers >= 8, a
-    multiple of its latent grid, at most ``max_pixels`` together."""
-    multiple = 16 if backbone_cls.family == "flux" else 8
-    for name, value in zip(names, (height, width)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 8:
-            raise InvalidArgumentError(name, value, "must be an integer >= 8")
-        if value % multiple:
-            raise InvalidArgumentError(name, value,
-                                       f"{backbone_cls.name} needs a multiple of {multiple}")
-    h = default[0] if height is None else height
-    w = default[1] if width is None else width
-    limit = getattr(backbone_cls, "max_pixels", None)
-    if limit is not None and h * w > limit:
-        name, value = (names[0], height) if height is not None else (names[1], width)
-        raise InvalidArgumentError(
-            name, value, f"{h} x {w} is {h * w / 1e6:.1f} MP; backbone {backbone_cls.name!r} "
-                         f"makes images of at most {limit / 1e6:.1f} MP (its max_pixels)")
-
-
-def check_guidance(argument: str, value: Any, backbone_cls: Any) -> None:
-    """A finite guidance scale >= 0 that the backbone takes (none on guidance-free backbones,
-    where only 0 and 1, 'off', are accepted, as :meth:`Backbone.resolve_guidance_scale`)."""
-    if value is None:
-        return
-    if not _finite(value, minimum=0):
-        raise InvalidArgumentError(argument, value, "must be a finite number >= 0")
-    if backbone_cls.guidance_mode == "none" and value not in (0, 1):
-        raise InvalidArgumentError(argument, value,
-                                   f"backbone {backbone_cls.name!r} runs without guidance "
-                                   "(guidance_mode='none')")
-
-
-def check_dtype(argument: str, value: Any) -> None:
-    """A dtype name :func:`adapterswap.backbone.parse_dtype` knows (``None``: the default)."""
-    if value is None:
-        return
-    from adapterswap.backbone import parse_dtype
-
-    try:
-        parse_dtype(value)
-    except InvalidArgumentError as exc:
-        raise InvalidArgumentError(argument, value, str(exc).split(": ", 1)[1]) from None
-
-
-def check_device(argument: str, value: Any) -> None:
-    """A device that exists here: ``cpu``; ``cuda`` / ``cuda:N`` with CUDA available and ``N``
-    below the device count; ``mps`` where available (``None``: the default, CUDA if any)."""
-    if value is None:
-        return
-    import torch
-
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError, ValueError):
-        raise InvalidArgumentError(argument, value,
-                                   "not a device: use cpu, cuda, cuda:N or mps") from None
-    kind = device.type
-    if kind == "cpu":
-        return
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidArgumentError(argument, value,
-                                       "CUDA is not available here (torch.cuda.is_available() "
-                                       "is False: no GPU or driver, or a CPU-only torch)")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise InvalidArgumentError(argument, value,
-                                       f"this machine has {count} CUDA device(s): cuda:0 .. "
-                                       f"cuda:{count - 1}")
-        return
-    if kind == "mps":
-        if not torch.backends.mps.is_available():
-            raise InvalidArgumentError(argument, value, "MPS is not available here "
-                                       "(torch.backends.mps.is_available() is False)")
-        return
-    available = getattr(getattr(torch, kind, None), "is_available", None)
-    if not callable(available):
-        raise InvalidArgumentError(argument, value, f"device type {kind!r} cannot run models: "
-                                                    "use cpu, cuda, cuda:N or mps")
-    if not available():
-        raise InvalidArgumentError(argument, value, f"{kind} is not available here")
-
-
-def check_reference(argument: str, ref: str) -> None:
-    """A reference that can be read: ``synthetic:N`` or an image file PIL decodes, within
-    its decompression-bomb limit (:func:`adapterswap.adapter.load_image`)."""
-    if ref.startswith("synthetic:"):
-        number = ref.split(":", 1)[1]
-        if not (number.isdigit() and int(number) <= MAX_SEED):
-            raise InvalidArgumentError(argument, ref, "a synthetic reference is synthetic:N "
-                                                      "with N an integer >= 0")
-        return
-    from adapterswap.adapter import load_image
-
-    load_image(ref, argument=argument)
-
-
-def _creatable(argument: str, shown: str, path: Path) -> None:
-    """``path`` does not exist: its nearest existing ancestor must be a writable directory."""
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    where = f"the folder {str(ancestor)!r}" if ancestor == path.parent else \
-        f"cannot be created: {str(ancestor)!r}"
-    if not ancestor.is_dir():
-        raise InvalidArgumentError(argument, shown, f"{where} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InvalidArgumentError(argument, shown, f"{where} is not writable")
-
-
-def check_output_dir(argument: str, path: str) -> None:
-    """An output folder that is a writable directory or can be created (nothing is created
-    here: a refused command leaves nothing behind)."""
-    target = Path(path).expanduser()
-    if target.exists():
-        if not target.is_dir():
-            raise InvalidArgumentError(argument, path, "exists and is not a directory")
-        if not os.access(target, os.W_OK | os.X_OK):
-            raise InvalidArgumentError(argument, path, "the directory is not writable")
-        return
-    _creatable(argument, path, target)
-
-
-def check_output_file(argument: str, path: str) -> None:
-    """An image file PIL can write (its extension names a format PIL saves) in a folder that
-    is writable or can be created (nothing is created here)."""
-    from PIL import Image
-
-    target = Path(path).expanduser()
-    Image.init()
-    suffix = target.suffix.lower()
-    if Image.registered_extensions().get(suffix) not in Image.SAVE:
-        what = f"unknown image file extension {suffix!r}" if suffix else \
-            "no image file extension"
-        raise InvalidArgumentError(argument, path, f"{what}: use .png, .jpg or .webp")
-    if target.is_dir():
-        raise InvalidArgumentError(argument, path, "is a directory, not an image file")
-    if target.exists():
-        if not os.access(target, os.W_OK):
-            raise InvalidArgumentError(argument, path, "exists and is not writable")
-        return
-    _creatable(argument, path, target)
-
-
-def _no_repeats(name: str, values: Sequence[Any], what: str) -> None:
-    """Refuse a repeated value: it would make the same cell twice (one key), so the summary
-    would count cells the store holds once."""
-    seen: list[Any] = []
-    for value in values:
-        if value in seen:
-            raise InvalidArgumentError(name, value, f"repeated {what}: each {what} may be given "
-                                                    "once (a repeat runs the same cells twice)")
-        seen.append(value)
-
-
-# ---------------------------------------------------------------------- parsing helpers
-def _finite(value: Any, minimum: float | None = None) -> bool:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return ok and (minimum is None or value >= minimum)
-
-
-def _str_list(name: str, value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
-        raise InvalidArgumentError(name, value, "must be a list of strings")
-    for item in value:
-        if not item.strip() or "\x00" in item:
-            raise InvalidArgumentError(name, item, "must be a non-empty string without NUL")
-    return list(value)
-
-
-def _int_list(name: str, value: Any, *, minimum: int) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, (int, str)) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, Sequence):
-        raise InvalidArgumentError(name, value, "must be a list of integers")
-    out = []
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise InvalidArgumentError(name, item, f"must be an integer >= {minimum}")
-        if item < minimum:
-            raise InvalidArgumentError(name, item, f"must be an integer >= {minimum}")
-        out.append(item)
-    return out
-
-
-def _float_list(name: str, value: Any) -> list[float]:
-    if value is None:
-        return []
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, Sequence) or isinstance(value, str):
-        raise InvalidArgumentError(name, value, "must be a list of numbers")
-    for item in value:
-        if not _finite(item):
-            raise InvalidArgumentError(name, item, "must be a finite number")
-    return [float(v) for v in value]
-
-
-def parse_float_list(name: str, text: str | None) -> list[float] | None:
-    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]`` (flags)."""
-    if text is None:
-        return None
-    items = []
-    for part in text.split(","):
-        try:
-            items.append(float(part.strip()))
-        except ValueError:
-            raise InvalidArgumentError(name, part.strip(), "must be a number") from None
-    return items
-
-
-def parse_windows(name: str, text: str | None) -> list[list[float]] | None:
-    """``"0-1,0-0.25,0.5-1"`` -> ``[[0, 1], [0, 0.25], [0.5, 1]]`` (flags)."""
-    if text is None:
-        return None
-    windows = []
-    for part in text.split(","):
-        start, sep, end = part.strip().partition("-")
-        try:
-            if not sep:
-                raise ValueError
-            windows.append([float(start), float(end)])
-        except ValueError:
-            raise InvalidArgumentError(name, part.strip(), "expected START-END, e.g. 0-0.5") \
-                from None
-    return windows
-
-
-def parse_int_list(name: str, text: str | None) -> list[int] | None:
-    """``"1,2,4"`` -> ``[1, 2, 4]`` (flags); errors name the flag and the bad item."""
-    if text is None:
-        return None
-    items = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            items.append(int(part))
-        except ValueError:
-            raise InvalidArgumentError(name, part, "must be an integer") from None
-    return items
-
-
-def read_prompts_file(path: str) -> list[str]:
-    """One prompt per non-empty line (``#`` comments skipped)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InvalidArgumentError("--prompts", path, "no such file")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise InvalidArgumentError("--prompts", path, "not UTF-8 text") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise UsageError(f"invalid --prompts={path!r}: the file has no prompts")
-    return prompts

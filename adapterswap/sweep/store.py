@@ -27,6 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from adapterswap.errors import StoreWriteError, UsageError
+from adapterswap.sweep.latency_table import (  # noqa: F401 - LATENCY_KEY is re-exported
+    LATENCY_COLUMNS,
+    LATENCY_KEY,
+    LATENCY_SCHEMA,
+    finite_or_none,
+    latency_key,
+    legacy_latency,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -81,22 +89,6 @@ def one_invocation() -> Iterator[str]:
         _INVOCATION.reset(token)
 
 
-#: Latency: one row per timed configuration. The key is a JSON of :data:`LATENCY_KEY`.
-LATENCY_SCHEMA = """
-CREATE TABLE IF NOT EXISTS latency (
-    key TEXT PRIMARY KEY, backbone TEXT NOT NULL, adapter TEXT NOT NULL, scale REAL,
-    start REAL NOT NULL, "end" REAL NOT NULL, steps INTEGER NOT NULL, batch INTEGER NOT NULL,
-    height INTEGER NOT NULL, width INTEGER NOT NULL, dtype TEXT NOT NULL,
-    fast_path TEXT NOT NULL, cache TEXT NOT NULL, device TEXT, total_s REAL NOT NULL,
-    total_q1_s REAL, total_q3_s REAL, denoise_s REAL, repeats INTEGER NOT NULL, samples_s TEXT,
-    method TEXT NOT NULL, fit TEXT, run_id INTEGER, measured_at REAL
-);
-"""
-#: What a latency row is keyed on: everything that changes the time of one image.
-LATENCY_KEY = ("backbone", "adapter", "scale", "start", "end", "steps", "batch", "height",
-               "width", "dtype", "fast_path", "cache")
-LATENCY_COLUMNS = (*LATENCY_KEY, "device", "total_s", "total_q1_s", "total_q3_s", "denoise_s",
-                   "repeats", "samples_s", "method", "fit", "run_id", "measured_at")
 #: Columns added to ``cells`` since the first schema (old stores gain them on open).
 CELL_EXTRA_COLUMNS = {"run_id": "INTEGER", "timesteps": "TEXT", "sigmas": "TEXT",
                       "start_noise": "REAL", "adapter_active_steps": "INTEGER",
@@ -295,15 +287,15 @@ class RunStore:
                  json.dumps(dict(config), sort_keys=True), time.time(), *stored),
             )
             db.executemany("INSERT INTO scores VALUES (?, ?, ?)",
-                           [(key, m, _finite_or_none(v)) for m, v in scores.items()])
+                           [(key, m, finite_or_none(v)) for m, v in scores.items()])
             db.execute("DELETE FROM trajectory WHERE cell = ?", (key,))
             db.executemany("INSERT INTO trajectory VALUES (?, ?, ?, ?)",
-                           [(key, step, m, _finite_or_none(v))
+                           [(key, step, m, finite_or_none(v))
                             for step, values in (trajectory or {}).items()
                             for m, v in values.items()])
             db.execute("DELETE FROM probes WHERE cell = ?", (key,))
             db.executemany("INSERT OR REPLACE INTO probes VALUES (?, ?, ?, ?, ?)",
-                           [(key, step, block, quantity, _finite_or_none(v))
+                           [(key, step, block, quantity, finite_or_none(v))
                             for step, block, quantity, v in (probes or [])])
 
     def set_metric_status(self, metric: str, available: bool, reason: str | None) -> None:
@@ -317,7 +309,7 @@ class RunStore:
         median of ``samples_s`` with its quartiles, or a fitted prediction (``method``
         ``"fitted"``, ``fit`` with the model and its residuals)."""
         if not isinstance(row, Mapping):  # the first signature, positional
-            row = _legacy_latency(row, *legacy, **legacy_kw)
+            row = legacy_latency(row, *legacy, **legacy_kw)
         record = {c: row.get(c) for c in LATENCY_COLUMNS}
         record["batch"] = record["batch"] or 1
         for name in ("dtype", "fast_path", "cache"):
@@ -341,7 +333,7 @@ class RunStore:
         if not isinstance(key, Mapping):  # the first signature: (backbone, adapter, steps,
             # height, width, start, end)
             names = ("adapter", "steps", "height", "width", "start", "end")
-            key = _legacy_latency(key, **dict(zip(names, legacy)), **legacy_kw)
+            key = legacy_latency(key, **dict(zip(names, legacy)), **legacy_kw)
         rows = self._latency_select("WHERE key = ?", (latency_key(key),))
         return rows[0] if rows else None
 
@@ -503,41 +495,3 @@ class RunStore:
     def metric_status(self) -> dict[str, tuple[bool, str | None]]:
         return {m: (bool(a), r) for m, a, r in
                 self.db.execute("SELECT metric, available, reason FROM metric_status")}
-
-
-def latency_key(row: Mapping[str, Any]) -> str:
-    """The identity of a latency configuration: its :data:`LATENCY_KEY` fields as JSON."""
-    values = {}
-    for name in LATENCY_KEY:
-        value = row.get(name)
-        if name == "batch":
-            value = int(value or 1)
-        elif name in ("dtype", "fast_path", "cache"):
-            value = str(value or "")
-        elif name in ("scale", "start", "end") and value is not None:
-            value = float(value)
-        values[name] = value
-    return json.dumps(values, sort_keys=True)
-
-
-def _legacy_latency(backbone: str, adapter: str, steps: int, height: int, width: int,
-                    total_s: float | None = None, denoise_s: float | None = None,
-                    repeats: int = 1, device: str | None = None, start: float = 0.0,
-                    end: float = 1.0) -> dict[str, Any]:
-    row: dict[str, Any] = {"backbone": backbone, "adapter": adapter, "scale": None,
-                           "start": start, "end": end, "steps": steps, "batch": 1,
-                           "height": height, "width": width, "dtype": "", "fast_path": "",
-                           "cache": "", "device": device, "repeats": repeats,
-                           "method": "measured"}
-    if total_s is not None:
-        row.update(total_s=total_s, denoise_s=denoise_s, samples_s=[total_s])
-    return row
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    import math
-
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None

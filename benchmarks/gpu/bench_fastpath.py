@@ -9,13 +9,13 @@ step, and the output's distance from the eager step (the fidelity cost of each s
 Variants apply in the order given and build on each other where they must (fusion and float8
 change the modules in place): ``eager`` (PyTorch's default attention), ``flash``, ``cudnn``,
 ``fuse`` (fused QKV, with cuDNN attention), ``compile`` / ``compile-default`` /
-``compile-overhead`` / ``compile-autotune`` (the backbone's mode and scope, ``default``,
-``reduce-overhead``, ``max-autotune`` on the whole model), ``compile-regions`` and
-``compile-blocks`` (default mode, per block list / per UNet transformer and ResNet block:
-compile time against speed), ``compile-autotune-regions`` (``max-autotune-no-cudagraphs`` per
-block list: Triton GEMM templates with fused epilogues), ``fp8`` (float8 linears, eager),
-``fp8-compile`` (float8 with fast accumulation, compiled) and ``fp8-compile-precise``
-(float8 with full-precision accumulation, compiled).
+``compile-overhead`` / ``compile-autotune`` (the mode and scope of the backbone's compile
+profile for the card; ``default``, ``reduce-overhead``, ``max-autotune`` on the whole model),
+``compile-regions`` and ``compile-blocks`` (default mode, per block list / per UNet
+transformer and ResNet block: compile time against speed), ``compile-autotune-regions``
+(``max-autotune-no-cudagraphs`` per block list: Triton GEMM templates with fused epilogues),
+``fp8`` (float8 linears, eager), ``fp8-compile`` (float8 with fast accumulation, compiled)
+and ``fp8-compile-precise`` (float8 with full-precision accumulation, compiled).
 
 ``--profile VARIANTS`` adds, for those variants, the top kernels and the GPU time split into
 matrix products, attention and everything else (normalisation, activations, quantisation,
@@ -57,6 +57,7 @@ def main() -> None:
 
     from adapterswap import fastpath
     from adapterswap.denoise import StepContext
+    from adapterswap.fastpath import Accelerator
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="flux-schnell")
@@ -98,8 +99,10 @@ def main() -> None:
                       sigmas=None if schedule.sigmas is None
                       else schedule.sigmas[index].expand(args.batch))
 
+    accelerator = Accelerator(backbone)
+
     def step() -> Any:
-        with torch.no_grad(), backbone.step_context():
+        with torch.no_grad(), accelerator.step_context():
             inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx, prompt)
             return backbone.predict(latents, ctx, prompt, guidance_scale=guidance,
                                     adapter_inputs=inputs)
@@ -110,11 +113,12 @@ def main() -> None:
     results: dict[str, Any] = {
         "backbone": backbone.name, "adapter": adapter.name, "batch": args.batch,
         "height": height, "width": width, "build_s": build_s, "step_tflop": flops / 1e12,
-        "torch": torch.__version__, "variants": []}
+        "torch": torch.__version__, "compile_profile": accelerator.profile.report(),
+        "variants": []}
     reference = None
     for variant in args.variants.split(","):
         try:
-            compile_s = apply(variant, backbone, modules, fastpath)
+            compile_s = apply(variant, accelerator, modules, fastpath)
         except Exception as exc:  # report and go on: one broken switch must not hide the rest
             results["variants"].append({"variant": variant, "error": repr(exc)[:500]})
             print(variant, "failed:", repr(exc)[:500], flush=True)
@@ -162,11 +166,14 @@ def main() -> None:
         write(results, args.out)
 
 
-def apply(variant: str, backbone: Any, modules: dict[str, Any], fastpath: Any) -> float:
-    """Change the backbone/modules to ``variant``; returns seconds spent (compile setup)."""
+def apply(variant: str, accelerator: Any, modules: dict[str, Any], fastpath: Any) -> float:
+    """Change the modules to ``variant`` (the attention choice through the backbone's
+    accelerator, whose ``step_context`` the step runs in; ``compile`` in the mode and scope
+    of its compile profile for this card); returns seconds spent (compile setup)."""
     begin = time.perf_counter()
     attention = {"eager": "default", "flash": "flash", "cudnn": "cudnn"}.get(variant, "auto")
-    backbone.fast_path = fastpath.FastPath(attention=attention, fuse_qkv=False)
+    accelerator.fast_path = fastpath.FastPath(attention=attention, fuse_qkv=False)
+    preferred = (accelerator.profile.compile_mode, accelerator.profile.compile_scope)
     if variant in ("eager", "flash", "cudnn"):
         return 0.0
     if variant == "fuse":
@@ -175,15 +182,15 @@ def apply(variant: str, backbone: Any, modules: dict[str, Any], fastpath: Any) -
         return 0.0
     if variant.startswith("compile") or variant.startswith("fp8-compile"):
         mode, scope = {
-            "compile": (backbone.compile_mode, backbone.compile_scope),
+            "compile": preferred,
             "compile-default": ("default", "model"),
             "compile-overhead": ("reduce-overhead", "model"),
             "compile-autotune": ("max-autotune", "model"),
             "compile-regions": ("default", "regions"),
             "compile-blocks": ("default", "blocks"),
             "compile-autotune-regions": ("max-autotune-no-cudagraphs", "regions"),
-            "fp8-compile": (backbone.compile_mode, backbone.compile_scope),
-            "fp8-compile-precise": (backbone.compile_mode, backbone.compile_scope)}[variant]
+            "fp8-compile": preferred,
+            "fp8-compile-precise": preferred}[variant]
         import torch
 
         torch._dynamo.reset()

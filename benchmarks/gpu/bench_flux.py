@@ -175,6 +175,7 @@ def main() -> None:
 
     from adapterswap import fastpath
     from adapterswap.denoise import TensorBundle
+    from adapterswap.fastpath import Accelerator
 
     controlnet, resampler = build_infusenet(device, dtype)
     ids = id_tokens(resampler, device, dtype)
@@ -195,14 +196,15 @@ def main() -> None:
         base_dev = bench.row("flux-dev", "diffusers loop, eager", dev, 28, 3.5, engine=False)
         eager_dev = bench.row("flux-dev", "engine, eager", dev, 28, 3.5, keep_image=True)
         if "cache" in rows:  # approximation: speed and distance from the eager engine's image
+            dev_fast = Accelerator(dev)
             for policy in args.cache_policies.split(","):
-                dev.enable_fast_path(fastpath.FastPath())  # a fresh cache (and counts) each
-                dev.enable_fast_path(fastpath.FastPath(cache=policy))
+                dev_fast.enable(fastpath.FastPath())  # a fresh cache (and counts) each
+                dev_fast.enable(fastpath.FastPath(cache=policy))
                 row = bench.row("flux-dev", f"engine, block cache {policy} (approximation)",
-                                dev, 28, 3.5)
-                row["cache"] = dev.block_cache.stats()  # over all runs of the row
+                                dev, 28, 3.5, accelerator=dev_fast)
+                row["cache"] = dev_fast.block_cache.stats()  # over all runs of the row
                 bench.save()
-            dev.enable_fast_path(fastpath.FastPath())
+            dev_fast.enable(fastpath.FastPath())
         adapter.detach()
         del dev, pipe
         free()
@@ -211,6 +213,7 @@ def main() -> None:
     pipe, shared = build("schnell", device, dtype, shared)
     schnell = FluxSchnell.from_pipeline(pipe, device=device)
     schnell.dtype = dtype
+    schnell_fast = Accelerator(schnell)  # its one accelerator: rows and sweeps share it
     bench.flops(schnell, None)
     base = bench.row("flux-schnell", "diffusers loop, eager", schnell, 4, None, engine=False)
     eager = bench.row("flux-schnell", "engine, eager", schnell, 4, None, keep_image=True)
@@ -223,13 +226,15 @@ def main() -> None:
             "swap_speedup_diffusers_loop": base_dev["end_to_end_s"] / base["end_to_end_s"]})
     if rows & {"fast", "sweep"}:
         start = time.perf_counter()
-        report = schnell.enable_fast_path(fastpath.FastPath(compile=True, compile_encoders=True),
-                                          adapters=[adapter])
+        report = schnell_fast.enable(fastpath.FastPath(compile=True, compile_encoders=True),
+                                     adapters=[adapter])
         fast = bench.row("flux-schnell", "engine, fast path", schnell, 4, None,
-                         setup_s=time.perf_counter() - start, fast_path=report)
+                         setup_s=time.perf_counter() - start, fast_path=report,
+                         accelerator=schnell_fast)
         summary.update(speedups("fast", fast, base, base_dev))
     if "sweep" in rows:
-        results["sweep"].update(sweep(schnell, adapter, conditioning, height, width, args))
+        results["sweep"].update(sweep(schnell, schnell_fast, adapter, conditioning, height,
+                                      width, args))
         for label in ("cold", "warm"):
             results["sweep"][f"speedup_{label}"] = results["sweep"]["diffusers_per_cell_s"] \
                 / results["sweep"][f"engine_{label}"]["wall_s"]
@@ -243,7 +248,8 @@ def main() -> None:
         for module in (schnell.pipe.transformer, controlnet):
             fastpath.compile_module(module, "default", "regions")
         fp8 = bench.row("flux-schnell", "engine, fast path + float8 (approximation)", schnell,
-                        4, None, setup_s=time.perf_counter() - start, fp8_layers=layers)
+                        4, None, setup_s=time.perf_counter() - start, fp8_layers=layers,
+                        accelerator=schnell_fast)
         summary.update(speedups("fp8", fp8, base, base_dev))
     elif "fp8" in rows:
         results["fp8"] = f"not run: float8 needs compute capability 8.9+ (device {device})"
@@ -288,7 +294,10 @@ class Bench:
 
     def row(self, backbone_name: str, label: str, backbone: Any, steps: int,
             guidance: float | None, *, engine: bool = True, keep_image: bool = False,
-            warmup: int = 1, repeats: int | None = None, **extra: Any) -> dict[str, Any]:
+            warmup: int = 1, repeats: int | None = None, accelerator: Any = None,
+            **extra: Any) -> dict[str, Any]:
+        """Time one image of ``backbone`` (the engine's loop, through ``accelerator`` when
+        its fast path is on, or the hand-written diffusers loop) and record the row."""
         import torch
 
         from adapterswap.denoise import denoise
@@ -303,7 +312,8 @@ class Bench:
             self.adapter._control_cache.clear()  # per image: encode the control canvas too
             result = denoise(backbone, prompt, num_inference_steps=steps, seeds=[0],
                              height=self.height, width=self.width, adapter=self.adapter,
-                             conditioning=self.conditioning, output_type="pt")
+                             conditioning=self.conditioning, output_type="pt",
+                             accelerator=accelerator)
             for phase, values in phases.items():
                 values.append(result.timings[phase])
             return result.images
@@ -422,8 +432,8 @@ def sweep_baseline(backbone: Any, controlnet: Any, ids: Any, height: int, width:
     return result
 
 
-def sweep(backbone: Any, adapter: Any, conditioning: Any, height: int, width: int,
-          args: Any) -> dict[str, Any]:
+def sweep(backbone: Any, accelerator: Any, adapter: Any, conditioning: Any, height: int,
+          width: int, args: Any) -> dict[str, Any]:
     """The engine's sweep of the same grid on the (already compiled) fast path: cold (first
     sweep at this batch shape) and warm (again, in a fresh store)."""
     steps = [int(s) for s in args.sweep_steps.split(",")]
@@ -431,8 +441,8 @@ def sweep(backbone: Any, adapter: Any, conditioning: Any, height: int, width: in
     results: dict[str, Any] = {}
     for label in ("cold", "warm"):
         results[f"engine_{label}"] = timed_sweep(
-            backbone, adapter, conditioning, seeds=seeds, steps=steps, prompts=[SWEEP_PROMPT],
-            height=height, width=width, compile=True)
+            backbone, adapter, conditioning, accelerator=accelerator, seeds=seeds, steps=steps,
+            prompts=[SWEEP_PROMPT], height=height, width=width, compile=True)
         print(label, results[f"engine_{label}"], flush=True)
     return results
 

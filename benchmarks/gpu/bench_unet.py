@@ -218,18 +218,19 @@ def sweep_benchmark(backbone: Any, adapter: Any, scales: Any, size: int, args: A
             pipeline_call(backbone.pipe, conditioning, n, guidance, size, seed, scales)
     sync()
     results["diffusers_per_cell_s"] = time.perf_counter() - start
+    from adapterswap.fastpath import Accelerator, FastPath
+
+    accelerator = Accelerator(backbone)  # one for every mode: compiled modules stay compiled
     modes = {"eager-parallel": (True, False), "eager-sequential": (False, False),
              "fast-cold": (False, True), "fast-warm": (False, True)}
     for mode in args.modes.split(","):
         parallel, compiled = modes[mode]
         if compiled and args.compile_scope:  # the engine keeps an equivalent fast path
-            from adapterswap.fastpath import FastPath
-
-            backbone.enable_fast_path(FastPath(compile=True, compile_scope=args.compile_scope),
-                                      adapters=[adapter])
-        results[mode] = timed_sweep(backbone, adapter, seeds=seeds, steps=steps,
-                                    prompts=["a red chair"], height=size, width=size,
-                                    step_parallel=parallel, compile=compiled,
+            accelerator.enable(FastPath(compile=True, compile_scope=args.compile_scope),
+                               adapters=[adapter])
+        results[mode] = timed_sweep(backbone, adapter, accelerator=accelerator, seeds=seeds,
+                                    steps=steps, prompts=["a red chair"], height=size,
+                                    width=size, step_parallel=parallel, compile=compiled,
                                     max_batch=args.max_batch)
         results[mode]["speedup_vs_diffusers"] = \
             results["diffusers_per_cell_s"] / results[mode]["wall_s"]

@@ -71,12 +71,15 @@ def write(results: dict[str, Any], out: str | Path, *, quiet: bool = False) -> N
         print(json.dumps(results, indent=2, default=str))
 
 
-def timed_sweep(backbone: Any, adapter: Any, conditioning: Any = None,
+def timed_sweep(backbone: Any, adapter: Any, conditioning: Any = None, *, accelerator: Any,
                 **spec_fields: Any) -> dict[str, Any]:
     """Run one sweep of the engine on an already loaded backbone and adapter (kept loaded
     afterwards) in a temporary store; return its wall time beside the summary's forward and
     finishing times. ``conditioning`` replaces the adapter's reference encoding (adapters
-    built in memory without face models); ``spec_fields`` go to :class:`SweepSpec`."""
+    built in memory without face models); ``accelerator`` is the backbone's
+    :class:`~adapterswap.fastpath.Accelerator`, the same one for every sweep of the backbone
+    (what an earlier sweep compiled stays compiled); ``spec_fields`` go to
+    :class:`SweepSpec`."""
     import tempfile
 
     from adapterswap.sweep.engine import SweepEngine
@@ -85,10 +88,14 @@ def timed_sweep(backbone: Any, adapter: Any, conditioning: Any = None,
     from adapterswap.sweep.store import RunStore
 
     class InMemoryModels(ModelFactory):
-        """Hands out the models already loaded (and, if given, the reference encoding)."""
+        """Hands out the models already loaded, the backbone's accelerator (and, if given, the
+        reference encoding)."""
 
         def backbone(self, name: str) -> Any:
             return backbone
+
+        def accelerator(self, b: Any) -> Any:
+            return accelerator
 
         def adapter(self, name: str, b: Any = None) -> Any:
             self.adapters[name] = adapter

@@ -17,9 +17,9 @@ Both wrap a diffusers ``FluxPipeline`` and expose its steps to the engine, so th
   ``predict_x0``: ``x - sigma * v``;
 - ``decode``: unpack, undo the VAE's scaling and shift, decode, post-process.
 
-Adapter inputs ``predict`` understands (``Adapter.denoiser_inputs`` returns them):
-``controlnet_block_samples``, ``controlnet_single_block_samples`` (lists of ``(B, L, D)``
-residuals, already scaled), ``controlnet_blocks_repeat`` (bool) and ``joint_attention_kwargs``.
+Adapter inputs ``predict`` understands: a :class:`~adapterswap_flux.inputs.FluxDenoiserInputs`
+(ControlNet residuals per block list, already scaled per row, and ``joint_attention_kwargs``),
+which ``Adapter.denoiser_inputs`` returns for a FLUX backbone.
 
 torch and diffusers are imported inside methods so ``adapterswap list`` stays fast.
 """
@@ -30,12 +30,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterswap.backbone import Backbone
-from adapterswap.errors import InvalidArgumentError, UsageError
+from adapterswap.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     import torch
 
     from adapterswap.denoise import Schedule, StepContext, TensorBundle
+    from adapterswap_flux.inputs import FluxDenoiserInputs
 
 #: Files a complete FLUX.1 diffusers directory has (``a|b``: either; sharded weights have an
 #: index file). Checked before loading and by ``adapterswap doctor``.
@@ -54,12 +55,6 @@ FLUX_REQUIRED_FILES: tuple[str, ...] = (
     "tokenizer/tokenizer_config.json",
     "tokenizer_2/tokenizer_config.json",
 )
-
-#: Keys of ``adapter_inputs`` that :meth:`FluxBackbone.predict` passes to the transformer.
-ADAPTER_INPUT_KEYS = frozenset({
-    "controlnet_block_samples", "controlnet_single_block_samples", "controlnet_blocks_repeat",
-    "joint_attention_kwargs",
-})
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -82,13 +77,14 @@ class FluxBackbone(Backbone):
     family = "flux"
     required_files = FLUX_REQUIRED_FILES
     default_adapter = "infusenet"
-    #: H100, bf16, 1024 px, with InfuseNet: regional compilation took ~32 s (first sweep 71.1 s
-    #: against 39.5 s warm) and saves ~68 ms per image-step (0.227 s eager, measured per step,
-    #: against 0.159 s compiled per image in the batch-4 sweep); FLUX is compute-bound, so the
-    #: saving is per image.
-    compile_pays_after_images = 470
     default_height = 1024
     default_width = 1024
+    #: ``(height, width)`` of the tiny preset's images (:mod:`adapterswap_flux.tiny`).
+    tiny_size: ClassVar[tuple[int, int]] = (64, 64)
+    #: Height and width are multiples of 16: the 8x VAE, then 2x2 latent patches.
+    size_multiple: ClassVar[int] = 16
+    #: Its transformer's block lists, which the block cache (``--cache``) serves.
+    block_cache_layout = ("transformer_blocks", "single_transformer_blocks")
     #: FLUX.1 was trained on 0.1 to 2.0 MP (Black Forest Labs' release notes); 2048 x 2048
     #: (4.2 MP) leaves room to experiment. Beyond it images repeat their subject and the
     #: attention over (height / 16) x (width / 16) image tokens grows quadratically.
@@ -97,7 +93,7 @@ class FluxBackbone(Backbone):
     max_sequence_length: ClassVar[int] = 512
     #: Whether the transformer must have a guidance embedding (dev) or must not (schnell).
     expects_guidance_embeds: ClassVar[bool] = True
-    #: The diffusers family :func:`adapterswap.tiny.save_tiny_pipeline` builds for ``tiny()``.
+    #: The family :func:`adapterswap_flux.tiny.save_tiny_pipeline` builds for ``tiny()``.
     tiny_family: ClassVar[str] = "flux-dev"
     option_docs: ClassVar[dict[str, str]] = {
         "cpu_offload": "diffusers' model CPU offload (each model on the GPU only while it runs; "
@@ -242,14 +238,24 @@ class FluxBackbone(Backbone):
                         width: int) -> torch.Tensor:
         """Packed noise ``(B, H/16 * W/16, 4C)``: row ``i`` is ``FluxPipeline``'s draw for a
         batch of one with ``generators[i]``."""
-        from adapterswap.denoise import draw_noise
+        from adapterswap.kit.noise import draw_noise
 
         self.require_loaded()
         h, w = self._latent_size(height, width)
         channels = self.pipe.transformer.config.in_channels // 4
         device = self.execution_device
         latents = draw_noise(generators, (channels, h, w), device=device, dtype=self.dtype)
-        return self.pipe._pack_latents(latents, len(generators), channels, h, w)
+        return self.pack_latents(latents)
+
+    @staticmethod
+    def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents ``(B, C, H, W)`` as the transformer's image tokens ``(B, H/2 * W/2,
+        4C)``: each 2x2 patch one token, channels first within it (FLUX's layout; adapters
+        that encode images, such as InfuseNet's control image, pack them with this)."""
+        batch, channels, height, width = latents.shape
+        patches = latents.view(batch, channels, height // 2, 2, width // 2, 2)
+        return patches.permute(0, 2, 4, 1, 3, 5).reshape(
+            batch, (height // 2) * (width // 2), channels * 4)
 
     def schedule(self, num_inference_steps: int, *, height: int, width: int) -> Schedule:
         """Timesteps and sigmas of one run, from a scheduler instance of its own."""
@@ -298,17 +304,18 @@ class FluxBackbone(Backbone):
 
     def predict(self, latents: torch.Tensor, ctx: StepContext, prompt: TensorBundle, *,
                 guidance_scale: float | None,
-                adapter_inputs: dict[str, Any] | None = None) -> torch.Tensor:
-        """The transformer's velocity for the batch, each sample at its own timestep."""
+                adapter_inputs: FluxDenoiserInputs | None = None) -> torch.Tensor:
+        """The transformer's velocity for the batch, each sample at its own timestep, with
+        the adapter's :class:`~adapterswap_flux.inputs.FluxDenoiserInputs` (or a mapping of
+        its fields) if any."""
         import torch
+
+        from adapterswap_flux.inputs import FluxDenoiserInputs
 
         self.require_loaded()
         batch = latents.shape[0]
-        extra = dict(adapter_inputs or {})
-        unknown = sorted(set(extra) - ADAPTER_INPUT_KEYS)
-        if unknown:
-            raise UsageError(f"backbone {self.name!r} does not understand adapter inputs "
-                             f"{unknown}; it takes {sorted(ADAPTER_INPUT_KEYS)}")
+        inputs = FluxDenoiserInputs.coerce(adapter_inputs, backbone=self.name)
+        extra = inputs.transformer_kwargs() if inputs is not None else {}
         timestep = torch.as_tensor(ctx.timesteps, device=latents.device).reshape(-1)
         if timestep.numel() == 1:
             timestep = timestep.expand(batch)
@@ -401,19 +408,19 @@ class FluxBackbone(Backbone):
     @classmethod
     def tiny(cls, seed: int = 0, *, cache_dir: str | None = None,
              **options: Any) -> FluxBackbone:
-        """A loaded backbone of tiny random FLUX components (adapterswap.tiny), saved in the
+        """A loaded backbone of tiny random FLUX components (adapterswap_flux.tiny), saved in the
         diffusers layout and loaded back through :meth:`load`; 64 x 64 px by default."""
         options = cls.check_options(options)  # before building anything
         import torch
 
         from adapterswap.presets import tiny_dir
-        from adapterswap.tiny import TINY_SIZE, save_tiny_pipeline
+        from adapterswap_flux.tiny import save_tiny_pipeline
 
         path = tiny_dir(cls.name, seed, cache_dir)
         if not path.exists():
             _save_atomically(path, lambda tmp: save_tiny_pipeline(cls.tiny_family, tmp, seed))
         backbone = cls(str(path), device="cpu", dtype=torch.float32, **options).load()
-        backbone.default_height, backbone.default_width = TINY_SIZE[cls.tiny_family]
+        backbone.default_height, backbone.default_width = cls.tiny_size
         return backbone
 
 

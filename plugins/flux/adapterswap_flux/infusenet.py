@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
     from adapterswap.backbone import Backbone
     from adapterswap.denoise import StepContext, TensorBundle
+    from adapterswap_flux.inputs import FluxDenoiserInputs
 
 INFU_FLUX_VERSIONS: tuple[str, ...] = ("v1.0",)
 MODEL_VERSIONS: tuple[str, ...] = ("aes_stage2", "sim_stage1")
@@ -290,15 +291,11 @@ class InfuseNet(Adapter):
                 raise InvalidArgumentError(
                     "backbone", backbone.name,
                     f"adapter {self.name!r} needs a FLUX pipeline with a {component}")
-        joint = pipe.transformer.config.joint_attention_dim
-        if self.infusenet.config.joint_attention_dim != joint or \
-                self.infusenet.config.in_channels != pipe.transformer.config.in_channels:
+        mismatched = fits_transformer(self.infusenet.config, pipe.transformer.config)
+        if mismatched:
             raise InvalidArgumentError(
                 "backbone", backbone.name,
-                f"its transformer (joint_attention_dim={joint}, in_channels="
-                f"{pipe.transformer.config.in_channels}) does not match InfuseNet's "
-                f"({self.infusenet.config.joint_attention_dim}, "
-                f"{self.infusenet.config.in_channels})")
+                f"its transformer does not fit InfuseNet's residuals ({'; '.join(mismatched)})")
         device = backbone.execution_device
         dtype = backbone.dtype or self.dtype
         if self.quantize_8bit or self.infusenet.dtype == dtype:
@@ -386,20 +383,22 @@ class InfuseNet(Adapter):
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.mode()
             latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-            channels, h, w = latents.shape[1:]
-            self._control_cache[key] = pipe._pack_latents(latents, 1, channels, h, w)
+            self._control_cache[key] = backbone.pack_latents(latents)
         return self._control_cache[key]
 
     # ------------------------------------------------------------------ per step
     def denoiser_inputs(self, backbone: Backbone, conditioning: TensorBundle,
                         latents: torch.Tensor, ctx: StepContext,
-                        prompt: TensorBundle) -> dict[str, Any]:
-        """InfuseNet's residuals for this step (``{}`` when no sample is active)."""
+                        prompt: TensorBundle) -> FluxDenoiserInputs | None:
+        """InfuseNet's residuals for this step, scaled per row (``None`` when no row is
+        active)."""
         import torch
+
+        from adapterswap_flux.inputs import FluxDenoiserInputs
 
         scales = [self.scale if active else 0.0 for active in self.active_mask(ctx)]
         if not any(scales):
-            return {}
+            return None
         batch = latents.shape[0]
         device = latents.device
         id_embeds = conditioning["id_embeds"]
@@ -434,11 +433,11 @@ class InfuseNet(Adapter):
             factor = device_tensor(scales, device, latents.dtype).reshape(-1, 1, 1)
             blocks = None if blocks is None else [b * factor for b in blocks]
             singles = None if singles is None else [s * factor for s in singles]
-        return {
-            "controlnet_block_samples": blocks,
-            "controlnet_single_block_samples": singles,
-            "controlnet_blocks_repeat": self.infusenet.input_hint_block is not None,
-        }
+        return FluxDenoiserInputs(
+            controlnet_block_samples=blocks,
+            controlnet_single_block_samples=singles,
+            controlnet_blocks_repeat=self.infusenet.input_hint_block is not None,
+        )
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -484,29 +483,57 @@ class InfuseNet(Adapter):
         return tiny_face_image(seed)
 
 
+#: What an InfuseNet's config must share with the transformer it feeds: its residuals are
+#: added to the transformer's image tokens (width ``num_attention_heads x attention_head_dim``)
+#: and it reads the same packed latents (``in_channels``) and pooled text
+#: (``pooled_projection_dim``). Its ``joint_attention_dim`` is the width of the ID tokens it
+#: attends to (the image projection's output), which need not be the T5 width.
+_SHARED_WITH_TRANSFORMER = ("in_channels", "pooled_projection_dim")
+
+
+def fits_transformer(infusenet_config: Any, transformer_config: Any) -> list[str]:
+    """What keeps an InfuseNet from feeding a transformer (empty: it fits)."""
+    def width(config: Any) -> int:
+        return int(config.num_attention_heads) * int(config.attention_head_dim)
+
+    problems = []
+    if width(infusenet_config) != width(transformer_config):
+        problems.append(f"residual width {width(infusenet_config)} (heads x head dim) against "
+                        f"the transformer's {width(transformer_config)}")
+    for name in _SHARED_WITH_TRANSFORMER:
+        ours, theirs = infusenet_config.get(name), transformer_config.get(name)
+        if ours is not None and ours != theirs:
+            problems.append(f"{name}={ours} against the transformer's {theirs}")
+    return problems
+
+
 def save_tiny_infiniteyou(root: str | Path, transformer_config: Any, seed: int = 0, *,
-                          embedding_dim: int = 64) -> Path:
+                          embedding_dim: int = 64, id_token_dim: int | None = None) -> Path:
     """Write a tiny InfiniteYou repository under ``root``: for each model version an
     ``InfuseNetModel/`` (a tiny ``FluxControlNetModel`` with guidance embedding, fitting
     ``transformer_config``) and an ``image_proj_model.bin`` (``{"image_proj": state_dict}`` of a
-    tiny resampler ending at the transformer's ``joint_attention_dim``), plus the tiny face models
-    under ``supports/``."""
+    tiny resampler ending at ``id_token_dim``, the width of the ID tokens InfuseNet attends to:
+    by default the transformer's ``joint_attention_dim``, as in InfiniteYou), plus the tiny face
+    models under ``supports/``."""
     import torch
 
-    from adapterswap.tiny import tiny_flux_controlnet
     from adapterswap_flux.resampler import Resampler, ResamplerConfig
+    from adapterswap_flux.tiny import tiny_flux_controlnet
     from adapterswap_flux.tiny_face import save_tiny_face_models
 
     root = Path(root)
+    config = dict(transformer_config)
+    if id_token_dim is not None:
+        config["joint_attention_dim"] = id_token_dim
     for offset, model_version in enumerate(MODEL_VERSIONS):
         model_dir = root / f"infu_flux_{INFU_FLUX_VERSIONS[0]}" / model_version
-        controlnet = tiny_flux_controlnet(seed + offset, transformer_config=transformer_config,
+        controlnet = tiny_flux_controlnet(seed + offset, transformer_config=config,
                                           guidance_embeds=True)
         controlnet.save_pretrained(str(model_dir / "InfuseNetModel"), safe_serialization=True)
         torch.manual_seed(seed + offset)
         resampler = Resampler(ResamplerConfig(
             dim=32, depth=1, heads=2, num_queries=8, embedding_dim=embedding_dim,
-            output_dim=int(transformer_config["joint_attention_dim"]), ff_mult=2))
+            output_dim=int(config["joint_attention_dim"]), ff_mult=2))
         torch.save({"image_proj": resampler.state_dict()}, str(model_dir / "image_proj_model.bin"))
     save_tiny_face_models(root, seed, embedding_dim=embedding_dim)
     return root

@@ -42,7 +42,8 @@ def random_flux_pipeline(variant: str, device: Any, dtype: Any, seed: int = 0,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from adapterswap.tiny import flux_scheduler_config, tiny_clip_tokenizer, tiny_t5_tokenizer
+    from adapterswap.kit.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+    from adapterswap_flux.tiny import flux_scheduler_config
 
     torch.manual_seed(seed)
     transformer = in_dtype(device, dtype, lambda: FluxTransformer2DModel(

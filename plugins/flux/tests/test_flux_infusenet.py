@@ -223,7 +223,7 @@ def test_infusenet_inputs_are_per_sample(flux_dev, flux_infusenet):
 
     first, first_inputs = alone(0, 0, 2, s2.timesteps[0])
     second, second_inputs = alone(1, 3, 4, s4.timesteps[3])
-    assert first_inputs and second_inputs == {}  # step 3 of 4 is outside [0, 0.5]
+    assert first_inputs is not None and second_inputs is None  # step 3 of 4: outside [0, 0.5]
     torch.testing.assert_close(joint, torch.cat([first, second]), atol=1e-5, rtol=1e-4)
 
 
@@ -238,10 +238,10 @@ def test_scale_is_linear_in_the_residuals(flux_dev, flux_infusenet):
     full = adapter.denoiser_inputs(flux_dev, conditioning, latents, ctx, prompt)
     adapter.set_scale(0.25)
     quarter = adapter.denoiser_inputs(flux_dev, conditioning, latents, ctx, prompt)
-    for a, b in zip(full["controlnet_block_samples"], quarter["controlnet_block_samples"]):
+    for a, b in zip(full.controlnet_block_samples, quarter.controlnet_block_samples):
         torch.testing.assert_close(a * 0.25, b)
-    assert full["controlnet_blocks_repeat"] is False
-    assert len(full["controlnet_single_block_samples"]) == 2  # tiny InfuseNet: 1 + 2 blocks
+    assert full.controlnet_blocks_repeat is False
+    assert len(full.controlnet_single_block_samples) == 2  # tiny InfuseNet: 1 + 2 blocks
 
 
 def test_control_image_keypoints_steer_the_result(flux_dev, flux_infusenet):
@@ -327,3 +327,40 @@ def test_loads_from_the_hf_cache_offline(flux_infusenet, tmp_path, monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(WeightsNotFoundError, match="HF_HUB_OFFLINE"):
         InfuseNet(device="cpu").load()
+
+
+def test_id_tokens_of_another_width_than_t5_attach_and_act(flux_dev, tmp_path):
+    """InfuseNet attends to ID tokens, not to T5 text: an InfuseNet whose ID-token width
+    (its joint_attention_dim, the projection's output) differs from the T5 width still feeds
+    the transformer, because what must match is the residual width and the latents."""
+    from adapterswap_flux.infusenet import save_tiny_infiniteyou
+
+    t5_width = flux_dev.pipe.transformer.config.joint_attention_dim
+    root = save_tiny_infiniteyou(tmp_path / "iy", flux_dev.pipe.transformer.config, seed=3,
+                                 id_token_dim=t5_width - 8)
+    adapter = InfuseNet(str(root), device="cpu", dtype="fp32").load()
+    assert adapter.infusenet.config.joint_attention_dim == t5_width - 8
+    try:
+        plain = _run(flux_dev)
+        with_adapter = _run(flux_dev, adapter)
+    finally:
+        adapter.detach()
+    assert not np.allclose(plain, with_adapter, atol=1e-4)
+
+
+def test_fit_check_names_what_does_not_match():
+    from adapterswap_flux.infusenet import fits_transformer
+
+    transformer = {"num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 16,
+                   "pooled_projection_dim": 32, "joint_attention_dim": 48}
+
+    class Config(dict):
+        __getattr__ = dict.__getitem__
+
+    fits = Config(transformer, joint_attention_dim=40)  # another ID-token width: fine
+    assert fits_transformer(fits, Config(transformer)) == []
+    narrow = Config(transformer, attention_head_dim=8)
+    assert "residual width 16" in fits_transformer(narrow, Config(transformer))[0]
+    other_latents = Config(transformer, in_channels=64)
+    assert fits_transformer(other_latents, Config(transformer)) == [
+        "in_channels=64 against the transformer's 16"]

@@ -65,7 +65,7 @@ def test_infusenet_probe_is_residual_over_hidden(name, flux_dev, flux_schnell, f
     assert sorted(records) == ["double.0", "double.1", "single.0", "single.1", "single.2",
                                "single.3"]
     assert {q for q, _ in records.values()} == {"residual/hidden"}
-    residual = inputs["controlnet_block_samples"][0]
+    residual = inputs.controlnet_block_samples[0]
     expected = float(residual.norm() / image.norm())
     assert records["double.0"][1] == pytest.approx([expected], rel=1e-4)
     # probes only read: the prediction is the one without them

@@ -169,6 +169,7 @@ class ClipTextSimilarity(_ClipMetric):
     needs = frozenset({"prompt"})
     higher_is_better = True
     kinds = frozenset({"none"})  # prompt fidelity: what a run without an adapter is judged on
+    default_for = frozenset({"*"})  # how well the prompt is kept, beside any adapter
     description = "CLIP-T: cosine of CLIP image and prompt embeddings (x100, clip at 0 = CLIPScore)"
     uses_text = True
 

@@ -65,6 +65,7 @@ class LPIPSMetric(ModelMetric):
     needs = frozenset({"reference"})  # per instance: {"baseline"} with against="baseline"
     higher_is_better = False
     kinds = frozenset()
+    default_for = frozenset({"identity", "style"})
     description = "LPIPS distance (AlexNet, v0.1) to the reference, or against=baseline"
     options_spec = {"against": "reference", "resolution": None, "random_backbone": False}
 

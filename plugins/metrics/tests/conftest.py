@@ -42,7 +42,7 @@ def save_tiny_clip(path, seed: int = 0) -> None:
         CLIPVisionConfig,
     )
 
-    from adapterswap.tiny import tiny_clip_tokenizer
+    from adapterswap.kit.tiny import tiny_clip_tokenizer
 
     tokenizer = tiny_clip_tokenizer()
     text = CLIPTextConfig(

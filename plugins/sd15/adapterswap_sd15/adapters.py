@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterswap.unet import (
-    DiffusersIPAdapter,
+from adapterswap.kit.ip_adapter import DiffusersIPAdapter
+from adapterswap.kit.tiny import (
     build_once,
     random_ip_layers,
     save_ip_adapter_files,

@@ -16,9 +16,8 @@ tests hold :func:`adapterswap.denoise.denoise` to the pipeline's own output.
 The safety checker is not loaded (``safety_checker=None``): it would black out images, which
 corrupts image metrics; check outputs yourself where that matters.
 
-``predict`` takes IP-Adapter inputs (``ip_adapter_image_embeds``,
-``negative_ip_adapter_image_embeds``, ``ip_adapter_scales``; see
-:func:`adapterswap.unet.split_ip_inputs`).
+``predict`` takes the object IP-Adapter's inputs as an
+:class:`~adapterswap.kit.ip_adapter_inputs.IPAdapterInputs`.
 """
 
 from __future__ import annotations
@@ -29,8 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from adapterswap.errors import InvalidArgumentError, WeightsNotFoundError
 from adapterswap.hub import resolve_source
-from adapterswap.unet import UNetBackbone, build_once, guided, uses_cfg
+from adapterswap.kit.guidance import guided, uses_cfg
+from adapterswap.kit.tiny import build_once
+from adapterswap.kit.unet_backbone import UNetBackbone
 from adapterswap.weights import check_safetensors
+from adapterswap_sd15.tiny import TINY_SIZE
 
 if TYPE_CHECKING:
     import torch
@@ -53,9 +55,10 @@ _PIPELINE_FILES = (
 
 
 def tiny_sd15_dir(seed: int, cache_dir: str | None) -> Path:
-    """The tiny SD 1.5 pipeline (adapterswap.tiny) saved in diffusers' layout, built once."""
+    """The tiny SD 1.5 pipeline (:mod:`adapterswap_sd15.tiny`) saved in diffusers' layout,
+    built once."""
     from adapterswap.presets import tiny_dir
-    from adapterswap.tiny import save_tiny_pipeline
+    from adapterswap_sd15.tiny import save_tiny_pipeline
 
     return build_once(tiny_dir("sd15", seed, cache_dir),
                       lambda tmp: save_tiny_pipeline("sd15", tmp, seed))
@@ -77,6 +80,8 @@ class SD15Backbone(UNetBackbone):
     default_guidance_scale = 7.5
     default_height = 512
     default_width = 512
+    #: ``(height, width)`` of the tiny preset's images (:mod:`adapterswap_sd15.tiny`).
+    tiny_size = TINY_SIZE
     required_files = _PIPELINE_FILES
     default_adapter = "object-ip-adapter"
     how_to_get = ("Accept the CreativeML OpenRAIL-M licence and run `hf download "
@@ -109,11 +114,9 @@ class SD15Backbone(UNetBackbone):
              **options: Any) -> SD15Backbone:
         """Tiny random SD 1.5 (64 px) saved in diffusers' layout and loaded through ``load``."""
         options = cls.check_options(options)  # before building anything
-        from adapterswap.tiny import TINY_SIZE
-
         backbone = cls(str(tiny_sd15_dir(seed, cache_dir)), device="cpu", dtype="fp32",
                        **options).load()
-        backbone.default_height, backbone.default_width = TINY_SIZE["sd15"]
+        backbone.default_height, backbone.default_width = cls.tiny_size
         return backbone
 
     # -- pipeline steps --------------------------------------------------------------------
@@ -210,7 +213,6 @@ class SD15LCMBackbone(SD15Backbone):
         "timestep_spacing": "LCMScheduler ignores it: its timesteps come from the 50-step "
                             "distillation schedule and start at t=999 at every step count",
     }
-    stochastic_steps = True
     #: LCMScheduler refuses more steps than its distillation schedule has
     #: (``original_inference_steps``, 50 for LCM-LoRA SD 1.5).
     max_steps = 50
@@ -260,6 +262,8 @@ class SD15LCMBackbone(SD15Backbone):
         return super().check_option(name, value)
 
     def configure_pipeline(self, pipe: Any) -> Any:
+        """``LCMScheduler`` from the pipeline's scheduler config. It draws fresh noise at every
+        step, so :attr:`injects_noise` holds and each sample's generator goes to its steps."""
         from diffusers import LCMScheduler
 
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -273,7 +277,6 @@ class SD15LCMBackbone(SD15Backbone):
         ``lora_down``/``lora_up``/``alpha``), fused through ``load``."""
         options = cls.check_options(options)  # before building anything
         from adapterswap.presets import tiny_dir
-        from adapterswap.tiny import TINY_SIZE
 
         base = tiny_sd15_dir(seed, cache_dir)
 
@@ -286,7 +289,7 @@ class SD15LCMBackbone(SD15Backbone):
         lora_dir = build_once(tiny_dir("sd15-lcm-lora", seed, cache_dir), build)
         options.setdefault("lora", str(lora_dir))
         backbone = cls(str(base), device="cpu", dtype="fp32", **options).load()
-        backbone.default_height, backbone.default_width = TINY_SIZE["sd15"]
+        backbone.default_height, backbone.default_width = cls.tiny_size
         return backbone
 
 

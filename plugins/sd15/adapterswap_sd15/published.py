@@ -39,7 +39,7 @@ def random_sd15_pipeline(device: Any, dtype: Any, seed: int = 0) -> Any:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from adapterswap.tiny import tiny_clip_tokenizer
+    from adapterswap.kit.tiny import tiny_clip_tokenizer
 
     torch.manual_seed(seed)
     parts = build_in_dtype(device, dtype, lambda: {
@@ -60,7 +60,7 @@ def random_plus_weights(unet: Any, device: Any, dtype: Any, seed: int = 1) -> tu
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from adapterswap.unet import random_ip_layers
+    from adapterswap.kit.tiny import random_ip_layers
     from adapterswap_sd15.adapters import random_resampler
 
     encoder = build_in_dtype(device, dtype, lambda: CLIPVisionModelWithProjection(

@@ -153,6 +153,16 @@ def test_lcm_step_parallel_rows_keep_their_own_noise(lcm):
         torch.testing.assert_close(finished[seed], alone.latents, atol=1e-4, rtol=1e-5)
 
 
+def test_step_noise_follows_from_the_scheduler(sd15, lcm):
+    """Only the LCM backbone hands generators to ``scheduler.step``: its LCMScheduler draws
+    fresh noise every step, DDIM (eta 0) does not. Nothing declares it; the scheduler does."""
+    assert lcm.injects_noise and type(lcm.pipe.scheduler).__name__ == "LCMScheduler"
+    assert not sd15.injects_noise
+    latents = sd15.prepare_latents([torch.Generator().manual_seed(0)], height=64, width=64)
+    assert not sd15._sample_generators._rows  # no generator kept for a deterministic step
+    assert latents.shape == (1, 4, 8, 8)
+
+
 def _shim_for_original_ip_adapter(monkeypatch):
     """ip-adapter 0.1.0 imports MultiControlNetModel from diffusers.pipelines.controlnet,
     where diffusers 0.42 no longer exports it: put the name back before importing."""

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterswap.errors import InvalidArgumentError
-from adapterswap.unet import (
-    DiffusersIPAdapter,
-    block_scales,
+from adapterswap.kit.instantstyle import block_scales
+from adapterswap.kit.ip_adapter import DiffusersIPAdapter
+from adapterswap.kit.tiny import (
     build_once,
+    random_image_projection,
     random_ip_layers,
     save_ip_adapter_files,
     save_tiny_image_encoder,
@@ -99,14 +100,10 @@ class StyleIPAdapter(DiffusersIPAdapter):
             import torch
 
             generator = torch.Generator().manual_seed(seed)
-            projection_dim, cross = 40, unet.config.cross_attention_dim
-            image_proj = {  # ImageProjection: 4 tokens from the projected image embedding
-                "proj.weight": torch.randn(4 * cross, projection_dim, generator=generator)
-                / projection_dim ** 0.5,
-                "proj.bias": 0.1 * torch.randn(4 * cross, generator=generator),
-                "norm.weight": 1 + 0.1 * torch.randn(cross, generator=generator),
-                "norm.bias": 0.1 * torch.randn(cross, generator=generator),
-            }
+            projection_dim = 40
+            image_proj = random_image_projection(  # 4 tokens from the projected embedding
+                generator, cross_attention_dim=unet.config.cross_attention_dim,
+                projection_dim=projection_dim)
             state = {"image_proj": image_proj, "ip_adapter": random_ip_layers(unet, generator)}
             save_ip_adapter_files(tmp / "sdxl_models", "ip-adapter_sdxl", state)
             save_tiny_image_encoder(tmp / "sdxl_models" / "image_encoder", seed,

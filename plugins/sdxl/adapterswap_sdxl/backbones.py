@@ -9,9 +9,8 @@ parity tests hold :func:`adapterswap.denoise.denoise` to the pipeline's own outp
   ``sdxl_lightning_4step_unet.safetensors``) loaded into the SDXL-base pipeline, Euler with
   "trailing" timesteps and no guidance, as its model card prescribes.
 
-``predict`` takes IP-Adapter inputs (``ip_adapter_image_embeds``,
-``negative_ip_adapter_image_embeds``, ``ip_adapter_scales``; see
-:func:`adapterswap.unet.split_ip_inputs`).
+``predict`` takes the style IP-Adapter's inputs as an
+:class:`~adapterswap.kit.ip_adapter_inputs.IPAdapterInputs`.
 """
 
 from __future__ import annotations
@@ -22,7 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from adapterswap.errors import InvalidArgumentError, WeightsNotFoundError
 from adapterswap.hub import resolve_source
-from adapterswap.unet import UNetBackbone, build_once, guided
+from adapterswap.kit.guidance import guided
+from adapterswap.kit.tiny import build_once
+from adapterswap.kit.unet_backbone import UNetBackbone
+from adapterswap_sdxl.tiny import TINY_SIZE
 
 if TYPE_CHECKING:
     import torch
@@ -46,9 +48,10 @@ _PIPELINE_FILES = (
 
 
 def tiny_sdxl_dir(seed: int, cache_dir: str | None) -> Path:
-    """The tiny SDXL pipeline (adapterswap.tiny) saved in diffusers' layout, built once."""
+    """The tiny SDXL pipeline (:mod:`adapterswap_sdxl.tiny`) saved in diffusers' layout, built
+    once."""
     from adapterswap.presets import tiny_dir
-    from adapterswap.tiny import save_tiny_pipeline
+    from adapterswap_sdxl.tiny import save_tiny_pipeline
 
     return build_once(tiny_dir("sdxl", seed, cache_dir),
                       lambda tmp: save_tiny_pipeline("sdxl", tmp, seed))
@@ -64,18 +67,14 @@ class SDXLBackbone(UNetBackbone):
 
     name = "sdxl"
     family = "sdxl"
-    #: Compiling the whole SDXL UNet did not finish in 5 minutes on an H100; its transformer
-    #: and ResNet blocks compile in about 100 s and gave the measured 2.5x sweep.
-    compile_scope = "blocks"
-    #: H100, fp16, 4 seeds with CFG per forward: compiling took ~138 s (first sweep 147 s
-    #: against 9.5 s warm) and saved ~37 ms per forward (11.6 s eager, 9.5 s compiled).
-    compile_pays_after = 3700
     default_source = SDXL_BASE
     default_steps = 30
     guidance_mode = "cfg"
     default_guidance_scale = 5.0
     default_height = 1024
     default_width = 1024
+    #: ``(height, width)`` of the tiny preset's images (:mod:`adapterswap_sdxl.tiny`).
+    tiny_size = TINY_SIZE
     required_files = (*_PIPELINE_FILES,
                       "unet/diffusion_pytorch_model.safetensors"
                       "|unet/diffusion_pytorch_model.fp16.safetensors")
@@ -103,11 +102,9 @@ class SDXLBackbone(UNetBackbone):
              **options: Any) -> SDXLBackbone:
         """Tiny random SDXL (64 px) saved in diffusers' layout and loaded through ``load``."""
         options = cls.check_options(options)  # before building anything
-        from adapterswap.tiny import TINY_SIZE
-
         backbone = cls(str(tiny_sdxl_dir(seed, cache_dir)), device="cpu", dtype="fp32",
                        **options).load()
-        backbone.default_height, backbone.default_width = TINY_SIZE["sdxl"]
+        backbone.default_height, backbone.default_width = cls.tiny_size
         return backbone
 
     # -- pipeline steps --------------------------------------------------------------------
@@ -295,7 +292,6 @@ class SDXLLightningBackbone(SDXLBackbone):
         random weights) in ByteDance's layout, loaded through ``load``."""
         options = cls.check_options(options)  # before building anything
         from adapterswap.presets import tiny_dir
-        from adapterswap.tiny import TINY_SIZE
 
         base = tiny_sdxl_dir(seed, cache_dir)
 
@@ -313,5 +309,5 @@ class SDXLLightningBackbone(SDXLBackbone):
         unet_dir = build_once(tiny_dir("sdxl-lightning-unet", seed, cache_dir), build)
         options.setdefault("unet", str(unet_dir))
         backbone = cls(str(base), device="cpu", dtype="fp32", **options).load()
-        backbone.default_height, backbone.default_width = TINY_SIZE["sdxl"]
+        backbone.default_height, backbone.default_width = cls.tiny_size
         return backbone

@@ -49,7 +49,7 @@ def random_sdxl_pipeline(device: Any, dtype: Any, seed: int = 0) -> Any:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from adapterswap.tiny import tiny_clip_tokenizer
+    from adapterswap.kit.tiny import tiny_clip_tokenizer
 
     torch.manual_seed(seed)
     parts = build_in_dtype(device, dtype, lambda: {
@@ -71,7 +71,7 @@ def random_style_weights(unet: Any, device: Any, dtype: Any, seed: int = 1) -> t
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from adapterswap.unet import random_ip_layers
+    from adapterswap.kit.tiny import random_ip_layers
 
     encoder = build_in_dtype(device, dtype, lambda: CLIPVisionModelWithProjection(
         CLIPVisionConfig(**VIT_BIGG)).eval())

@@ -13,8 +13,9 @@ from adapterswap_sdxl.backbones import LIGHTNING_UNET, SDXLBackbone, SDXLLightni
 
 from adapterswap.denoise import StepContext, denoise
 from adapterswap.errors import InvalidArgumentError, UsageError, WeightsNotFoundError
+from adapterswap.kit.ip_adapter_install import ip_processors
+from adapterswap.kit.parity import pipeline_parity
 from adapterswap.probes import ProbeRecorder
-from adapterswap.unet import ip_processors
 
 PROMPT = "a watercolor painting of a lighthouse"
 STYLE_LAYER = "up_blocks.0.attentions.1."
@@ -86,8 +87,10 @@ def test_denoise_matches_pipeline_with_and_without_ip_adapter(name, sdxl, lightn
     backbone = sdxl if name == "sdxl" else lightning
     steps, guidance = (3, 5.0) if name == "sdxl" else (4, 0.0)
     pipe = reference_pipeline(backbone, lightning=name != "sdxl")
-    plain = run(backbone, steps)
-    np.testing.assert_allclose(plain, pipeline_images(pipe, steps, guidance), atol=1e-6, rtol=0)
+    parity = pipeline_parity(backbone, pipe, PROMPT, num_inference_steps=steps,
+                             guidance_scale=guidance, height=64, width=64)
+    plain = parity.ours
+    np.testing.assert_allclose(plain, parity.theirs, atol=1e-6, rtol=0)
 
     ours = run(backbone, steps, style, reference)
     pipe.load_ip_adapter(style.source, subfolder="sdxl_models",
@@ -292,7 +295,7 @@ def test_mixed_window_batch_equals_separate_runs(sdxl, style, reference):
     assert records and all(v[0] > 0 and v[1] == 0.0 for _, _, v in records)  # row 1 is off
     inputs = style.denoiser_inputs(sdxl, conditioning.repeat(2), latents, ctx([0, 1]),
                                    prompt.repeat(2))
-    assert inputs["ip_adapter_scales"][0] and inputs["ip_adapter_scales"][1] is None
+    assert inputs.scales[0] and inputs.scales[1] is None
     active = predict([0])
     inactive = predict([1])
     # a batch of 2 against batches of 1: CPU matmul blocking may differ with the batch size

@@ -1,20 +1,4 @@
-"""Contract test mixins every backbone and adapter plugin's tests subclass.
-
-Like diffusers' ``PipelineTesterMixin``: a third-party plugin gets the same checks as the
-built-in ones by writing::
-
-    from adapterswap.testing import AdapterContract, BackboneContract
-
-    class TestMyBackbone(BackboneContract):
-        backbone_name = "my-backbone"          # built with MyBackbone.tiny(seed)
-
-    class TestMyAdapter(AdapterContract):
-        adapter_name = "my-adapter"            # built with MyAdapter.tiny(backbone, seed)
-        backbone_names = ("my-backbone", "my-backbone-distilled")
-
-Override ``make_backbone`` / ``make_adapter`` / ``make_reference`` to build them another way.
-The mixins need pytest and torch; they run on CPU in a few seconds with tiny components.
-"""
+"""The :class:`BackboneContract` mixin: checks every backbone plugin must pass."""
 
 from __future__ import annotations
 
@@ -23,15 +7,11 @@ from typing import Any, ClassVar
 
 import pytest
 
-from adapterswap.adapter import ADAPTER_KINDS, Adapter
 from adapterswap.backbone import GUIDANCE_MODES, Backbone
 from adapterswap.denoise import StepContext, denoise
-from adapterswap.errors import (
-    IncompatibleAdapterError,
-    InvalidArgumentError,
-    WeightsNotFoundError,
-)
-from adapterswap.plugins import get_adapter, get_backbone
+from adapterswap.errors import InvalidArgumentError, WeightsNotFoundError
+from adapterswap.plugins import get_backbone
+from adapterswap.testing.tiny_sweep import run_tiny_sweep
 
 
 def _np(images: Any) -> Any:
@@ -63,8 +43,10 @@ class BackboneContract:
         return get_backbone(self.backbone_name).tiny(self.seed)
 
     @pytest.fixture(scope="class")
-    def backbone(self) -> Backbone:
-        return self.make_backbone()
+    @classmethod
+    def backbone(cls) -> Backbone:
+        """The loaded backbone, built once per test class (``make_backbone``)."""
+        return cls().make_backbone()
 
     def _run(self, backbone: Backbone, **kwargs: Any) -> Any:
         kwargs.setdefault("num_inference_steps", self.steps)
@@ -82,6 +64,30 @@ class BackboneContract:
             assert cls.default_guidance_scale is None
         else:
             assert isinstance(cls.default_guidance_scale, (int, float))
+
+    def test_sizes_are_declared_and_the_tiny_preset_keeps_them(self,
+                                                               backbone: Backbone) -> None:
+        """``size_multiple`` and ``tiny_size`` are what every command reads: the tiny
+        instance runs at its class's declared tiny size."""
+        cls = get_backbone(self.backbone_name)
+        assert isinstance(cls.size_multiple, int) and cls.size_multiple >= 1
+        assert cls.tiny_size is not None, "a backbone with a tiny preset declares tiny_size"
+        height, width = cls.tiny_size
+        assert height % cls.size_multiple == 0 and width % cls.size_multiple == 0
+        assert (backbone.default_height, backbone.default_width) == (height, width)
+
+    def test_tiny_cli_sweep_runs_at_the_declared_tiny_size(self, tmp_path: Path) -> None:
+        """One cell through ``adapterswap sweep --preset tiny`` with no size flags."""
+        from PIL import Image
+
+        cls = get_backbone(self.backbone_name)
+        sweep = run_tiny_sweep(tmp_path / "sweep", self.backbone_name)
+        assert sweep.exit_code == 0, sweep.output
+        assert [c["status"] for c in sweep.cells] == ["done"], sweep.cells
+        assert sweep.sizes == {tuple(cls.tiny_size)}
+        image = Path(tmp_path / "sweep", sweep.cells[0]["image"])
+        with Image.open(image) as opened:
+            assert opened.size == (cls.tiny_size[1], cls.tiny_size[0])
 
     def test_options_are_declared_and_checked_before_loading(self) -> None:
         cls = get_backbone(self.backbone_name)
@@ -254,185 +260,3 @@ class BackboneContract:
         cls = get_backbone(self.backbone_name)
         with pytest.raises(WeightsNotFoundError, match="HF_HUB_OFFLINE"):
             cls("nobody/absent-model", device="cpu").load()
-
-
-class _OtherFamilyBackbone(Backbone):
-    """A declaration-only backbone of a family no adapter supports (for compatibility tests)."""
-
-    name = "contract-other-family"
-    family = "contract-other"
-    default_source = "nobody/none"
-    default_steps = 1
-    guidance_mode = "none"
-
-    def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
-        raise NotImplementedError
-
-    encode_prompt = prepare_latents = schedule = predict = load_pipeline  # type: ignore
-    step = predict_x0 = decode = load_pipeline  # type: ignore
-
-
-class AdapterContract:
-    """Checks every :class:`~adapterswap.adapter.Adapter` must pass."""
-
-    adapter_name: ClassVar[str]
-    #: tiny backbones the adapter must attach to; the first is the one it was trained for.
-    backbone_names: ClassVar[tuple[str, ...]]
-    seed: ClassVar[int] = 0
-    steps: ClassVar[int] = 2
-    prompt: ClassVar[str] = "a portrait photo of a person"
-    atol: ClassVar[float] = 1e-5
-
-    # -- builders ---------------------------------------------------------------------------
-    def make_backbone(self, name: str) -> Backbone:
-        return get_backbone(name).tiny(self.seed)
-
-    def make_adapter(self, backbone: Backbone, **kwargs: Any) -> Adapter:
-        """A loaded (not attached) adapter whose weights fit ``backbone``."""
-        return get_adapter(self.adapter_name).tiny(backbone, self.seed, **kwargs)
-
-    def make_reference(self) -> Any:
-        return get_adapter(self.adapter_name).tiny_reference(self.seed)
-
-    @pytest.fixture(scope="class")
-    def backbones(self) -> dict[str, Backbone]:
-        return {name: self.make_backbone(name) for name in self.backbone_names}
-
-    @pytest.fixture()
-    def adapter(self, backbones: dict[str, Backbone]) -> Any:
-        adapter = self.make_adapter(backbones[self.backbone_names[0]])
-        yield adapter
-        adapter.detach()
-
-    def _run(self, backbone: Backbone, adapter: Adapter | None = None, **kwargs: Any) -> Any:
-        import numpy as np
-
-        reference = self.make_reference() if adapter is not None else None
-        result = denoise(backbone, self.prompt, num_inference_steps=self.steps,
-                         seeds=[self.seed], adapter=adapter, reference=reference,
-                         output_type="np", **kwargs)
-        return np.asarray(result.images)
-
-    # -- declaration ------------------------------------------------------------------------
-    def test_registered_and_declared(self, backbones: dict[str, Backbone]) -> None:
-        cls = get_adapter(self.adapter_name)
-        assert cls.name == self.adapter_name
-        assert Adapter.class_problems(cls) == []
-        assert cls.kind in ADAPTER_KINDS
-        for backbone in backbones.values():
-            assert backbone.family in cls.families
-
-    def test_other_family_is_refused_naming_both(self, adapter: Adapter) -> None:
-        other = _OtherFamilyBackbone()
-        with pytest.raises(IncompatibleAdapterError) as info:
-            adapter.check_backbone(other)
-        message = str(info.value)
-        assert self.adapter_name in message and other.name in message
-        for name in self.backbone_names:
-            assert name in message  # lists the backbones it does support
-
-    def test_bad_scale_and_window_are_named(self) -> None:
-        cls = get_adapter(self.adapter_name)
-        with pytest.raises(InvalidArgumentError, match="scale=-1"):
-            cls(scale=-1)
-        with pytest.raises(InvalidArgumentError, match="start=0.8"):
-            cls(start=0.8, end=0.2)
-        with pytest.raises(InvalidArgumentError, match="end=1.5"):
-            cls(end=1.5)
-
-    # -- reference --------------------------------------------------------------------------
-    def test_encode_reference_is_cacheable(self, adapter: Adapter,
-                                           backbones: dict[str, Backbone]) -> None:
-        import torch
-
-        backbone = backbones[self.backbone_names[0]]
-        adapter.attach(backbone)
-        first = adapter.encode_reference(self.make_reference(), backbone)
-        second = adapter.encode_reference(self.make_reference(), backbone)
-        assert first.batch_size == 1
-        for key, value in first.batched.items():
-            if value is not None:
-                assert torch.equal(value, second.batched[key]), key
-
-    def test_unreadable_reference_is_named(self, adapter: Adapter, tmp_path: Path,
-                                           backbones: dict[str, Backbone]) -> None:
-        backbone = backbones[self.backbone_names[0]]
-        adapter.attach(backbone)
-        bad = tmp_path / "not-an-image.png"
-        bad.write_bytes(b"this is not a png")
-        with pytest.raises(InvalidArgumentError, match="not-an-image.png"):
-            adapter.encode_reference(str(bad), backbone)
-        with pytest.raises(InvalidArgumentError, match="missing.png"):
-            adapter.encode_reference(str(tmp_path / "missing.png"), backbone)
-
-    # -- behaviour on every backbone ----------------------------------------------------------
-    def test_adapter_changes_output_and_detach_restores_exactly(
-            self, adapter: Adapter, backbones: dict[str, Backbone]) -> None:
-        import numpy as np
-
-        for name, backbone in backbones.items():
-            before = self._run(backbone)
-            with_adapter = self._run(backbone, adapter)
-            assert adapter.attached_to is backbone
-            adapter.detach()
-            after = self._run(backbone)
-            assert np.array_equal(before, after), f"detach did not restore {name}"
-            assert not np.allclose(before, with_adapter, atol=1e-4), \
-                f"{self.adapter_name} has no effect on {name}"
-
-    def test_scale_zero_and_empty_window_equal_no_adapter(
-            self, adapter: Adapter, backbones: dict[str, Backbone]) -> None:
-        import numpy as np
-
-        backbone = backbones[self.backbone_names[0]]
-        base = self._run(backbone)
-        adapter.set_scale(0.0)
-        np.testing.assert_allclose(self._run(backbone, adapter), base, atol=self.atol)
-        adapter.set_scale(type(adapter).default_scale)
-        # with 2 steps a window [0.9, 1.0] contains no step: 0/2 < 0.9 and 1/2 < 0.9
-        adapter.set_window(0.9, 1.0)
-        np.testing.assert_allclose(self._run(backbone, adapter), base, atol=self.atol)
-        adapter.set_window(0.0, 1.0)
-
-    def test_probes_record_per_sample_and_do_not_change_outputs(
-            self, adapter: Adapter, backbones: dict[str, Backbone]) -> None:
-        import numpy as np
-
-        from adapterswap.probes import ProbeRecorder
-
-        if not type(adapter).supports_probes:
-            pytest.skip(f"{self.adapter_name} has no probes")
-        backbone = backbones[self.backbone_names[0]]
-        plain = self._run(backbone, adapter)
-        recorder = ProbeRecorder()
-        adapter.set_probe(recorder)
-        try:
-            probed = self._run(backbone, adapter)
-        finally:
-            adapter.set_probe(None)
-        records = recorder.drain()
-        assert np.array_equal(plain, probed), "probes changed the output"
-        assert records, "probes recorded nothing"
-        assert all(len(values) == 1 for _, _, values in records)  # one value per sample
-        assert all(np.isfinite(values).all() for _, _, values in records)
-
-    def test_swap_between_backbones_without_reload(self, adapter: Adapter,
-                                                    backbones: dict[str, Backbone]) -> None:
-        calls: list[int] = []
-        original = adapter.load_weights
-
-        def counting_load_weights() -> None:
-            calls.append(1)
-            return original()
-
-        adapter.load_weights = counting_load_weights  # type: ignore[method-assign]
-        try:
-            outputs = []
-            for backbone in backbones.values():
-                adapter.attach(backbone)
-                assert adapter.attached_to is backbone
-                outputs.append(self._run(backbone, adapter))
-            assert calls == [], "the adapter reloaded its weights when it moved"
-        finally:
-            adapter.load_weights = original  # type: ignore[method-assign]
-        assert all(o.shape[-1] == 3 for o in outputs)

@@ -1,27 +1,5 @@
-"""Reading weight files and model directories safely, with one clear error when they are broken.
-
-Users point adapterswap at weights downloaded from anywhere. The loaders here stand between those
-files and torch/diffusers/transformers, so that a broken or hostile file gives one adapterswap
-error naming the file and what is wrong, never a library traceback or a silently wrong model:
-
-* A truncated or corrupt ``.safetensors`` file: :class:`~adapterswap.errors.WeightsNotFoundError`
-  ("truncated or corrupt safetensors file"), found from its header before anything is loaded.
-* A pickle (``.bin``, ``.pt``, ``.pth``) is only ever read with ``torch.load(weights_only=True)``;
-  one that needs code execution is refused with :class:`~adapterswap.errors.UnsafeWeightsError`
-  and its code never runs. Model directories load from safetensors only: a component whose
-  weights exist only as a pickle is refused ("convert to safetensors").
-* A model directory whose config does not match its weights (other widths, more or fewer layers,
-  another model class): :class:`~adapterswap.errors.WeightsNotFoundError` naming the config and
-  the weights. diffusers and transformers would initialise missing layers at random with a log
-  line, or drop extra ones; here every model component is loaded with ``output_loading_info`` and
-  checked.
-* No code from a model directory runs: component classes are looked up in diffusers and
-  transformers only, a ``model_index.json`` naming a class from a ``.py`` file shipped with the
-  model is refused (:class:`~adapterswap.errors.UnsafeWeightsError`), and ``trust_remote_code``
-  is never passed.
-
-torch, safetensors, diffusers and transformers are imported inside the functions.
-"""
+"""Model directories and pipelines loaded safely: safetensors only, every component checked
+against its config, no code from the directory run (see :mod:`adapterswap.weights`)."""
 
 from __future__ import annotations
 
@@ -33,146 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from adapterswap.errors import AdapterswapError, UnsafeWeightsError, WeightsNotFoundError
-
-#: File suffixes of pickled weights (torch.save / the legacy ``pytorch_model.bin``).
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-#: Largest safetensors header read (the format itself caps it at 100 MB).
-_MAX_HEADER = 100_000_000
-_CONVERT = ("convert it to safetensors where you trust it (e.g. torch.load it in a sandbox and "
-            "safetensors.torch.save_file the tensors), or download the .safetensors files")
-
-
-def first_line(exc: BaseException) -> str:
-    """The gist of a library exception: its first non-empty line, without diffusers' advice."""
-    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
-    line = line.split(" If you want to instead overwrite", 1)[0]
-    return line or type(exc).__name__
+from adapterswap.weights.files import (
+    CONVERT_HINT,
+    PICKLE_SUFFIXES,
+    check_safetensors,
+    first_line,
+    some,
+    unpickling_reason,
+)
 
 
-def unpickling_reason(exc: BaseException) -> str:
-    """What ``torch.load(weights_only=True)`` refused, in one line (torch's message spans many
-    lines of advice, some of which is to load the file unsafely)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    match = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    if match is None:
-        return first_line(exc)
-    return match.group(1).split(" Please use ", 1)[0].strip().rstrip(".")
-
-
-def _some(items: Sequence[str], limit: int = 4) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-# --------------------------------------------------------------------------------- single files
-def safetensors_problem(path: str | Path) -> str | None:
-    """Why ``path`` is not a readable safetensors file (truncated, corrupt header), else None.
-
-    Reads only the header: the file's size must be what the header says its tensors need.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"{size} bytes, too short for a safetensors header"
-            length = int.from_bytes(head, "little")
-            if length > min(size - 8, _MAX_HEADER):
-                return (f"its header claims {length} bytes but the file has {size}: the file is "
-                        "cut short or is not safetensors")
-            header = json.loads(f.read(length))
-    except OSError as exc:
-        return f"cannot be read: {exc.strerror or exc}"
-    except (UnicodeDecodeError, ValueError):
-        return "its header is not valid safetensors JSON"
-    if not isinstance(header, dict):
-        return "its header is not valid safetensors JSON"
-    ends = []
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) for o in offsets)):
-            return f"its header entry {key!r} has no valid data_offsets"
-        ends.append(offsets[1])
-    needed = 8 + length + max(ends, default=0)
-    if needed > size:
-        return f"it has {size} bytes but its header describes {needed}: it was cut short"
-    from safetensors import safe_open
-
-    try:  # the rest of the format (dtypes, overlapping or uncovered ranges) as safetensors sees it
-        with safe_open(str(path), framework="pt", device="cpu"):
-            pass
-    except Exception as exc:  # SafetensorError does not derive from anything narrower
-        return first_line(exc)
-    return None
-
-
-def check_safetensors(path: str | Path, *, what: str) -> None:
-    """Raise :class:`WeightsNotFoundError` naming ``path`` if it is truncated or corrupt."""
-    problem = safetensors_problem(path)
-    if problem is not None:
-        raise WeightsNotFoundError(
-            f"{what}: {str(path)!r} is a truncated or corrupt safetensors file ({problem}); "
-            "download it again")
-
-
-def read_safetensors(path: str | Path, *, what: str) -> dict[str, Any]:
-    """All tensors of a safetensors file (on CPU), after :func:`check_safetensors`."""
-    from safetensors.torch import load_file
-
-    check_safetensors(path, what=what)
-    try:
-        return dict(load_file(str(path)))
-    except Exception as exc:
-        raise WeightsNotFoundError(
-            f"{what}: {str(path)!r} is a truncated or corrupt safetensors file "
-            f"({first_line(exc)}); download it again") from None
-
-
-def read_pickle(path: str | Path, *, what: str, allowed_globals: Sequence[Any] = (),
-                mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)``: tensors and containers only, no code runs.
-
-    :param allowed_globals: extra types the checkpoint may hold (``torch.serialization``'s
-        ``safe_globals``), e.g. ``argparse.Namespace`` in a training checkpoint.
-    :raises UnsafeWeightsError: the pickle needs something else, e.g. code to run.
-    :raises WeightsNotFoundError: the file is missing, truncated or not a torch checkpoint.
-    """
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    context = (torch.serialization.safe_globals(list(allowed_globals)) if allowed_globals
-               else contextlib.nullcontext())
-    try:
-        with context:
-            try:
-                return torch.load(str(path), map_location="cpu", weights_only=True,
-                                  **({"mmap": True} if mmap else {}))
-            except RuntimeError:
-                if not mmap:
-                    raise
-                # a legacy (non-zip) file cannot be memory-mapped
-                return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeWeightsError(
-            f"{what}: {str(path)!r} is a pickle that holds more than tensors (e.g. code to run "
-            f"when loaded), so it was not loaded (torch.load weights_only=True refused it: "
-            f"{unpickling_reason(exc)}); {_CONVERT}") from None
-    except FileNotFoundError:
-        raise WeightsNotFoundError(f"{what}: {str(path)!r} does not exist") from None
-    except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError) as exc:
-        raise WeightsNotFoundError(
-            f"{what}: {str(path)!r} is truncated or not a torch checkpoint "
-            f"({first_line(exc)}); download it again") from None
-
-
-# ---------------------------------------------------------------------------- model directories
 def _variant_of(name: str) -> str | None:
     """``fp16`` for ``model.fp16.safetensors`` / ``model.fp16-00001-of-00002.safetensors``."""
     parts = name.split(".")
@@ -229,14 +77,14 @@ def check_model_dir(folder: str | Path, *, what: str, variant: str | None = None
         if absent:
             raise WeightsNotFoundError(
                 f"{what}: {str(folder)!r} is incomplete: {index.name} lists the shards "
-                f"{_some(absent)}, which are missing")
+                f"{some(absent)}, which are missing")
     if not safetensors:
         if pickles:
             names = ", ".join(p.name for p in pickles)
             raise UnsafeWeightsError(
                 f"{what}: {str(folder)!r} has its weights only as a pickle ({names}), which "
                 "adapterswap does not load for models because a pickle can run code when it "
-                f"is loaded; {_CONVERT}")
+                f"is loaded; {CONVERT_HINT}")
         raise WeightsNotFoundError(
             f"{what}: {str(folder)!r} has a config but no weights (no .safetensors file)")
     for path in safetensors:
@@ -292,7 +140,7 @@ def loading(what: str, where: str | Path) -> Iterator[None]:
     except pickle.UnpicklingError as exc:
         raise UnsafeWeightsError(
             f"{what}: a pickle under {str(where)!r} holds more than tensors, so it was not "
-            f"loaded ({unpickling_reason(exc)}); {_CONVERT}") from None
+            f"loaded ({unpickling_reason(exc)}); {CONVERT_HINT}") from None
     except library_exceptions() as exc:  # the cause stays for --debug
         raise WeightsNotFoundError(
             f"{what}: could not load {str(where)!r}: {first_line(exc)}") from exc
@@ -426,12 +274,12 @@ def _check_loading_info(model: Any, info: Mapping[str, Any], *, what: str, folde
     if mismatched:
         shapes = [f"{key} is {tuple(ckpt)} in the weights but {tuple(want)} in the config's "
                   "model" for key, ckpt, want in mismatched]
-        problems.append(f"{len(mismatched)} weights have other shapes ({_some(shapes, 2)})")
+        problems.append(f"{len(mismatched)} weights have other shapes ({some(shapes, 2)})")
     if missing:
         problems.append(f"the config makes {len(missing)} weights the file lacks "
-                        f"({_some(missing)})")
+                        f"({some(missing)})")
     if extra:
-        problems.append(f"the weights have layers the config lacks ({_some(extra)})")
+        problems.append(f"the weights have layers the config lacks ({some(extra)})")
     raise WeightsNotFoundError(
         f"{what}: {str(folder / 'config.json')!r} does not match "
         f"{_weights_name(folder, variant)}: {'; '.join(problems)}")

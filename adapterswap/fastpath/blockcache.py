@@ -20,7 +20,8 @@ keeps the additions inside the residual and the transformer adds them a second t
 
 Outputs change: cells run with a cache get keys of their own, and the fidelity cost must be
 measured against the uncached cells on the same inputs (``sweep`` with and without
-``--cache``). Supported: FLUX transformers (double + single block lists).
+``--cache``). Supported: denoisers whose backbone declares ``block_cache_layout`` (the names of
+a double-stream and a single-stream block list, e.g. the FLUX plugin's).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapterswap.errors import InvalidArgumentError
+from adapterswap.tensors import device_tensor
 
 #: Accepted cache policies (``kind:value``).
 POLICIES = ("threshold", "interval")
@@ -38,9 +40,11 @@ _HELP = ("write threshold:T (first-block cache: reuse the other blocks while the
          "residual moved less than T, e.g. threshold:0.1) or interval:N (compute every N-th "
          "step, N >= 2, e.g. interval:2)")
 
-#: Denoisers whose blocks take ``hidden_states`` / ``encoder_hidden_states`` and return
-#: ``(encoder_hidden_states, hidden_states)``, with ControlNet residuals added between blocks.
-SUPPORTED = ("FluxTransformer2DModel",)
+#: The block lists of a joint-attention transformer in diffusers' naming: double-stream blocks
+#: take ``hidden_states`` / ``encoder_hidden_states`` and return ``(encoder_hidden_states,
+#: hidden_states)``, single-stream blocks follow them, and ControlNet residuals are added
+#: between blocks. A backbone declares the names (``Backbone.block_cache_layout``).
+JOINT_TRANSFORMER_LAYOUT = ("transformer_blocks", "single_transformer_blocks")
 
 
 @dataclass(frozen=True)
@@ -75,24 +79,28 @@ class CachePolicy:
 
 
 class BlockCache:
-    """A residual cache over a FLUX transformer's blocks (see the module docstring).
+    """A residual cache over a joint-attention transformer's blocks (see the module docstring).
 
     :meth:`install` wraps each block's ``forward`` (the module tree, its state dict and hooks
     are unchanged); :meth:`remove` restores them. :meth:`reset` starts a new denoising run
-    (the engine calls it through ``Backbone.begin_run``). ``computed`` / ``cached`` count the
-    steps of each kind since the cache was made."""
+    (the loop calls it through ``Accelerator.begin_run``). ``computed`` / ``cached`` count
+    the steps of each kind since the cache was made."""
 
-    def __init__(self, denoiser: Any, policy: CachePolicy | str) -> None:
+    def __init__(self, denoiser: Any, policy: CachePolicy | str,
+                 layout: tuple[str, str] | None = JOINT_TRANSFORMER_LAYOUT) -> None:
         import torch
 
         self.policy = CachePolicy.parse(policy)
         name = type(denoiser).__name__
-        lists = [getattr(denoiser, n, None) for n in ("transformer_blocks",
-                                                      "single_transformer_blocks")]
-        if name not in SUPPORTED or not all(isinstance(x, torch.nn.ModuleList) for x in lists):
+        if layout is None:
             raise InvalidArgumentError("cache", str(self.policy),
-                                       f"no block cache for a {name} (supported: "
-                                       f"{', '.join(SUPPORTED)})")
+                                       f"no block cache for a {name}: its backbone declares no "
+                                       "block_cache_layout")
+        lists = [getattr(denoiser, n, None) for n in layout]
+        if not all(isinstance(x, torch.nn.ModuleList) for x in lists):
+            raise InvalidArgumentError("cache", str(self.policy),
+                                       f"no block cache for a {name}: it has no block lists "
+                                       f"{' and '.join(layout)}")
         self.denoiser = denoiser
         self.double, self.single = lists
         self.blocks = list(self.double) + list(self.single)
@@ -119,8 +127,6 @@ class BlockCache:
     def keep_rows(self, rows: list[int]) -> None:
         """Rows of the batch finished: keep the stored residuals of the ``rows`` that go on
         (positions in the previous batch), so the next step can still be served from them."""
-        from adapterswap.fastpath import device_tensor
-
         if self._shape is None:
             return
         if self._rest is None:
