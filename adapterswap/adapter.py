@@ -151,6 +151,9 @@ class Adapter(Probed, ABC):
     how_to_get: ClassVar[str] = ""
     description: ClassVar[str] = ""
     probe_quantity: ClassVar[str] = ""
+    #: The length of an embedding the adapter takes as a reference instead of an image
+    #: (``--ref face.npy``, :mod:`adapterswap.references`); ``None``: images only.
+    embedding_dim: ClassVar[int | None] = None
 
     @classmethod
     def class_problems(cls, klass: type) -> list[str]:

@@ -30,7 +30,8 @@ from adapterswap.fastpath import ATTENTION_CHOICES
                    "backbone that has a tiny preset.")
 @click.option("--adapter", default=None,
               help="Adapter name, or 'none'. Default: the backbone family's built-in adapter.")
-@click.option("--ref", "reference", default=None, help="Reference image for the adapter.")
+@click.option("--ref", "reference", default=None,
+              help="Reference image for the adapter, or an embedding .npy it takes.")
 @click.option("--prompt", default=None, help="Text prompt.")
 @click.option("--seed", default=0, type=int, show_default=True)
 @click.option("--steps", "num_inference_steps", default=None, type=int,
@@ -74,7 +75,6 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
     exact switches; one image does not repay compilation, so nothing is compiled)."""
     from pathlib import Path
 
-    from adapterswap.adapter import load_image
     from adapterswap.denoise import denoise
     from adapterswap.errors import InvalidArgumentError
     from adapterswap.plugins import get_adapter, get_backbone
@@ -124,7 +124,8 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
     image: Any = None
     if adapter_cls is not None:
         if reference is not None:
-            load_image(reference, argument="--ref")  # readable? (fails before loading models)
+            # readable? an image, or an embedding the adapter takes (before loading models)
+            checks.check_reference("--ref", reference, adapter_cls)
             image = reference  # the path, so that adapters' errors name the file
         elif tiny:
             image = models.reference_image("synthetic:0", adapter_cls.name)

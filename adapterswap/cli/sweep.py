@@ -26,7 +26,8 @@ def common_sweep_options(func: Any) -> Any:
     """Options shared by ``sweep``, ``trajectory``, ``ablate`` and ``swap``."""
     options = [
         click.option("--ref", "references", multiple=True,
-                     help="Reference image (repeatable). Default with --preset tiny: synthetic."),
+                     help="Reference image, or an embedding .npy for adapters that take one "
+                          "(repeatable). Default with --preset tiny: synthetic."),
         click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable)."),
         click.option("--prompts", "prompts_file", default=None,
                      help="File with one prompt per line."),

@@ -126,14 +126,25 @@ def check_device(argument: str, value: Any) -> None:
         raise InvalidArgumentError(argument, value, f"{kind} is not available here")
 
 
-def check_reference(argument: str, ref: str) -> None:
-    """A reference that can be read: ``synthetic:N`` or an image file PIL decodes, within
-    its decompression-bomb limit (:func:`adapterswap.adapter.load_image`)."""
+def check_reference(argument: str, ref: str, adapter_cls: Any = None) -> None:
+    """A reference that can be read: ``synthetic:N``, an image file PIL decodes within its
+    decompression-bomb limit (:func:`adapterswap.adapter.load_image`), or an embedding file
+    (``.npy``) of the length ``adapter_cls`` takes (:mod:`adapterswap.references`)."""
+    from adapterswap.references import is_embedding, load_embedding
+
     if ref.startswith("synthetic:"):
         number = ref.split(":", 1)[1]
         if not (number.isdigit() and int(number) <= MAX_SEED):
             raise InvalidArgumentError(argument, ref, "a synthetic reference is synthetic:N "
                                                       "with N an integer >= 0")
+        return
+    if is_embedding(ref):
+        dim = getattr(adapter_cls, "embedding_dim", None)
+        if dim is None:
+            name = f"adapter {adapter_cls.name!r}" if adapter_cls is not None else "the adapter"
+            raise InvalidArgumentError(argument, ref, f"is an embedding file, but {name} "
+                                                      "takes reference images only")
+        load_embedding(ref, argument=argument, dim=dim)
         return
     from adapterswap.adapter import load_image
 

@@ -301,6 +301,9 @@ class CellFinisher:
             if "timing" in metric.needs and not all(timings):
                 continue
             if "reference" in metric.needs and reference is None:
+                if any(c.reference for c in cells):  # an embedding: no image to compare
+                    for slot in range(len(images)):
+                        scores[slot][name] = None
                 continue
             try:
                 values = metric.score(batch)

@@ -139,10 +139,14 @@ class ModelFactory:
 
     # ------------------------------------------------------------------ references
     def reference_image(self, ref: str, adapter_name: str) -> Any:
-        """The image of a reference: a file, or ``synthetic:N`` of the adapter's kind."""
+        """The image of a reference: a file, or ``synthetic:N`` of the adapter's kind;
+        ``None`` for an embedding file (:mod:`adapterswap.references`), which has no image."""
         from adapterswap.adapter import load_image
         from adapterswap.plugins import get_adapter
+        from adapterswap.references import is_embedding
 
+        if is_embedding(ref):
+            return None
         cache_key = f"{adapter_name}|{ref}"
         if cache_key not in self._references:
             if ref.startswith("synthetic:"):

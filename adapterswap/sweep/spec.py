@@ -348,7 +348,8 @@ class SweepSpec:
                         "(give --ref for a meaningful study)")
             _no_repeats("references", self.references, "reference")
             for ref in self.references:  # read now, before any model loads
-                check_reference("references", ref)
+                for name in sorted(adapter_names):
+                    check_reference("references", ref, get_adapter(name))
         elif self.references:
             raise InvalidArgumentError("references", self.references,
                                        "references need an adapter (adapter is 'none')")
