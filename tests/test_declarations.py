@@ -149,6 +149,12 @@ def test_an_open_kind_gets_its_recommendation_from_the_metric_that_declares_it(
     (recommendation,) = analysis["recommendations"]
     assert recommendation["metric"] == "wide-match"
     assert recommendation["adapter_kind"] == "image-prompt"
+    # the report names what produced every figure of a metric
+    evaluator = WideMatch.evaluator({})
+    assert analysis["metrics"]["wide-match"]["evaluator"] == evaluator
+    import html
+
+    assert html.escape(evaluator) in (out / "report.html").read_text()
 
 
 def test_kinds_are_open_names_but_not_none_or_malformed() -> None:

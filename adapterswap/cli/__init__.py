@@ -6,7 +6,8 @@ Exit codes: 0 success, 1 the work failed, 2 bad usage. Errors are one line on st
 The group is :func:`main`; the built-in commands live in the modules beside this one
 (:mod:`~adapterswap.cli.info`: ``plugins``, ``list``, ``doctor``;
 :mod:`~adapterswap.cli.generate`; :mod:`~adapterswap.cli.sweep`: ``sweep``, ``trajectory``,
-``ablate``, ``swap``; :mod:`~adapterswap.cli.results`: ``report``, ``compare``, ``merge``).
+``ablate``, ``swap``; :mod:`~adapterswap.cli.results`: ``report``, ``compare``, ``merge``;
+:mod:`~adapterswap.cli.score`: ``score``).
 Plugins add theirs through the ``register_commands`` hook (:mod:`adapterswap.cli.common`).
 """
 
@@ -23,6 +24,7 @@ from adapterswap.cli.execution import confound_warnings, failure_reasons, time_a
 from adapterswap.cli.generate import generate_command
 from adapterswap.cli.info import doctor_command, list_command, plugins_command
 from adapterswap.cli.results import compare_command, merge_command, report_command
+from adapterswap.cli.score import score_command
 from adapterswap.cli.sweep import ablate_command, swap_command, sweep_command, trajectory_command
 
 __all__ = ["confound_warnings", "failure_reasons", "main", "run", "time_accounting"]
@@ -49,7 +51,7 @@ def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
 
 for _command in (plugins_command, list_command, doctor_command, generate_command,
                  sweep_command, trajectory_command, ablate_command, swap_command,
-                 merge_command, compare_command, report_command):
+                 merge_command, compare_command, report_command, score_command):
     main.add_command(_command)
 del _command
 

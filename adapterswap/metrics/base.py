@@ -100,6 +100,14 @@ class Metric(ABC):
         return problems
 
     @classmethod
+    def evaluator(cls, options: Mapping[str, Any] | None = None) -> str:
+        """One line naming the model (and how it is used) behind this metric's figures with
+        ``options``: the report prints it beside every figure of the metric, so a reader knows
+        which recognizer or network produced a number. Default: :attr:`description`. A metric
+        whose model is an option overrides it."""
+        return cls.description or cls.name
+
+    @classmethod
     def known_options(cls) -> list[str]:
         """The option names the constructor accepts, ``device`` included, sorted."""
         return sorted({"device", *cls.options_spec})

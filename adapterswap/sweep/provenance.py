@@ -295,6 +295,7 @@ def metric_record(metric_cls: Any, *, available: bool = True, reason: str | None
     return {"higher_is_better": bool(metric_cls.higher_is_better), "kinds": kinds,
             "kind": kind, "worst": getattr(metric_cls, "worst", None),
             "available": bool(available), "reason": reason,
+            "evaluator": metric_cls.evaluator(options or {}),
             "options": dict(options or {}),
             "plugin_version": _dist_version_of(metric_cls)}
 

@@ -85,7 +85,7 @@ def analyse(rows: Sequence[Mapping[str, Any]], latency_rows: Sequence[Mapping[st
         info = metric_info.get(name) or {}
         result.metrics[name] = {
             "higher_is_better": info.get("higher_is_better"), "kind": info.get("kind"),
-            "worst": info.get("worst"),
+            "worst": info.get("worst"), "evaluator": info.get("evaluator"),
             "direction": {True: "higher", False: "lower"}.get(info.get("higher_is_better"),
                                                               "unknown"),
             "known": name in metric_info}

@@ -42,11 +42,13 @@ def _coverage_table(analysis: Analysis, rows: Sequence[Mapping[str, Any]],
     for metric in cell_metrics:
         values = [r["scores"].get(metric) for r in done_rows if metric in r["scores"]]
         undefined = sum(v is None for v in values)
-        coverage.append([metric, analysis.metrics.get(metric, {}).get("kind"),
+        info = analysis.metrics.get(metric, {})
+        coverage.append([metric, info.get("evaluator") or "not recorded", info.get("kind"),
                          analysis.metrics.get(metric, {}).get("direction", "unknown"),
                          len(values) - undefined, undefined, len(done_rows) - len(values)])
     if not coverage:
         return []
-    return ["<h3>Scores</h3>", _table(["metric", "kind", "better", "scored cells",
+    return ["<h3>Scores</h3>", _table(["metric", "evaluated by", "kind", "better",
+                                       "scored cells",
                                        "undefined (None: could not score)", "not attempted"],
                                       coverage)]

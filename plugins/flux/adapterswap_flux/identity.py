@@ -128,6 +128,18 @@ class IdentityMetric(Metric):
     options_spec: ClassVar[dict[str, Any]] = {"recognizer": RECOGNIZERS[0],
                                               "insightface_root": None, "arcface_path": None}
 
+    @classmethod
+    def evaluator(cls, options: Any = None) -> str:
+        """The recognizer behind the figures: the default pack's glintr100, facexlib's IR-SE50
+        (the conditioning model) or the given ``.onnx`` file."""
+        recognizer = (options or {}).get("recognizer", RECOGNIZERS[0])
+        if recognizer == "antelopev2":
+            return cls.description
+        if recognizer == "ir-se50":
+            return ("ArcFace cosine similarity, facexlib IR-SE50 recognizer (the model that "
+                    "conditions InfuseNet: may be optimistic), SCRFD detector")
+        return f"ArcFace cosine similarity, recognizer {os.fspath(recognizer)}, SCRFD detector"
+
     def __init__(self, *, device: str | None = None, **options: Any) -> None:
         self.check_options(options)
         if device is not None and not isinstance(device, str):
