@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -120,6 +120,25 @@ def _too_large(what: str, pixels: int, limit: int | None) -> str:
     return (f"{what}{size} is larger than the {(limit or 0) / 1e6:.1f} MP an image may have "
             "(PIL's decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS); downscale it: "
             "adapters work on far smaller images")
+
+
+def with_backbone_options(options: Mapping[str, Any], adapter_cls: type[Adapter],
+                          adapter_options: Mapping[str, Any], *,
+                          backbone: str) -> dict[str, Any]:
+    """``options`` (a backbone's, as the user gave them) with those the adapter's options
+    require (:meth:`Adapter.backbone_options`) added; a value the user gave that contradicts
+    the adapter's raises :class:`~adapterswap.errors.InvalidArgumentError` naming both."""
+    required = adapter_cls.backbone_options(dict(adapter_options or {}))
+    merged = dict(options)
+    for name, value in required.items():
+        if name in merged and merged[name] != value:
+            raise InvalidArgumentError(
+                "backbone_options", {name: merged[name]},
+                f"contradicts adapter {adapter_cls.name!r} with adapter options "
+                f"{dict(adapter_options)!r}, which runs backbone {backbone!r} with "
+                f"{name}={value!r}; drop the backbone option or the adapter option")
+        merged[name] = value
+    return merged
 
 
 class Adapter(Probed, ABC):
@@ -261,6 +280,21 @@ class Adapter(Probed, ABC):
         raise IncompatibleAdapterError(self.name, self.families, backbone.name, backbone.family,
                                        supported)
 
+    @classmethod
+    def backbone_options(cls, adapter_options: Mapping[str, Any]) -> dict[str, Any]:
+        """Backbone options that these adapter options require, e.g. a T5 length the
+        adapter's reference pipeline always uses; default ``{}``.
+
+        The backbone is loaded once for every cell that uses it, so what an adapter option
+        changes in the backbone cannot be done at attach time: it is declared here instead.
+        ``sweep`` merges it into each backbone's options before cells are keyed
+        (:meth:`SweepSpec.options_for <adapterswap.sweep.spec.SweepSpec.options_for>`) and
+        ``generate`` into its backbone's (:func:`with_backbone_options`); a user value that
+        contradicts it is refused naming both. Called on the class, before anything is built:
+        a bad value of an option it reads raises
+        :class:`~adapterswap.errors.InvalidArgumentError` naming the option and the value."""
+        return {}
+
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def weights_status(cls, source: str | None = None) -> WeightsStatus:
@@ -367,6 +401,29 @@ class Adapter(Probed, ABC):
             :class:`adapterswap.kit.ip_adapter_inputs.IPAdapterInputs` of UNet backbones), or
             ``None`` when the adapter acts on no row at this step.
         """
+
+    def draw_before_latents(self, generators: Sequence[torch.Generator], backbone: Backbone, *,
+                            height: int, width: int) -> TensorBundle | None:
+        """Random tensors the adapter draws from each run's generator BEFORE the backbone
+        draws its starting noise; default: none (``None``: nothing is drawn, so the
+        generators reach :meth:`Backbone.prepare_latents` untouched).
+
+        Some reference pipelines draw from the seeded RNG before the initial latents (a
+        ControlNet that samples its control image's VAE posterior, for example); to give
+        their image for a seed, the adapter must make the same draws in the same order.
+        :func:`adapterswap.denoise.denoise` and the sweep's runner call this right before
+        ``backbone.prepare_latents(generators, ...)``, with one generator per image row
+        (seeded with that row's seed, on ``backbone.generator_device``).
+
+        :returns: a bundle whose ``batched`` tensors have one row per generator (row ``i``
+            drawn from ``generators[i]`` only, so a batch of seeds equals the seeds one at a
+            time). Its rows travel with the image rows exactly as the conditioning does: they
+            are merged into the per-row conditioning bundle that :meth:`denoiser_inputs`
+            receives (selected and kept together with the rows, including rows that finish
+            early in a step-parallel batch); its keys must not clash with those of
+            :meth:`encode_reference`.
+        """
+        return None
 
     def encode_references(self, images: Sequence[Any], backbone: Backbone) -> TensorBundle:
         """Encode several references (one row each)."""

@@ -105,6 +105,18 @@ class TensorBundle:
                 batched[key] = torch.cat(values, dim=0)
         return cls(batched, dict(first.shared))
 
+    def merged(self, other: TensorBundle) -> TensorBundle:
+        """This bundle's values and ``other``'s side by side (same batch size, no shared key
+        names): how per-row draws of :meth:`Adapter.draw_before_latents
+        <adapterswap.adapter.Adapter.draw_before_latents>` join the conditioning rows."""
+        clash = (set(self.batched) | set(self.shared)) & (set(other.batched) | set(other.shared))
+        if clash:
+            raise ValueError(f"TensorBundle.merged: both bundles have {sorted(clash)}")
+        if self.batched and other.batched and self.batch_size != other.batch_size:
+            raise ValueError(f"TensorBundle.merged: {self.batch_size} rows against "
+                             f"{other.batch_size}")
+        return TensorBundle({**self.batched, **other.batched}, {**self.shared, **other.shared})
+
     def to(self, device: Any = None, dtype: Any = None) -> TensorBundle:
         """Move floating-point tensors to ``device``/``dtype`` (integer tensors keep dtype)."""
         import torch
@@ -303,8 +315,10 @@ def denoise(
 ) -> DenoiseResult:
     """Generate one image per seed with ``backbone`` (and ``adapter`` if given).
 
-    This is the plain loop: encode once, draw latents from one generator per seed, then for each
-    step ask the adapter for its denoiser inputs, predict, and update. It mirrors a diffusers
+    This is the plain loop: encode once, draw latents from one generator per seed (after the
+    adapter's own draws, :meth:`Adapter.draw_before_latents
+    <adapterswap.adapter.Adapter.draw_before_latents>`, if it makes any), then for each step
+    ask the adapter for its denoiser inputs, predict, and update. It mirrors a diffusers
     pipeline call, and parity tests hold it to one.
 
     :param prompt: one prompt for every seed, or one prompt per seed.
@@ -367,6 +381,11 @@ def denoise(
 
     generators = [torch.Generator(device=backbone.generator_device).manual_seed(int(s))
                   for s in seeds]
+    if adapter is not None and conditioning is not None:
+        # the adapter's own draws come first where its reference pipeline makes them first
+        drawn = adapter.draw_before_latents(generators, backbone, height=height, width=width)
+        if drawn is not None:
+            conditioning = conditioning.merged(drawn)
     latents = backbone.prepare_latents(generators, height=height, width=width)
     schedule = backbone.schedule(num_inference_steps, height=height, width=width)
     batch = len(seeds)

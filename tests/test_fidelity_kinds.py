@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 
+from adapterswap.metrics import Metric
 from adapterswap.sweep.analysis import analyse
 from adapterswap.sweep.analysis.fidelity import fidelity_metrics, measures_fidelity_for
 from adapterswap.sweep.provenance import metric_record
@@ -39,7 +40,7 @@ def sweep(metrics, adapter="ad", seeds=(0, 1, 2), clusters=2):
             for c in range(clusters) for s in seeds for n in STEPS]
 
 
-class _ImagePromptSimilarity:
+class _ImagePromptSimilarity(Metric):
     """A third-party metric declaring a kind the core has never heard of (and another)."""
 
     name = "ip-sim"
@@ -48,13 +49,19 @@ class _ImagePromptSimilarity:
     needs = frozenset({"reference"})
     worst = -1.0
 
+    def score(self, batch):  # noqa: ANN001 - only its declarations are read here
+        raise NotImplementedError
 
-class _PromptFidelity:
+
+class _PromptFidelity(Metric):
     name = "prompt-sim"
     higher_is_better = True
     kinds = frozenset({"none"})
     needs = frozenset({"prompt"})
     worst = None
+
+    def score(self, batch):  # noqa: ANN001 - only its declarations are read here
+        raise NotImplementedError
 
 
 def test_a_new_adapter_kind_is_judged_by_the_metric_that_declares_it():

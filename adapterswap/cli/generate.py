@@ -91,6 +91,10 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
         check_family(adapter_cls, backbone_cls)
     b_opts = parse_options(backbone_options, "--option")
     a_opts = parse_options(adapter_options, "--adapter-option")
+    if adapter_cls is not None:  # backbone options the adapter's options require
+        from adapterswap.adapter import with_backbone_options
+
+        b_opts = with_backbone_options(b_opts, adapter_cls, a_opts, backbone=backbone_cls.name)
     tiny = preset == "tiny"
     if not tiny and prompt is None:
         raise InvalidArgumentError("--prompt", None, "required (or use --preset tiny)")

@@ -158,13 +158,24 @@ class ChunkRunner:
     def run_chunk(self, backbone: Any, adapter: Any, chunk: list[Sample], inputs: GroupInputs,
                   first_outputs: dict[Any, Any], hooks: Any = EAGER) -> tuple[int, int]:
         """Denoise ``chunk`` from its seeds' noise to the end; finish rows as they end.
-        ``hooks``: the backbone's accelerator (:data:`adapterswap.denoise.EAGER`: none)."""
+        Each row's generator first serves the adapter's own draws
+        (:meth:`Adapter.draw_before_latents <adapterswap.adapter.Adapter.draw_before_latents>`),
+        whose rows travel with the chunk's rows in their conditioning, then the backbone's
+        starting noise. ``hooks``: the backbone's accelerator
+        (:data:`adapterswap.denoise.EAGER`: none)."""
         import torch
 
         first = chunk[0].cell
         h, w = first.height, first.width
         generators = [torch.Generator(device=backbone.generator_device).manual_seed(s.cell.seed)
                       for s in chunk]
+        # the adapter's own per-row draws (Adapter.draw_before_latents) come first; its rows
+        # join the conditioning of each row (one row per chunk sample)
+        conditioning = None
+        if adapter is not None and inputs.conditioning is not None:
+            drawn = adapter.draw_before_latents(generators, backbone, height=h, width=w)
+            if drawn is not None:
+                conditioning = inputs.conditioning.repeat(len(chunk)).merged(drawn)
         latents = backbone.prepare_latents(generators, height=h, width=w)
         schedules = {n: backbone.schedule(n, height=h, width=w) for n in {s.steps for s in chunk}}
         for sample in chunk:
@@ -192,8 +203,10 @@ class ChunkRunner:
                 current = latents.index_select(0, index)
                 output = None
                 if rows:
+                    row_conditioning = None if conditioning is None else \
+                        conditioning.select([active[r] for r in rows])
                     output = self._forward(backbone, adapter, current, rows, steps_of, tick,
-                                           schedules, inputs, h, w, hooks)
+                                           schedules, inputs, h, w, hooks, row_conditioning)
                 if tick == 0 and plan:
                     output = self._first_step_outputs(output, plan, first_outputs)
                 if recorder is not None:
@@ -231,8 +244,11 @@ class ChunkRunner:
 
     def _forward(self, backbone: Any, adapter: Any, current: Any, rows: list[int],
                  steps_of: list[int], tick: int, schedules: dict[int, Any],
-                 inputs: GroupInputs, h: int, w: int, hooks: Any = EAGER) -> Any:
-        """One timed adapter + denoiser forward of ``rows`` of the active batch ``current``."""
+                 inputs: GroupInputs, h: int, w: int, hooks: Any = EAGER,
+                 conditioning: TensorBundle | None = None) -> Any:
+        """One timed adapter + denoiser forward of ``rows`` of the active batch ``current``;
+        ``conditioning``: these rows' own conditioning (with the adapter's per-row draws),
+        else the group's, repeated."""
         import torch
 
         forward_steps = [steps_of[r] for r in rows]
@@ -249,8 +265,10 @@ class ChunkRunner:
         timer = self.forward_timer.start()
         hooks.begin_step()
         if adapter is not None and inputs.conditioning is not None:
-            adapter_inputs = adapter.denoiser_inputs(
-                backbone, inputs.conditioning.repeat(len(rows)), batch, ctx, batch_prompt)
+            if conditioning is None:
+                conditioning = inputs.conditioning.repeat(len(rows))
+            adapter_inputs = adapter.denoiser_inputs(backbone, conditioning, batch, ctx,
+                                                     batch_prompt)
         output = backbone.predict(batch, ctx, batch_prompt, guidance_scale=inputs.guidance,
                                   adapter_inputs=adapter_inputs)
         self.forward_timer.stop(timer)
@@ -261,8 +279,9 @@ class ChunkRunner:
                          schedules: dict[int, Any],
                          known: dict[Any, Any]) -> FirstStepPlan | None:
         """Which rows of a chunk's first step need a forward. A row's first-step output is
-        the same as another's when the inputs are: same seed (so the same latents; a group
-        shares prompt, reference and adapter setting), equal :attr:`Schedule.first_step_key`
+        the same as another's when the inputs are: same seed (so the same latents and the
+        same adapter draws, :meth:`Adapter.draw_before_latents`; a group shares prompt,
+        reference and adapter setting), equal :attr:`Schedule.first_step_key`
         and equal :meth:`Adapter.first_step_key`. Such outputs are kept for the whole group
         (``known``), so step counts run one after another (compiled sweeps) share them too.
         Not called with probes (they record every row) or a block cache (its stored residuals

@@ -414,14 +414,22 @@ class SweepSpec:
                                       "declares supports_probes)")
 
     def options_for(self, backbone: str) -> dict[str, Any]:
-        """The options of one backbone: the flat options plus its own table, if any."""
-        from adapterswap.plugins import backbones
+        """The options of one backbone: the flat options plus its own table, if any, plus
+        those its adapter's options require (:meth:`Adapter.backbone_options
+        <adapterswap.adapter.Adapter.backbone_options>`; a contradicting value is refused)."""
+        from adapterswap.adapter import with_backbone_options
+        from adapterswap.plugins import backbones, get_adapter, get_backbone
 
         names = set(backbones().names())
         flat = {k: v for k, v in self.backbone_options.items()
                 if not (isinstance(v, dict) and (k in self.backbones or k in names))}
         own = self.backbone_options.get(backbone)
-        return {**flat, **(own if isinstance(own, dict) else {})}
+        options = {**flat, **(own if isinstance(own, dict) else {})}
+        adapter = self.adapter_for(get_backbone(backbone))
+        if adapter is None:
+            return options
+        return with_backbone_options(options, get_adapter(adapter), self.adapter_options,
+                                     backbone=backbone)
 
     def _validate_backbone_options(self, classes: Sequence[Any]) -> None:
         if not isinstance(self.backbone_options, dict):
@@ -433,6 +441,9 @@ class SweepSpec:
                 raise InvalidArgumentError("backbone_options", key,
                                            "an option table for a backbone the sweep does not "
                                            f"run (backbones: {', '.join(self.backbones)})")
+        if not isinstance(self.adapter_options, Mapping):  # read by options_for
+            raise InvalidArgumentError("adapter_options", self.adapter_options,
+                                       "must map option names to values")
         for name, cls in zip(self.backbones, classes):
             cls.check_options(self.options_for(name))  # unknown names and bad values
 

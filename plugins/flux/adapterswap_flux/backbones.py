@@ -57,6 +57,8 @@ FLUX_REQUIRED_FILES: tuple[str, ...] = (
 )
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+#: Values of the ``generator_device`` option.
+GENERATOR_DEVICES = ("cpu", "execution")
 
 
 class FluxBackbone(Backbone):
@@ -70,6 +72,10 @@ class FluxBackbone(Backbone):
         optimum-quanto (``qint8``), as InfiniteYou's ``--quantize_8bit``; needs
         ``pip install 'adapterswap-flux[quantize]'``.
     :param max_sequence_length: T5 tokens (default 512 for dev, 256 for schnell; at most 512).
+    :param generator_device: where the engine's per-seed generators live: ``"cpu"`` (default;
+        diffusers' cross-device reproducible choice) or ``"execution"``, the device the models
+        run on (the GPU on CUDA, where a pipeline called without a generator draws from the
+        global CUDA RNG, as InfiniteYou does; InfuseNet's ``reproduce`` sets it).
 
     There is no ``timestep_spacing`` option: every flow-matching schedule starts at sigma 1.
     """
@@ -101,6 +107,8 @@ class FluxBackbone(Backbone):
         "quantize_8bit": "8-bit (qint8) transformer and T5 encoder with optimum-quanto, as "
                          "InfiniteYou's --quantize_8bit",
         "max_sequence_length": "T5 tokens, 1 to 512 (default 512 for dev, 256 for schnell)",
+        "generator_device": "where the per-seed generators live: cpu (default) or execution "
+                            "(the device the models run on)",
     }
     unsupported_options: ClassVar[dict[str, str]] = {
         "timestep_spacing": "flow matching starts at sigma 1, pure noise, at every step count",
@@ -124,7 +132,17 @@ class FluxBackbone(Backbone):
         if name == "max_sequence_length" and (
                 isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 512):
             raise InvalidArgumentError(name, value, "must be an integer in [1, 512]")
+        if name == "generator_device" and value not in GENERATOR_DEVICES:
+            raise InvalidArgumentError(name, value,
+                                       f"choose one of {', '.join(GENERATOR_DEVICES)}")
         return super().check_option(name, value)
+
+    @property
+    def generator_device(self) -> str:
+        """``"cpu"``, or with ``generator_device="execution"`` the device the models run on."""
+        if self.options.get("generator_device") == "execution":
+            return str(self.execution_device)
+        return "cpu"
 
     # ------------------------------------------------------------------ loading
     def load(self) -> FluxBackbone:

@@ -26,9 +26,12 @@ Because nothing of this depends on the backbone's guidance or schedule, the same
 attaches to ``flux-dev`` and then to ``flux-schnell`` (the training-free swap): only the backbone
 path changes and guidance goes off.
 
-One deliberate difference from InfiniteYou's code: the control image is encoded with the mean of
+Deliberate differences from InfiniteYou's code: the control image is encoded with the mean of
 the VAE's posterior rather than a sample drawn from the global RNG, so that a conditioning is
-deterministic and can be cached (FLUX's VAE posterior is nearly deterministic).
+deterministic and can be cached (FLUX's VAE posterior is nearly deterministic); the starting
+noise comes from a per-seed CPU generator (InfiniteYou seeds the global RNG); schnell encodes
+T5 at 256 tokens (InfiniteYou: 512). ``reproduce="infiniteyou"`` removes all three, so that a
+seed gives InfiniteYou's image (:mod:`adapterswap_flux.reproduce`).
 
 Memory: InfuseNet (about 3.0B parameters, 5.9 GB in bf16) lives on the backbone's execution
 device, also when the backbone uses model CPU offload (as in InfiniteYou, whose offload leaves the
@@ -44,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterswap.adapter import Adapter, load_image
-from adapterswap.errors import InvalidArgumentError, WeightsNotFoundError
+from adapterswap.errors import InvalidArgumentError, UsageError, WeightsNotFoundError
 from adapterswap.fastpath import device_tensor
 
 if TYPE_CHECKING:
@@ -96,6 +99,10 @@ class InfuseNet(Adapter):
         (default) uses InfiniteYou's black canvas.
     :param quantize_8bit: 8-bit InfuseNet weights with optimum-quanto (InfiniteYou's
         ``--quantize_8bit``).
+    :param reproduce: ``"infiniteyou"``: seed and draw as InfiniteYou's pipeline does (the
+        control posterior sampled per seed, then the starting noise, from the seed's
+        generator; T5 at 512 tokens), so that a seed gives InfiniteYou's image for it
+        (:mod:`adapterswap_flux.reproduce`). Left out: adapterswap's own seeding.
 
     The source is the repository root (hub id ``ByteDance/InfiniteYou``, a local copy, or the HF
     cache) or directly a model-version directory holding ``InfuseNetModel/``.
@@ -111,7 +118,7 @@ class InfuseNet(Adapter):
     description = "InfiniteYou's InfuseNet identity ControlNet (FLUX.1-dev weights, any FLUX.1)"
     options_known: ClassVar[tuple[str, ...]] = (
         "model_version", "infu_flux_version", "insightface_root", "arcface_path",
-        "control_image", "quantize_8bit")
+        "control_image", "quantize_8bit", "reproduce")
     #: Probes: ``||residual|| / ||hidden state||`` at every block InfuseNet feeds.
     supports_probes = True
     probe_quantity = "residual/hidden"
@@ -135,6 +142,10 @@ class InfuseNet(Adapter):
         quantize = options.get("quantize_8bit", False)
         if not isinstance(quantize, bool):
             raise InvalidArgumentError("quantize_8bit", quantize, "must be True or False")
+        from adapterswap_flux.reproduce import check_reproduce
+
+        #: ``"infiniteyou"`` or ``None`` (:mod:`adapterswap_flux.reproduce`)
+        self.reproduce: str | None = check_reproduce(options.get("reproduce"))
         super().__init__(source, scale=scale, start=start, end=end, device=device, dtype=dtype,
                          **options)
         self.model_version: str = model_version
@@ -150,8 +161,18 @@ class InfuseNet(Adapter):
         self.model_dir: Path | None = None
         self.control_image: Image.Image | None = None
         self.control_image_name = ""
-        self._control_cache: dict[tuple[int, int, int], Any] = {}
+        #: control latents (and, for ``reproduce``, posteriors) per backbone and size
+        self._control_cache: dict[tuple[Any, ...], Any] = {}
         self.set_control_image(options.get("control_image"))
+
+    @classmethod
+    def backbone_options(cls, adapter_options: Any) -> dict[str, Any]:
+        """``reproduce="infiniteyou"`` runs the backbone as InfiniteYou does: T5 at 512
+        tokens and generators on the device the models run on (see
+        :mod:`adapterswap_flux.reproduce`); otherwise nothing."""
+        from adapterswap_flux.reproduce import backbone_options
+
+        return backbone_options(adapter_options)
 
     # ------------------------------------------------------------------ settings
     def set_control_image(self, image: Any) -> None:
@@ -367,24 +388,52 @@ class InfuseNet(Adapter):
                                       image_name=self.control_image_name)
         return draw_keypoints((width, height), face.kps)
 
-    def control_latents(self, backbone: Backbone, height: int, width: int) -> torch.Tensor:
-        """Packed VAE latents ``(1, L, 4C)`` of :meth:`control_canvas` (cached per size)."""
+    def _control_posterior(self, backbone: Backbone, height: int, width: int) -> Any:
+        """The VAE's posterior (a ``DiagonalGaussianDistribution``) of :meth:`control_canvas`,
+        before scaling and packing."""
         import torch
 
+        pipe = backbone.pipe
+        canvas = self.control_canvas(width, height)
+        pixels = pipe.image_processor.preprocess(canvas, height=height, width=width)
+        # contiguous NCHW like diffusers' prepare_image (a channels-last view would pick
+        # other convolution kernels and change the latents in the last digits)
+        pixels = pixels.contiguous().to(device=backbone.execution_device, dtype=pipe.vae.dtype)
+        with torch.no_grad():
+            return pipe.vae.encode(pixels).latent_dist
+
+    def control_latents(self, backbone: Backbone, height: int, width: int) -> torch.Tensor:
+        """Packed VAE latents ``(1, L, 4C)`` of :meth:`control_canvas`: its posterior's mean
+        (cached per size)."""
         key = (id(backbone), int(height), int(width))
         if key not in self._control_cache:
-            pipe = backbone.pipe
-            vae = pipe.vae
-            canvas = self.control_canvas(width, height)
-            pixels = pipe.image_processor.preprocess(canvas, height=height, width=width)
-            # contiguous NCHW like diffusers' prepare_image (a channels-last view would pick
-            # other convolution kernels and change the latents in the last digits)
-            pixels = pixels.contiguous().to(device=backbone.execution_device, dtype=vae.dtype)
-            with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.mode()
+            vae = backbone.pipe.vae
+            latents = self._control_posterior(backbone, height, width).mode()
             latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
             self._control_cache[key] = backbone.pack_latents(latents)
         return self._control_cache[key]
+
+    def draw_before_latents(self, generators: Any, backbone: Backbone, *, height: int,
+                            width: int) -> TensorBundle | None:
+        """With ``reproduce="infiniteyou"``: per row, a sample of the control canvas's VAE
+        posterior drawn from that row's generator (``mean + std * randn``, scaled and packed:
+        ``control_latents`` ``(B, L, 4C)``), before the backbone draws the row's starting
+        noise from the same generator, in InfiniteYou's order. Otherwise ``None`` (the
+        posterior's mean, :meth:`control_latents`, serves every row)."""
+        if self.reproduce is None:
+            return None
+        from adapterswap.denoise import TensorBundle
+        from adapterswap_flux.reproduce import sample_posterior
+
+        key = ("posterior", id(backbone), int(height), int(width))
+        if key not in self._control_cache:  # the mean and std do not depend on the seed
+            posterior = self._control_posterior(backbone, height, width)
+            self._control_cache[key] = (posterior.mean, posterior.std)
+        mean, std = self._control_cache[key]
+        vae = backbone.pipe.vae
+        latents = sample_posterior(generators, mean, std)
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        return TensorBundle({"control_latents": backbone.pack_latents(latents)})
 
     # ------------------------------------------------------------------ per step
     def denoiser_inputs(self, backbone: Backbone, conditioning: TensorBundle,
@@ -405,8 +454,16 @@ class InfuseNet(Adapter):
         if id_embeds.shape[0] != batch:
             raise InvalidArgumentError("conditioning", tuple(id_embeds.shape),
                                        f"has {id_embeds.shape[0]} rows for a batch of {batch}")
-        control = self.control_latents(backbone, ctx.height, ctx.width)
-        control = control.expand(batch, -1, -1)
+        if "control_latents" in conditioning:  # drawn per row (draw_before_latents)
+            control = conditioning["control_latents"]
+        elif self.reproduce is not None:
+            raise UsageError(
+                f"adapter {self.name!r} with reproduce={self.reproduce!r} samples its control "
+                "latents per seed: pass the conditioning through draw_before_latents first "
+                "(denoise() and sweeps do)")
+        else:
+            control = self.control_latents(backbone, ctx.height, ctx.width)
+            control = control.expand(batch, -1, -1)
         timesteps = torch.as_tensor(ctx.timesteps, device=device).reshape(-1)
         timestep = timesteps.expand(batch) if timesteps.numel() == 1 else timesteps
         guidance = None

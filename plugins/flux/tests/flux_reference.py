@@ -5,15 +5,24 @@ loop over diffusers' ``FluxControlNetPipeline`` pieces, the way InfiniteYou's
 ``FluxInfuseNetPipeline.__call__`` drives them (ID tokens as InfuseNet's
 ``encoder_hidden_states`` with zero ``txt_ids``, InfuseNet guidance 1.0, ``controlnet_keep``
 window, conditioning scale, residuals into the transformer), and the face path uses insightface's
-``FaceAnalysis`` as ``InfUFluxPipeline`` does. Two documented differences from InfiniteYou's code,
-shared with the plugin: the initial noise comes from ``torch.Generator(cpu).manual_seed(seed)``
-(InfiniteYou seeds the global RNG) and the control image is encoded with the VAE posterior's
-mean (InfiniteYou draws ``latent_dist.sample()`` from the global RNG).
+``FaceAnalysis`` as ``InfUFluxPipeline`` does.
+
+:func:`infiniteyou_generate` has two seedings. ``seeding="generator"`` (default) has the two
+documented differences from InfiniteYou's code that the plugin's default path has: the initial
+noise comes from ``torch.Generator(cpu).manual_seed(seed)`` (InfiniteYou seeds the global RNG)
+and the control image is encoded with the VAE posterior's mean (InfiniteYou draws
+``latent_dist.sample()`` from the global RNG). ``seeding="global"`` is InfiniteYou's own:
+``seed_everything(seed)`` (Python's, NumPy's and torch's global RNGs), then, from torch's global
+RNG, the control posterior's sample first and the initial latents second (``generator=None``
+everywhere, as ``InfUFluxPipeline.__call__`` calls ``FluxInfuseNetPipeline``); InfiniteYou's
+T5 length is 512 tokens, the ``max_sequence_length`` default. The plugin's
+``reproduce="infiniteyou"`` is held to it. The global RNGs are restored afterwards.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +100,35 @@ def infiniteyou_generate(components: dict[str, Any], infusenet: Any, id_embed: t
                          prompt: str, seed: int, num_steps: int, height: int, width: int,
                          guidance_scale: float, conditioning_scale: float = 1.0,
                          guidance_start: float = 0.0, guidance_end: float = 1.0,
-                         max_sequence_length: int = 512) -> np.ndarray:
-    """FluxInfuseNetPipeline.__call__ for one image with a black control canvas, written out."""
+                         max_sequence_length: int = 512,
+                         seeding: str = "generator") -> np.ndarray:
+    """FluxInfuseNetPipeline.__call__ for one image with a black control canvas, written out;
+    ``seeding``: ``"generator"`` (the documented differences) or ``"global"`` (InfiniteYou's
+    global seeding and draw order; see the module docstring)."""
+    assert seeding in ("generator", "global"), seeding
+    with torch.random.fork_rng(devices=[]):  # the global RNGs come back as they were
+        state = random.getstate(), np.random.get_state()
+        try:
+            if seeding == "global":  # InfiniteYou's seed_everything (CUDA: lazily, no GPU)
+                random.seed(seed)
+                np.random.seed(seed)
+                torch.manual_seed(seed)
+            return _generate(components, infusenet, id_embed, prompt=prompt, seed=seed,
+                             num_steps=num_steps, height=height, width=width,
+                             guidance_scale=guidance_scale,
+                             conditioning_scale=conditioning_scale,
+                             guidance_start=guidance_start, guidance_end=guidance_end,
+                             max_sequence_length=max_sequence_length,
+                             global_rng=seeding == "global")
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+
+
+def _generate(components: dict[str, Any], infusenet: Any, id_embed: torch.Tensor, *,
+              prompt: str, seed: int, num_steps: int, height: int, width: int,
+              guidance_scale: float, conditioning_scale: float, guidance_start: float,
+              guidance_end: float, max_sequence_length: int, global_rng: bool) -> np.ndarray:
     from diffusers import FluxControlNetPipeline
     from diffusers.pipelines.flux.pipeline_flux_controlnet import (
         calculate_shift,
@@ -119,7 +155,9 @@ def infiniteyou_generate(components: dict[str, Any], infusenet: Any, id_embed: t
                                            batch_size=1, num_images_per_prompt=1,
                                            device=device, dtype=pipe.vae.dtype)
         height, width = control_image.shape[-2:]
-        control_image = pipe.vae.encode(control_image).latent_dist.mode()
+        posterior = pipe.vae.encode(control_image).latent_dist
+        # InfiniteYou: a sample from the global RNG, drawn before the latents
+        control_image = posterior.sample() if global_rng else posterior.mode()
         control_image = (control_image - pipe.vae.config.shift_factor) \
             * pipe.vae.config.scaling_factor
         num_channels_latents = pipe.transformer.config.in_channels // 4
@@ -128,7 +166,7 @@ def infiniteyou_generate(components: dict[str, Any], infusenet: Any, id_embed: t
 
         latents, latent_image_ids = pipe.prepare_latents(
             1, num_channels_latents, height, width, prompt_embeds.dtype, device,
-            torch.Generator("cpu").manual_seed(seed))
+            None if global_rng else torch.Generator("cpu").manual_seed(seed))
 
         sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         mu = calculate_shift(latents.shape[1], pipe.scheduler.config.base_image_seq_len,
