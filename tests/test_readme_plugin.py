@@ -12,7 +12,9 @@ example fails here.
 
 from __future__ import annotations
 
+import atexit
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +31,7 @@ def plugin_files(text: str) -> dict[str, str]:
 
 FILES = plugin_files(README.read_text(encoding="utf-8"))
 _ROOT = Path(tempfile.mkdtemp(prefix="adapterswap-readme-plugin-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)  # the written files, after the run
 for _path, _body in FILES.items():
     (_ROOT / _path).parent.mkdir(parents=True, exist_ok=True)
     (_ROOT / _path).write_text(_body, encoding="utf-8")
