@@ -26,12 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterswap.errors import InvalidArgumentError, WeightsNotFoundError
-from adapterswap.hub import resolve_source
+from adapterswap.errors import InvalidArgumentError
 from adapterswap.kit.guidance import guided, uses_cfg
 from adapterswap.kit.tiny import build_once
 from adapterswap.kit.unet_backbone import UNetBackbone
-from adapterswap.weights import check_safetensors
 from adapterswap_sd15.tiny import TINY_SIZE
 
 if TYPE_CHECKING:
@@ -224,41 +222,27 @@ class SD15LCMBackbone(SD15Backbone):
     def lora_location(self) -> tuple[str, str, bool] | None:
         """``(directory or repo id, file name, local_files_only)`` of the LCM-LoRA, or
         ``None`` without one; :class:`WeightsNotFoundError` names what is missing."""
-        lora = self.options.get("lora", LCM_LORA)
-        if lora is None or str(lora).lower() in ("", "none"):
-            return None
-        filename = str(self.options.get("lora_file") or LCM_LORA_FILE)
-        path = Path(str(lora)).expanduser()
-        if path.is_file():
-            return str(path.parent), path.name, True
-        resolved = resolve_source(str(lora), what=f"backbone {self.name!r} LCM-LoRA",
-                                  required=(filename,), how_to_get=self.how_to_get)
-        return resolved.source, filename, resolved.local_files_only
+        from adapterswap.kit.lora import lora_location
+
+        return lora_location(self.options.get("lora", LCM_LORA), default_file=LCM_LORA_FILE,
+                             filename=self.options.get("lora_file"),
+                             what=f"backbone {self.name!r} LCM-LoRA", how_to_get=self.how_to_get)
 
     def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
+        from adapterswap.kit.lora import fuse_lora
+
         lora = self.lora_location()  # fail before reading the base pipeline
         pipe = super().load_pipeline(source, local_files_only=local_files_only)
         if lora is not None:
-            where, filename, lora_offline = lora
-            if Path(where, filename).is_file():
-                check_safetensors(Path(where, filename), what=f"backbone {self.name!r} LCM-LoRA")
-            try:
-                pipe.load_lora_weights(where, weight_name=filename, adapter_name="lcm",
-                                       local_files_only=lora_offline)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise WeightsNotFoundError(
-                    f"backbone {self.name!r}: {filename!r} in {where!r} is not an SD 1.5 LoRA "
-                    f"diffusers can load: {str(exc).splitlines()[0]}") from None
-            pipe.fuse_lora(adapter_names=["lcm"])
-            pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
+            fuse_lora(pipe, lora, adapter_name="lcm", what=f"backbone {self.name!r} LCM-LoRA",
+                      model="an SD 1.5 LoRA")
         return pipe
 
     @classmethod
     def check_option(cls, name: str, value: Any) -> Any:
-        if name == "lora" and value is not None and not isinstance(value, (str, Path)):
-            raise InvalidArgumentError(name, value, "must be a path, a repo id or None")
-        if name == "lora_file" and value is not None and not isinstance(value, str):
-            raise InvalidArgumentError(name, value, "must be a file name")
+        from adapterswap.kit.lora import check_lora_option
+
+        check_lora_option(name, value)
         return super().check_option(name, value)
 
     def configure_pipeline(self, pipe: Any) -> Any:
