@@ -295,6 +295,15 @@ class Adapter(Probed, ABC):
         :class:`~adapterswap.errors.InvalidArgumentError` naming the option and the value."""
         return {}
 
+    @classmethod
+    def run_defaults(cls, adapter_options: Mapping[str, Any], backbone_cls: Any) -> Any:
+        """The :class:`~adapterswap.run_defaults.RunDefaults` these options ask of a run on
+        ``backbone_cls`` where the user gave none (a size, a step count, sizes rounded down
+        rather than refused); default: none. Called on the classes before anything loads."""
+        from adapterswap.run_defaults import RunDefaults
+
+        return RunDefaults()
+
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def weights_status(cls, source: str | None = None) -> WeightsStatus:

@@ -104,6 +104,15 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
         prompt = DEFAULT_PROMPTS[0]
     from adapterswap.sweep import spec as checks
 
+    if adapter_cls is not None:  # what the adapter's options ask where the user gave none
+        from adapterswap.run_defaults import apply_run_defaults
+
+        height, width, num_inference_steps, notes = apply_run_defaults(
+            backbone_cls, adapter_cls.run_defaults(a_opts, backbone_cls), height=height,
+            width=width, steps=num_inference_steps, preset=preset,
+            names=("--height", "--width", "--steps"))
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
     # every argument checked before anything loads or is written (the sweep's own checks)
     checks.check_seed("--seed", seed)
     checks.check_device("--device", device)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterswap.errors import InvalidArgumentError
+from adapterswap.run_defaults import apply_to_spec
 from adapterswap.sweep.cells import Cell, expand, preset_size
 from adapterswap.sweep.checks import (  # noqa: F401 - re-exported: callers import them here
     MAX_SEED,
@@ -161,6 +162,9 @@ class SweepSpec:
     save_images: bool = True
     defaults_used: list[str] = field(default_factory=list, repr=False)
     _resolved_sources: dict[str, str] = field(default_factory=dict, repr=False)
+    #: per backbone, what its adapter's options ask where the spec gives nothing
+    #: (:meth:`Adapter.run_defaults <adapterswap.adapter.Adapter.run_defaults>`)
+    _run_defaults: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def fast_path(self, device: str, forwards: int = 0,
                   repays: bool | None = None) -> FastPath:
@@ -243,6 +247,7 @@ class SweepSpec:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("_resolved_sources", None)
+        data.pop("_run_defaults", None)
         return data
 
     # ------------------------------------------------------------------ validation
@@ -300,9 +305,12 @@ class SweepSpec:
             check_seed("seeds", seed)
         _no_repeats("seeds", self.seeds, "seed")
         self.steps = _int_list("steps", self.steps, minimum=1)
+        # what the adapters' options ask where the spec is silent
+        apply_to_spec(self, [(cls, get_adapter(self.adapter_for(cls)) if self.adapter_for(cls)
+                               else None) for cls in classes])
         for cls in classes:
             check_steps("steps", self.step_grid(cls), cls)
-            check_size(cls, self.height, self.width, default=preset_size(self.preset, cls))
+            check_size(cls, self.height, self.width, default=self.size(cls))
             check_guidance("guidance_scale", self.guidance_scale, cls)
         if not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool) \
                 or self.max_batch < 1:
@@ -457,11 +465,13 @@ class SweepSpec:
 
     def step_grid(self, backbone_cls: Any) -> list[int]:
         """The step counts run for a backbone."""
-        if self.only_default_steps:
-            return [backbone_cls.default_steps]
         if self.steps:
             return sorted(set(self.steps))
-        return backbone_cls.default_step_grid()
+        run = self._run_defaults.get(backbone_cls.name)
+        own = run.steps if run is not None and run.steps is not None else None
+        if self.only_default_steps:
+            return [own or backbone_cls.default_steps]
+        return sorted(set(backbone_cls.default_step_grid()) | ({own} if own else set()))
 
     # ------------------------------------------------------------------ cells
     def cells(self) -> list[Cell]:
@@ -474,6 +484,9 @@ class SweepSpec:
         backbone declares for the preset (:attr:`Backbone.tiny_size
         <adapterswap.backbone.Backbone.tiny_size>` with ``tiny``), else its default."""
         default = preset_size(self.preset, backbone_cls)
+        run = self._run_defaults.get(backbone_cls.name)
+        if run is not None and self.preset != "tiny":  # the adapter's defaults
+            default = (run.height or default[0], run.width or default[1])
         return (self.height or default[0], self.width or default[1])
 
 

@@ -122,6 +122,9 @@ class InfuseNet(Adapter):
     #: Probes: ``||residual|| / ||hidden state||`` at every block InfuseNet feeds.
     supports_probes = True
     probe_quantity = "residual/hidden"
+    #: ``--ref face.npy``: a 512-d ArcFace embedding (InfiniteYou's IR-SE50 gives one) goes
+    #: straight to the resampler; no face model loads (:meth:`encode_reference`).
+    embedding_dim = 512
 
     def __init__(self, source: str | None = None, *, scale: float | None = None,
                  start: float = 0.0, end: float = 1.0, device: str | None = None,
@@ -156,7 +159,7 @@ class InfuseNet(Adapter):
         self.arcface_path = Path(arcface).expanduser() if arcface is not None else None
         self.infusenet: Any = None
         self.resampler: Any = None
-        self.face: Any = None
+        self._face: Any = None
         self.weights_root: Path | None = None
         self.model_dir: Path | None = None
         self.control_image: Image.Image | None = None
@@ -173,6 +176,15 @@ class InfuseNet(Adapter):
         from adapterswap_flux.reproduce import backbone_options
 
         return backbone_options(adapter_options)
+
+    @classmethod
+    def run_defaults(cls, adapter_options: Any, backbone_cls: Any) -> Any:
+        """``reproduce="infiniteyou"``: InfiniteYou's defaults where the user gave none
+        (864 wide x 1152 high; 30 steps on flux-dev) and sizes rounded down to multiples of
+        16 as its pipeline rounds them; otherwise none."""
+        from adapterswap_flux.reproduce import run_defaults
+
+        return run_defaults(adapter_options, backbone_cls)
 
     # ------------------------------------------------------------------ settings
     def set_control_image(self, image: Any) -> None:
@@ -236,13 +248,6 @@ class InfuseNet(Adapter):
         from diffusers import FluxControlNetModel
 
         from adapterswap.weights import load_model, read_pickle
-        from adapterswap_flux.face import (
-            FaceAnalyzer,
-            arcface_candidates,
-            find_arcface,
-            find_detector,
-            insightface_root_candidates,
-        )
         from adapterswap_flux.resampler import Resampler
 
         root, model_dir = self.locate()
@@ -270,26 +275,55 @@ class InfuseNet(Adapter):
                 f"projection ({exc})") from None
         resampler.to(self.device, self.dtype)
 
-        detector = find_detector([self.insightface_root] if self.insightface_root is not None
-                                 else insightface_root_candidates(root))
-        arcface = (find_arcface([self.arcface_path], explicit=True)
-                   if self.arcface_path is not None else find_arcface(arcface_candidates(root)))
-        face = FaceAnalyzer(detector, arcface, device=self.device).load()
-
-        embedding_dim = face.arcface.config.embedding_dim
-        if resampler.config.embedding_dim != embedding_dim:
-            raise WeightsNotFoundError(
-                f"adapter {self.name!r}: the ArcFace model {str(arcface)!r} gives "
-                f"{embedding_dim}-d embeddings but {str(proj_path)!r} expects "
-                f"{resampler.config.embedding_dim}-d")
         joint = infusenet.config.joint_attention_dim
         if resampler.config.output_dim != joint:
             raise WeightsNotFoundError(
                 f"adapter {self.name!r}: {str(infusenet_dir)!r} is not the InfuseNet of "
                 f"{str(proj_path)!r}: its config has joint_attention_dim={joint}, but the image "
                 f"projection gives {resampler.config.output_dim}-d ID tokens")
-        self.infusenet, self.resampler, self.face = infusenet, resampler, face
+        self.infusenet, self.resampler = infusenet, resampler
         self.weights_root, self.model_dir = root, model_dir
+
+    # ------------------------------------------------------------------ face models (lazy)
+    @property
+    def face(self) -> Any:
+        """InfiniteYou's face models (detector + ArcFace, :class:`~adapterswap_flux.face.
+        FaceAnalyzer`), loaded on first use: only an image reference or a control image needs
+        them, so a run from embeddings (``--ref face.npy``) never looks for them."""
+        if self._face is None:
+            if not self.loaded:
+                raise UsageError(f"adapter {self.name!r}: load it before using its face models")
+            self._face = self._load_face()
+        return self._face
+
+    @face.setter
+    def face(self, value: Any) -> None:
+        self._face = value
+
+    def _load_face(self) -> Any:
+        """The face detector and ArcFace of this source (see the options), checked against the
+        resampler's embedding width."""
+        from adapterswap_flux.face import (
+            FaceAnalyzer,
+            arcface_candidates,
+            find_arcface,
+            find_detector,
+            insightface_root_candidates,
+        )
+
+        root = self.weights_root if self.weights_root is not None else Path(self.source)
+        detector = find_detector([self.insightface_root] if self.insightface_root is not None
+                                 else insightface_root_candidates(root))
+        arcface = (find_arcface([self.arcface_path], explicit=True)
+                   if self.arcface_path is not None else find_arcface(arcface_candidates(root)))
+        face = FaceAnalyzer(detector, arcface, device=self.device).load()
+        embedding_dim = face.arcface.config.embedding_dim
+        if self.resampler.config.embedding_dim != embedding_dim:
+            raise WeightsNotFoundError(
+                f"adapter {self.name!r}: the ArcFace model {str(arcface)!r} gives "
+                f"{embedding_dim}-d embeddings but the image projection of "
+                f"{str(self.model_dir)!r} expects {self.resampler.config.embedding_dim}-d")
+        return face
 
     def _ensure_loaded(self, backbone: Backbone) -> None:
         if not self.loaded:
@@ -324,8 +358,9 @@ class InfuseNet(Adapter):
         else:
             self.infusenet.to(device, dtype)
         self.resampler.to(device, dtype)
-        self.face.arcface.to(device)
-        self.face.device = device
+        if self._face is not None:  # loaded only if an image needed it
+            self._face.arcface.to(device)
+            self._face.device = device
         self.device, self.dtype = str(device), dtype
         self._control_cache.clear()
         self._install_probe_hooks(backbone)
@@ -352,10 +387,19 @@ class InfuseNet(Adapter):
 
     # ------------------------------------------------------------------ reference
     def encode_reference(self, image: Any, backbone: Backbone) -> TensorBundle:
-        """The 8 ID tokens ``id_embeds`` ``(1, 8, D)`` of the largest face in ``image``."""
+        """The 8 ID tokens ``id_embeds`` ``(1, 8, D)`` of the largest face in ``image``, or of
+        an ArcFace embedding given as a ``.npy`` file (:mod:`adapterswap.references`; no face
+        model loads for it)."""
+        import torch
+
         from adapterswap.denoise import TensorBundle
+        from adapterswap.references import is_embedding, load_embedding
         from adapterswap_flux.face import describe_image, pil_to_bgr
 
+        if is_embedding(image):
+            self._ensure_loaded(backbone)
+            vector = load_embedding(image, dim=self.resampler.config.embedding_dim)
+            return TensorBundle({"id_embeds": self.id_tokens(torch.from_numpy(vector))})
         pil = load_image(image, argument="reference")
         self._ensure_loaded(backbone)
         embedding, _ = self.face.embed(pil_to_bgr(pil), argument="reference",
@@ -508,7 +552,7 @@ class InfuseNet(Adapter):
 
         config = backbone.pipe.transformer.config
         signature = (f"j{config.joint_attention_dim}-h{config.num_attention_heads}"
-                     f"x{config.attention_head_dim}-c{config.in_channels}")
+                     f"x{config.attention_head_dim}-c{config.in_channels}-e{cls.embedding_dim}")
         path = tiny_dir(f"{cls.name}-{signature}", seed, cache_dir)
         if not path.exists():
             _save_atomically(path, lambda tmp: save_tiny_infiniteyou(tmp, config, seed))
@@ -565,7 +609,8 @@ def fits_transformer(infusenet_config: Any, transformer_config: Any) -> list[str
 
 
 def save_tiny_infiniteyou(root: str | Path, transformer_config: Any, seed: int = 0, *,
-                          embedding_dim: int = 64, id_token_dim: int | None = None) -> Path:
+                          embedding_dim: int = InfuseNet.embedding_dim,
+                          id_token_dim: int | None = None) -> Path:
     """Write a tiny InfiniteYou repository under ``root``: for each model version an
     ``InfuseNetModel/`` (a tiny ``FluxControlNetModel`` with guidance embedding, fitting
     ``transformer_config``) and an ``image_proj_model.bin`` (``{"image_proj": state_dict}`` of a

@@ -29,9 +29,13 @@ removes those differences, so that a seed gives InfiniteYou's image for that see
   ``max_sequence_length``, so diffusers' default of 512 applies; schnell's own default here is
   256).
 
-Not covered: InfiniteYou's default size (864 x 1152, width x height) and step count (30), and
-its rounding of sizes down to multiples of 16 (adapterswap refuses such sizes): give
-``--width 864 --height 1152 --steps 30`` to match them.
+- **Sizes and defaults** (:func:`run_defaults`, read by ``generate`` and ``sweep``):
+  InfiniteYou's size where none is given (864 wide x 1152 high; the ``tiny`` preset keeps its
+  own), 30 steps on flux-dev where none is given (in a sweep: added to the default grid), and
+  sizes that are not multiples of 16 rounded down with a note, as diffusers' FLUX pipelines
+  round them (the control canvas is then drawn at the rounded size; InfiniteYou draws a
+  keypoint canvas at the requested size and resizes it, which differs only with a control
+  image at such a size: the black canvas is black at either).
 """
 
 from __future__ import annotations
@@ -72,6 +76,27 @@ def backbone_options(adapter_options: Mapping[str, Any]) -> dict[str, Any]:
     if check_reproduce(adapter_options.get("reproduce")) == "infiniteyou":
         return dict(INFINITEYOU_BACKBONE_OPTIONS)
     return {}
+
+
+#: InfiniteYou's defaults (``InfUFluxPipeline.__call__`` and its ``test.py``): width 864,
+#: height 1152, 30 steps (on FLUX.1-dev, the backbone it runs).
+INFINITEYOU_WIDTH, INFINITEYOU_HEIGHT, INFINITEYOU_STEPS = 864, 1152, 30
+#: The backbone InfiniteYou's step default belongs to.
+INFINITEYOU_BACKBONE = "flux-dev"
+
+
+def run_defaults(adapter_options: Mapping[str, Any], backbone_cls: Any) -> Any:
+    """InfiniteYou's size and step defaults, and its rounding of sizes down to multiples of
+    16, under ``reproduce="infiniteyou"`` (a :class:`~adapterswap.run_defaults.RunDefaults`;
+    empty otherwise)."""
+    from adapterswap.run_defaults import RunDefaults
+
+    if check_reproduce(adapter_options.get("reproduce")) != "infiniteyou":
+        return RunDefaults()
+    steps = INFINITEYOU_STEPS if getattr(backbone_cls, "name", None) == INFINITEYOU_BACKBONE \
+        else None
+    return RunDefaults(height=INFINITEYOU_HEIGHT, width=INFINITEYOU_WIDTH, steps=steps,
+                       round_size_to=16, why="reproduce='infiniteyou', as InfiniteYou does")
 
 
 def sample_posterior(generators: Sequence[torch.Generator], mean: torch.Tensor,

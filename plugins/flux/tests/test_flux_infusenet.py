@@ -118,8 +118,11 @@ def test_face_model_roots_are_configurable(flux_infusenet, tmp_path):
     adapter = InfuseNet(str(root), device="cpu", insightface_root=str(faces),
                         arcface_path=str(root / "supports" / "facexlib")).load()
     assert adapter.face.detector_path.is_relative_to(faces)
+    # the face models load on first use (an image reference), not with InfuseNet
+    missing = InfuseNet(str(root), device="cpu", insightface_root=str(tmp_path / "elsewhere"))
+    missing.load()
     with pytest.raises(WeightsNotFoundError, match="elsewhere"):
-        InfuseNet(str(root), device="cpu", insightface_root=str(tmp_path / "elsewhere")).load()
+        missing.face  # noqa: B018
 
 
 def test_unsafe_image_proj_pickle_is_refused(flux_infusenet, tmp_path):
