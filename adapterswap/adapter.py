@@ -295,6 +295,13 @@ class Adapter(Probed, ABC):
         :class:`~adapterswap.errors.InvalidArgumentError` naming the option and the value."""
         return {}
 
+    def check_references(self, references: Sequence[str]) -> None:
+        """Raise :class:`~adapterswap.errors.WeightsNotFoundError` now, before any model
+        loads, when something these references will need cannot be found (e.g. the face
+        models an image reference needs and an embedding does not); default: nothing to
+        check. Path checks only: nothing is loaded or downloaded."""
+        return None
+
     @classmethod
     def run_defaults(cls, adapter_options: Mapping[str, Any], backbone_cls: Any) -> Any:
         """The :class:`~adapterswap.run_defaults.RunDefaults` these options ask of a run on

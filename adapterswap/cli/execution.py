@@ -101,14 +101,23 @@ def _try_tiny(exc: Exception, spec: Any) -> Exception:
 
 def check_weights(spec: Any) -> None:
     """Every backbone's weights findable without the network (local folder complete, or in
-    the HF cache when offline), before the store is created or a model loads."""
+    the HF cache when offline), and what each adapter needs for the references
+    (:meth:`Adapter.check_references <adapterswap.adapter.Adapter.check_references>`), before
+    the store is created or a model loads."""
     from adapterswap.errors import WeightsNotFoundError
     from adapterswap.sweep.models import ModelFactory
 
     try:
-        ModelFactory.from_spec(spec).check_weights(spec.backbones)
+        models = ModelFactory.from_spec(spec)
+        models.check_weights(spec.backbones)
     except WeightsNotFoundError as exc:
         raise _try_tiny(exc, spec) from None
+    if not spec.preset:  # what the references need of each adapter (e.g. face models)
+        from adapterswap.plugins import get_backbone
+
+        names = {spec.adapter_for(get_backbone(b)) for b in spec.backbones} - {None}
+        for name in sorted(names):
+            models.adapter(name).check_references(list(spec.references))
 
 
 def print_dry_run(spec: Any) -> None:

@@ -154,6 +154,7 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
         # validate the adapter's settings and family before loading anything heavy
         ad = models.adapter(adapter_cls.name)
         ad.check_backbone(backbone_cls)
+        ad.check_references([reference])  # e.g. face models for an image, before loading
     loaded = models.backbone(backbone)
     if adapter_cls is not None and ad is None:
         ad = models.adapter(adapter_cls.name, loaded)  # tiny weights that fit the backbone

@@ -300,22 +300,65 @@ class InfuseNet(Adapter):
     def face(self, value: Any) -> None:
         self._face = value
 
-    def _load_face(self) -> Any:
-        """The face detector and ArcFace of this source (see the options), checked against the
-        resampler's embedding width."""
+    def check_references(self, references: Any) -> None:
+        """The face models an image reference (or a control image) needs, found without
+        loading them, so that a run fails before loading FLUX rather than at its first
+        reference; embeddings need none. A Hub source not in the cache is left to its
+        download (which brings InfiniteYou's face pack)."""
+        from adapterswap.references import is_embedding
+
+        images = [r for r in references if not is_embedding(r)]
+        if not images and self.control_image is None:
+            return
+        root = self._local_root()
+        if root is None and self.insightface_root is None and self.arcface_path is None:
+            return
+        self._find_face_files(root)
+
+    def _local_root(self) -> Path | None:
+        """The repository root of a local or cached source; ``None`` where :meth:`locate`
+        would still download (a Hub id not in the cache, or cached without its face pack
+        while online). Nothing is downloaded here."""
+        from adapterswap.hub import resolve_source
+
+        if self.weights_root is not None:
+            return self.weights_root
+        source = Path(str(self.source)).expanduser()
+        if source.is_dir():
+            return self.locate()[0]
+        try:
+            resolved = resolve_source(str(self.source), what=f"adapter {self.name!r}")
+        except WeightsNotFoundError:
+            return None
+        cached = resolved.cached_path
+        if cached is None or not (resolved.local_files_only
+                                  or (cached / "supports" / "insightface").is_dir()):
+            return None  # load() downloads the face pack with the rest (see locate)
+        return cached
+
+    def _find_face_files(self, root: Path | None) -> tuple[Path, Path]:
+        """``(detector, arcface)`` files for this source and options, or
+        :class:`WeightsNotFoundError` naming where they were looked for."""
         from adapterswap_flux.face import (
-            FaceAnalyzer,
             arcface_candidates,
             find_arcface,
             find_detector,
             insightface_root_candidates,
         )
 
-        root = self.weights_root if self.weights_root is not None else Path(self.source)
         detector = find_detector([self.insightface_root] if self.insightface_root is not None
                                  else insightface_root_candidates(root))
         arcface = (find_arcface([self.arcface_path], explicit=True)
                    if self.arcface_path is not None else find_arcface(arcface_candidates(root)))
+        return detector, arcface
+
+    def _load_face(self) -> Any:
+        """The face detector and ArcFace of this source (see the options), checked against the
+        resampler's embedding width."""
+        from adapterswap_flux.face import FaceAnalyzer
+
+        root = self.weights_root if self.weights_root is not None else Path(self.source)
+        detector, arcface = self._find_face_files(root)
         face = FaceAnalyzer(detector, arcface, device=self.device).load()
         embedding_dim = face.arcface.config.embedding_dim
         if self.resampler.config.embedding_dim != embedding_dim:

@@ -37,11 +37,13 @@ MODEL_DIR = ("infu_flux_v1.0", "aes_stage2")
 def published(tmp_path_factory, flux_dev, flux_schnell):
     """``DIR/flux-dev``, ``DIR/flux-schnell`` (the tiny pipelines in diffusers' layout),
     ``DIR/InfiniteYou`` (tiny weights in InfiniteYou's layout, 512-d embeddings as the real
-    IR-SE50's) and ``DIR/id.npy``, a 512-d embedding."""
+    IR-SE50's, without the face models of ``supports/``) and ``DIR/id.npy``, a 512-d
+    embedding."""
     root = tmp_path_factory.mktemp("published")
     for backbone in (flux_dev, flux_schnell):
         shutil.copytree(backbone.source, root / backbone.name)
     save_tiny_infiniteyou(root / "InfiniteYou", flux_dev.pipe.transformer.config, seed=5)
+    shutil.rmtree(root / "InfiniteYou" / "supports")  # no face models: embeddings need none
     vector = np.random.default_rng(7).standard_normal(512).astype(np.float32)
     np.save(root / "id.npy", vector)
     return root
@@ -184,3 +186,29 @@ def test_a_tiny_sweep_takes_an_embedding_reference(published, tmp_path):
     with RunStore(tmp_path / "run", lock=False) as store:
         rows = store.rows()
     assert rows and all(r["reference"] == str(published / "id.npy") for r in rows)
+
+
+def test_an_image_reference_without_face_models_fails_before_flux_loads(published, tmp_path,
+                                                                        monkeypatch):
+    from adapterswap.backbone import Backbone
+
+    def no_loading(self, *args, **kwargs):
+        raise AssertionError("the backbone must not load")
+
+    monkeypatch.setattr(Backbone, "load", no_loading)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.insightface of the developer's
+    face = tmp_path / "face.png"
+    Image.new("RGB", (64, 64)).save(face)
+    for command in (
+        ["generate", "--backbone", "flux-schnell", "--source", str(published / "flux-schnell"),
+         "--out", str(tmp_path / "x.png"), "--prompt", PROMPT],
+        ["sweep", "--backbone", "flux-schnell", "--source",
+         f"flux-schnell={published / 'flux-schnell'}",
+         "--steps", "1", "--seeds", "0", "--prompt", PROMPT, "--out", str(tmp_path / "run")],
+    ):
+        result = CliRunner().invoke(main, [
+            *command, "--adapter", "infusenet", "--adapter-source",
+            str(published / "InfiniteYou"), "--ref", str(face)])
+        assert result.exit_code != 0 and "antelopev2" in result.output, result.output
+        assert "must not load" not in result.output
+    assert not (tmp_path / "run").exists()  # refused before the store was created
