@@ -269,6 +269,13 @@ class Backbone(Probed, ABC):
         source = source or configured_source(cls.name) or cls.default_source
         return weights_status(source, cls.required_files)
 
+    @classmethod
+    def extra_weights(cls, options: Mapping[str, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """Weights the backbone reads besides its source, by label: ``{"lora": (where,
+        (file,))}`` for a distilled LoRA or UNet file, so that provenance identifies them
+        (a new LoRA at the same repo id is another cell); default none."""
+        return {}
+
     @property
     def execution_device(self) -> Any:
         """Where tensors go: the device the models run on (the GPU with model CPU offload)."""

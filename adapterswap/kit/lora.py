@@ -40,6 +40,21 @@ def lora_location(value: Any, *, default_file: str, filename: str | None = None,
     return resolved.source, filename, resolved.local_files_only
 
 
+def weights_entry(value: Any, filename: str, *, label: str = "lora",
+                  ) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """A backbone's :meth:`~adapterswap.backbone.Backbone.extra_weights` entry for a file
+    given as ``value`` (as :func:`lora_location` reads it): the file itself where it is
+    local, else the repo id with the file it needs; nothing for ``None``."""
+    if value is None or str(value).lower() in ("", "none"):
+        return {}
+    path = Path(str(value)).expanduser()
+    if path.is_dir() and (path / filename).is_file():
+        path = path / filename
+    if path.is_file():
+        return {label: (str(path), ())}
+    return {label: (str(value), (filename,))}
+
+
 def fuse_lora(pipe: Any, location: tuple[str, str, bool], *, adapter_name: str, what: str,
               model: str, lora_scale: float = 1.0) -> None:
     """Load the LoRA at ``location`` (:func:`lora_location`) into ``pipe``, fuse it at
@@ -58,6 +73,13 @@ def fuse_lora(pipe: Any, location: tuple[str, str, bool], *, adapter_name: str, 
         raise WeightsNotFoundError(
             f"{what}: {filename!r} in {where!r} is not {model} diffusers can load: "
             f"{str(exc).splitlines()[0]}") from None
+    loaded = getattr(pipe, "get_list_adapters", dict)()
+    if not any(adapter_name in names for names in loaded.values()):
+        # diffusers only warns when no key names a module of this pipeline
+        pipe.unload_lora_weights()
+        raise WeightsNotFoundError(
+            f"{what}: {filename!r} in {where!r} is not {model}: none of its keys names a "
+            "layer of this pipeline")
     pipe.fuse_lora(adapter_names=[adapter_name], lora_scale=float(lora_scale))
     pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
 

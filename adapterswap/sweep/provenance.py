@@ -255,8 +255,11 @@ def resolve_provenance(spec: Any, plugin_modules: Iterable[str] = ()) -> Provena
         else:
             source = spec.sources.get(name) or configured_source(name) or cls.default_source
             provenance.sources[f"backbone:{name}"] = source
-            provenance.weights[f"backbone:{name}"] = weights_identity(
-                source, required=cls.required_files)
+            identity = weights_identity(source, required=cls.required_files)
+            for label, (where, files) in sorted(cls.extra_weights(spec.options_for(name))
+                                                .items()):
+                identity += f" + {label}:{weights_identity(str(where), required=files)}"
+            provenance.weights[f"backbone:{name}"] = identity
         adapter = spec.adapter_for(cls)
         if adapter is not None:
             adapters.add(adapter)

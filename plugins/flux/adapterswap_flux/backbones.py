@@ -191,14 +191,21 @@ class FluxBackbone(Backbone):
 
         what = f"backbone {self.name!r}"
         root = pipeline_root(FluxPipeline, source, local_files_only=local_files_only)
-        transformer = load_model(FluxTransformer2DModel, root, subfolder="transformer",
-                                 what=what, dtype=self.dtype)
+        transformer = self.prepare_transformer(
+            load_model(FluxTransformer2DModel, root, subfolder="transformer", what=what,
+                       dtype=self.dtype))
         text_encoder_2 = load_model(T5EncoderModel, root, subfolder="text_encoder_2",
                                     what=what, dtype=self.dtype)
         for model in (transformer, text_encoder_2):
             quanto.quantize(model, weights=quanto.qint8)
             quanto.freeze(model)
         return {"transformer": transformer, "text_encoder_2": text_encoder_2}
+
+    def prepare_transformer(self, transformer: Any) -> Any:
+        """The transformer the 8-bit path loaded, before optimum-quanto freezes its weights:
+        as loaded here; a LoRA-distilled backbone merges its LoRA in it (int8 weights take no
+        merge; :mod:`adapterswap_flux.distilled`)."""
+        return transformer
 
     def unload(self) -> None:
         self.set_probe(None)

@@ -14,9 +14,12 @@ from adapterswap import hookimpl
 @hookimpl
 def register_backbones(register: Callable[[type], None]) -> None:
     from adapterswap_flux.backbones import FluxDev, FluxSchnell
+    from adapterswap_flux.distilled import FluxDevHyper, FluxDevTurbo
 
     register(FluxDev)
     register(FluxSchnell)
+    register(FluxDevTurbo)
+    register(FluxDevHyper)
 
 
 @hookimpl
