@@ -96,6 +96,30 @@ def infiniteyou_id_embed(image_rgb: Any, pack_dir: Path, arcface: torch.nn.Modul
         return resampler_forward(image_proj_state, embedding, heads=heads)
 
 
+def infiniteyou_root_id_embed(root: Path, image_rgb: Any, arcface: torch.nn.Module, *,
+                              heads: int, model_version: str = "aes_stage2") -> torch.Tensor:
+    """:func:`infiniteyou_id_embed` with the face pack and image projection of the
+    InfiniteYou repository at ``root``."""
+    from adapterswap_flux.face import FACE_PACK
+
+    model_dir = Path(root) / "infu_flux_v1.0" / model_version
+    state = torch.load(model_dir / "image_proj_model.bin", weights_only=True)["image_proj"]
+    return infiniteyou_id_embed(image_rgb, Path(root) / "supports" / "insightface" / "models"
+                                / FACE_PACK, arcface, state, heads=heads)
+
+
+def pipeline_components(pipe: Any) -> dict[str, Any]:
+    """A FLUX pipeline's components for ``FluxControlNetPipeline``: without the image encoder
+    parts it does not take, and with a fresh scheduler of the same config (the reference
+    must not share the scheduler's step state with the code under test)."""
+    components = dict(pipe.components)
+    components.pop("image_encoder", None)
+    components.pop("feature_extractor", None)
+    components["scheduler"] = type(components["scheduler"]).from_config(
+        components["scheduler"].config)
+    return components
+
+
 def infiniteyou_generate(components: dict[str, Any], infusenet: Any, id_embed: torch.Tensor, *,
                          prompt: str, seed: int, num_steps: int, height: int, width: int,
                          guidance_scale: float, conditioning_scale: float = 1.0,

@@ -12,7 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flux_reference import infiniteyou_generate, infiniteyou_id_embed
+from flux_reference import (
+    infiniteyou_generate,
+    infiniteyou_root_id_embed,
+    pipeline_components,
+)
 
 from adapterswap.denoise import denoise
 
@@ -68,8 +72,6 @@ def test_guidance_changes_dev_but_schnell_refuses_it(flux_dev, flux_schnell):
 def test_infusenet_equals_infiniteyou_reference(name, scale, start, end, steps, flux_dev,
                                                 flux_schnell, flux_infusenet,
                                                 flux_infiniteyou_root):
-    from adapterswap_flux.face import FACE_PACK
-
     backbone = flux_dev if name == "flux-dev" else flux_schnell
     adapter = flux_infusenet
     adapter.set_scale(scale)
@@ -78,16 +80,10 @@ def test_infusenet_equals_infiniteyou_reference(name, scale, start, end, steps, 
     result = denoise(backbone, PROMPT, num_inference_steps=steps, seeds=[3], adapter=adapter,
                      reference=reference_image, output_type="np")
 
-    model_dir = flux_infiniteyou_root / "infu_flux_v1.0" / "aes_stage2"
-    state = torch.load(model_dir / "image_proj_model.bin", weights_only=True)["image_proj"]
-    id_embed = infiniteyou_id_embed(
-        reference_image, flux_infiniteyou_root / "supports" / "insightface" / "models" / FACE_PACK,
-        adapter.face.arcface, state, heads=adapter.resampler.config.heads)
-    components = dict(backbone.pipe.components)
-    components.pop("image_encoder", None)
-    components.pop("feature_extractor", None)
-    components["scheduler"] = type(components["scheduler"]).from_config(
-        components["scheduler"].config)
+    id_embed = infiniteyou_root_id_embed(flux_infiniteyou_root, reference_image,
+                                         adapter.face.arcface,
+                                         heads=adapter.resampler.config.heads)
+    components = pipeline_components(backbone.pipe)
     expected = infiniteyou_generate(
         components, adapter.infusenet, id_embed, prompt=PROMPT, seed=3, num_steps=steps,
         height=64, width=64, guidance_scale=3.5, conditioning_scale=scale,

@@ -25,7 +25,11 @@ import pytest
 import torch
 from adapterswap_flux.infusenet import InfuseNet
 from adapterswap_flux.reproduce import INFINITEYOU_BACKBONE_OPTIONS
-from flux_reference import infiniteyou_generate, infiniteyou_id_embed
+from flux_reference import (
+    infiniteyou_generate,
+    infiniteyou_root_id_embed,
+    pipeline_components,
+)
 from PIL import Image
 
 from adapterswap.denoise import StepContext, denoise
@@ -50,21 +54,12 @@ def reproducing(flux_infusenet_loaded):
 
 def _reference(backbone, adapter, reference_image, *, seed, steps, seeding,
                max_sequence_length=512, scale=1.0, start=0.0, end=1.0):
-    from adapterswap_flux.face import FACE_PACK
-
-    root = adapter.weights_root
-    state = torch.load(root / "infu_flux_v1.0" / "aes_stage2" / "image_proj_model.bin",
-                       weights_only=True)["image_proj"]
-    id_embed = infiniteyou_id_embed(
-        reference_image, root / "supports" / "insightface" / "models" / FACE_PACK,
-        adapter.face.arcface, state, heads=adapter.resampler.config.heads)
-    components = dict(backbone.pipe.components)
-    components.pop("image_encoder", None)
-    components.pop("feature_extractor", None)
-    components["scheduler"] = type(components["scheduler"]).from_config(
-        components["scheduler"].config)
+    id_embed = infiniteyou_root_id_embed(adapter.weights_root, reference_image,
+                                         adapter.face.arcface,
+                                         heads=adapter.resampler.config.heads)
     return infiniteyou_generate(
-        components, adapter.infusenet, id_embed, prompt=PROMPT, seed=seed, num_steps=steps,
+        pipeline_components(backbone.pipe), adapter.infusenet, id_embed, prompt=PROMPT,
+        seed=seed, num_steps=steps,
         height=64, width=64, guidance_scale=3.5, conditioning_scale=scale,
         guidance_start=start, guidance_end=end, max_sequence_length=max_sequence_length,
         seeding=seeding)

@@ -24,7 +24,7 @@ import pytest
 import torch
 from adapterswap_flux.infusenet import save_tiny_infiniteyou
 from click.testing import CliRunner
-from flux_reference import infiniteyou_generate, resampler_forward
+from flux_reference import infiniteyou_generate, pipeline_components, resampler_forward
 from PIL import Image
 
 from adapterswap.cli import main
@@ -54,9 +54,7 @@ def _reference(root, name, *, seed, steps, height, width):
     from diffusers import FluxControlNetModel, FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(str(root / name), torch_dtype=torch.float32)
-    components = dict(pipe.components)
-    for unused in ("image_encoder", "feature_extractor"):
-        components.pop(unused, None)
+    components = pipeline_components(pipe)
     model_dir = root.joinpath("InfiniteYou", *MODEL_DIR)
     infusenet = FluxControlNetModel.from_pretrained(str(model_dir / "InfuseNetModel"),
                                                     torch_dtype=torch.float32)
