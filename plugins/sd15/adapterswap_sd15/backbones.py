@@ -277,37 +277,10 @@ class SD15LCMBackbone(SD15Backbone):
         return backbone
 
 
-#: Layers the LCM-LoRA training script adapts (its default ``lora_target_modules``).
-_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
-                 "ff.net.2", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv",
-                 "upsamplers.0.conv", "time_emb_proj")
-
-
 def save_tiny_lcm_lora(unet: Any, path: Path, seed: int, rank: int = 4) -> None:
     """Random rank-``rank`` LoRA weights for ``unet`` keyed as in the published LCM-LoRA file
-    (``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``)."""
-    import torch
-    from safetensors.torch import save_file
+    (``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``):
+    :func:`adapterswap.kit.tiny_lora.save_tiny_unet_lora` in its ``"kohya"`` layout."""
+    from adapterswap.kit.tiny_lora import save_tiny_unet_lora
 
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, module in unet.named_modules():
-        if not any(name.endswith("." + t) for t in _LORA_TARGETS):
-            continue
-        if isinstance(module, torch.nn.Linear):
-            down_shape = (rank, module.in_features)
-            up_shape = (module.out_features, rank)
-        elif isinstance(module, torch.nn.Conv2d):
-            down_shape = (rank, module.in_channels, *module.kernel_size)
-            up_shape = (module.out_channels, rank, 1, 1)
-        else:
-            continue
-        key = "lora_unet_" + name.replace(".", "_")
-        fan_in = down_shape[1] * (down_shape[2] * down_shape[3] if len(down_shape) == 4 else 1)
-        state[f"{key}.lora_down.weight"] = torch.randn(down_shape, generator=generator) \
-            / fan_in ** 0.5
-        state[f"{key}.lora_up.weight"] = 0.5 * torch.randn(up_shape, generator=generator) \
-            / rank ** 0.5
-        state[f"{key}.alpha"] = torch.tensor(float(rank))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(path))
+    save_tiny_unet_lora(unet, path, seed, layout="kohya", rank=rank)

@@ -11,9 +11,11 @@ from adapterswap import hookimpl
 @hookimpl
 def register_backbones(register: Callable[[type], None]) -> None:
     from adapterswap_sd15.backbones import SD15Backbone, SD15LCMBackbone
+    from adapterswap_sd15.distilled import SD15HyperBackbone
 
     register(SD15Backbone)
     register(SD15LCMBackbone)
+    register(SD15HyperBackbone)
 
 
 @hookimpl

@@ -224,12 +224,16 @@ class SDXLLightningBackbone(SDXLBackbone):
                   "and the Lightning UNet (`hf download ByteDance/SDXL-Lightning "
                   "sdxl_lightning_4step_unet.safetensors`, OpenRAIL++).")
     description = "SDXL-Lightning 4-step UNet on SDXL base (no guidance, trailing Euler)"
+    #: Where the distilled UNet file comes from by default (the ``unet`` and ``unet_file``
+    #: options override them); a subclass with another UNet file sets its own.
+    unet_repo = LIGHTNING_REPO
+    unet_filename = LIGHTNING_UNET
 
     def unet_file(self) -> str:
-        """Local path of the Lightning UNet file (from a path, a directory, or the HF cache /
+        """Local path of the distilled UNet file (from a path, a directory, or the HF cache /
         Hub), or :class:`WeightsNotFoundError` naming what is missing."""
-        unet = str(self.options.get("unet") or LIGHTNING_REPO)
-        filename = str(self.options.get("unet_file") or LIGHTNING_UNET)
+        unet = str(self.options.get("unet") or self.unet_repo)
+        filename = str(self.options.get("unet_file") or self.unet_filename)
         if Path(unet).expanduser().is_file():
             return str(Path(unet).expanduser())
         resolved = resolve_source(unet, what=f"backbone {self.name!r} UNet",
@@ -245,11 +249,11 @@ class SDXLLightningBackbone(SDXLBackbone):
         import torch
         from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-        from adapterswap.weights import loading, read_safetensors
+        from adapterswap.weights import loading
 
         what = f"backbone {self.name!r}"
         unet_file = self.unet_file()  # fail before reading the base pipeline
-        weights = read_safetensors(unet_file, what=what)
+        weights = read_unet_weights(unet_file, what=what)
         with loading(what, f"{source}/unet"):
             config = UNet2DConditionModel.load_config(source, subfolder="unet",
                                                       local_files_only=local_files_only)
@@ -288,8 +292,9 @@ class SDXLLightningBackbone(SDXLBackbone):
     @classmethod
     def tiny(cls, seed: int = 0, *, cache_dir: str | None = None,
              **options: Any) -> SDXLLightningBackbone:
-        """The tiny SDXL pipeline plus a tiny "Lightning" UNet file (same architecture, other
-        random weights) in ByteDance's layout, loaded through ``load``."""
+        """The tiny SDXL pipeline plus a tiny distilled UNet file (same architecture, other
+        random weights) named and stored as :attr:`unet_filename` is (safetensors, or a pickled
+        float16 state dict for ``.bin``), loaded through ``load``."""
         options = cls.check_options(options)  # before building anything
         from adapterswap.presets import tiny_dir
 
@@ -303,11 +308,29 @@ class SDXLLightningBackbone(SDXLBackbone):
             torch.manual_seed(seed + 1)
             unet = UNet2DConditionModel.from_config(
                 UNet2DConditionModel.load_config(str(base), subfolder="unet"))
-            save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
-                      str(tmp / LIGHTNING_UNET))
+            state = {k: v.contiguous() for k, v in unet.state_dict().items()}
+            if cls.unet_filename.endswith(".safetensors"):
+                save_file(state, str(tmp / cls.unet_filename))
+            else:  # a pickled state dict, as the published .bin files are
+                torch.save({k: v.to(torch.float16) for k, v in state.items()},
+                           str(tmp / cls.unet_filename))
 
-        unet_dir = build_once(tiny_dir("sdxl-lightning-unet", seed, cache_dir), build)
+        unet_dir = build_once(tiny_dir(f"{cls.name}-unet", seed, cache_dir), build)
         options.setdefault("unet", str(unet_dir))
         backbone = cls(str(base), device="cpu", dtype="fp32", **options).load()
         backbone.default_height, backbone.default_width = cls.tiny_size
         return backbone
+
+
+def read_unet_weights(path: str, *, what: str) -> dict[str, Any]:
+    """The state dict in a UNet weights file: safetensors, or a pickled state dict (``.bin``,
+    as DMD2 publishes it) read with ``torch.load(weights_only=True)``
+    (:func:`adapterswap.weights.read_pickle`), which runs no code from the file."""
+    from adapterswap.weights import PICKLE_SUFFIXES, read_pickle, read_safetensors
+
+    if Path(path).suffix.lower() not in PICKLE_SUFFIXES:
+        return read_safetensors(path, what=what)
+    state = read_pickle(path, what=what)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise WeightsNotFoundError(f"{what}: {path!r} does not hold a UNet state dict")
+    return state

@@ -11,9 +11,19 @@ from adapterswap import hookimpl
 @hookimpl
 def register_backbones(register: Callable[[type], None]) -> None:
     from adapterswap_sdxl.backbones import SDXLBackbone, SDXLLightningBackbone
+    from adapterswap_sdxl.distilled import (
+        SDXLDMD2Backbone,
+        SDXLHyperBackbone,
+        SDXLTCDBackbone,
+        SDXLTurboBackbone,
+    )
 
     register(SDXLBackbone)
     register(SDXLLightningBackbone)
+    register(SDXLTurboBackbone)
+    register(SDXLHyperBackbone)
+    register(SDXLDMD2Backbone)
+    register(SDXLTCDBackbone)
 
 
 @hookimpl

@@ -1,0 +1,120 @@
+"""Distilled Stable Diffusion 1.5 backbones beyond LCM-LoRA, each run as its model card runs it.
+
+* ``sd15-hyper``: a Hyper-SD N-step LoRA (``ByteDance/Hyper-SD``,
+  ``Hyper-SD15-8steps-lora.safetensors`` by default; the 4- and 2-step files too) fused into
+  SD 1.5; DDIM with "trailing" timesteps (the card:
+  ``DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")``), no
+  guidance, 8 steps.
+
+It runs ``StableDiffusionPipeline``'s steps one at a time (:class:`SD15Backbone`); the parity
+test holds :func:`adapterswap.denoise.denoise` to the card's own pipeline call. The safety
+checker is not loaded, as for ``sd15``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adapterswap.kit.tiny import build_once
+from adapterswap.kit.unet_backbone import UNetBackbone
+from adapterswap_sd15.backbones import SD15Backbone, tiny_sd15_dir
+
+HYPER_SD = "ByteDance/Hyper-SD"
+HYPER_SD15_8STEP = "Hyper-SD15-8steps-lora.safetensors"
+HYPER_SD15_4STEP = "Hyper-SD15-4steps-lora.safetensors"
+
+
+class SD15HyperBackbone(SD15Backbone):
+    """Hyper-SD (Ren et al., arXiv 2404.13686) N-step LoRA on SD 1.5: DDIM with "trailing"
+    timesteps, no guidance, 8 steps with the default 8-step LoRA.
+
+    ``source`` is the SD 1.5 pipeline. Options: ``lora`` (a Hub repo id, a local directory,
+    the ``.safetensors`` file itself, or ``None`` when ``source`` has it fused already;
+    default ``ByteDance/Hyper-SD``), ``lora_file`` (default
+    ``Hyper-SD15-8steps-lora.safetensors``; ``Hyper-SD15-4steps-lora.safetensors`` is meant for
+    4 steps, the 2-step file for 2), ``variant``, ``timestep_spacing`` (default "trailing",
+    the card's). The 1-step "unified" LoRA is meant for ``TCDScheduler`` and is not this
+    recipe. The LoRA is fused into the UNet and its layers removed.
+    """
+
+    name = "sd15-hyper"
+    default_steps = 8
+    guidance_mode = "none"
+    default_guidance_scale = None
+    option_docs = {
+        "lora": "where the Hyper-SD LoRA comes from: a Hub repo id, a local directory, the "
+                ".safetensors file, or None when the source has it fused (default "
+                "ByteDance/Hyper-SD)",
+        "lora_file": f"the LoRA file inside it: {HYPER_SD15_8STEP} (default, 8 steps) or "
+                     f"{HYPER_SD15_4STEP} (4 steps)",
+        **SD15Backbone.option_docs,
+    }
+    how_to_get = ("Needs SD 1.5 (`hf download stable-diffusion-v1-5/stable-diffusion-v1-5`, "
+                  f"CreativeML OpenRAIL-M) and the Hyper-SD LoRA (`hf download {HYPER_SD} "
+                  f"{HYPER_SD15_8STEP}` or the 4-step file, OpenRAIL++), or local copies.")
+    description = "Hyper-SD 8-step (or 4-step) LoRA on Stable Diffusion 1.5 (trailing DDIM)"
+
+    def lora_location(self) -> tuple[str, str, bool] | None:
+        """``(directory or repo id, file name, local_files_only)`` of the Hyper-SD LoRA, or
+        ``None`` without one; :class:`WeightsNotFoundError` names what is missing."""
+        from adapterswap.kit.lora import lora_location
+
+        return lora_location(self.options.get("lora", HYPER_SD), default_file=HYPER_SD15_8STEP,
+                             filename=self.options.get("lora_file"),
+                             what=f"backbone {self.name!r} Hyper-SD LoRA",
+                             how_to_get=self.how_to_get)
+
+    def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
+        from adapterswap.kit.lora import fuse_lora
+
+        lora = self.lora_location()  # fail before reading the base pipeline
+        pipe = super().load_pipeline(source, local_files_only=local_files_only)
+        if lora is not None:
+            fuse_lora(pipe, lora, adapter_name="hyper",
+                      what=f"backbone {self.name!r} Hyper-SD LoRA", model="an SD 1.5 LoRA")
+        return pipe
+
+    @classmethod
+    def check_option(cls, name: str, value: Any) -> Any:
+        from adapterswap.kit.lora import check_lora_option
+
+        check_lora_option(name, value)
+        return super().check_option(name, value)
+
+    def configure_pipeline(self, pipe: Any) -> Any:
+        """DDIM from the repo's scheduler config with "trailing" timesteps, exactly the card's
+        call (``sd15``'s own DDIM settings are not applied: the card's DDIM takes
+        ``clip_sample`` and the rest from the repo's config); the ``timestep_spacing`` option,
+        applied after, can change the spacing."""
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
+                                                   timestep_spacing="trailing")
+        return UNetBackbone.configure_pipeline(self, pipe)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, *, cache_dir: str | None = None,
+             **options: Any) -> SD15HyperBackbone:
+        """The tiny SD 1.5 pipeline plus tiny 8- and 4-step "Hyper-SD" LoRAs (random, one
+        each) in the published key layout (``lora_unet_*`` with ``lora_down`` / ``lora_up`` /
+        ``alpha``: :mod:`adapterswap.kit.tiny_lora`), fused through ``load``."""
+        options = cls.check_options(options)  # before building anything
+        from adapterswap.presets import tiny_dir
+
+        base = tiny_sd15_dir(seed, cache_dir)
+
+        def build(tmp: Path) -> None:
+            from diffusers import UNet2DConditionModel
+
+            from adapterswap.kit.tiny_lora import save_tiny_unet_lora
+
+            unet = UNet2DConditionModel.from_pretrained(str(base), subfolder="unet")
+            for offset, filename in enumerate((HYPER_SD15_8STEP, HYPER_SD15_4STEP), start=1):
+                save_tiny_unet_lora(unet, tmp / filename, seed + offset, layout="kohya")
+
+        lora_dir = build_once(tiny_dir("sd15-hyper-lora", seed, cache_dir), build)
+        options.setdefault("lora", str(lora_dir))
+        backbone = cls(str(base), device="cpu", dtype="fp32", **options).load()
+        backbone.default_height, backbone.default_width = cls.tiny_size
+        return backbone
