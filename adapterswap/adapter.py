@@ -8,10 +8,11 @@ contributes denoiser inputs (:meth:`Adapter.denoiser_inputs`) inside its active 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -245,6 +246,8 @@ class Adapter(Probed, ABC):
 
     def is_active(self, step_index: int, num_steps: int) -> bool:
         """Whether the adapter acts at this step (see :func:`is_active`)."""
+        if getattr(self, "_switched_off", False):
+            return False
         return is_active(step_index, num_steps, self.start, self.end)
 
     def active_steps(self, num_steps: int) -> int:
@@ -261,8 +264,20 @@ class Adapter(Probed, ABC):
         return self.is_active(0, num_steps)
 
     def active_mask(self, ctx: StepContext) -> list[bool]:
-        """Per-sample activity for a (possibly step-parallel) batch."""
+        """Per-sample activity for a (possibly step-parallel) batch (all off inside
+        :meth:`switched_off`)."""
         return [self.is_active(i, n) for i, n in zip(ctx.step_indices, ctx.num_steps)]
+
+    @contextlib.contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """Within it the adapter acts at no step (:meth:`is_active` is false), so its
+        :meth:`denoiser_inputs` are those it gives outside its window: how an enhancer asks
+        for the prediction without the adapter's conditioning."""
+        self._switched_off = True
+        try:
+            yield
+        finally:
+            self._switched_off = False
 
     # ------------------------------------------------------------------ compatibility
     def supports(self, backbone: Backbone | type[Backbone]) -> bool:

@@ -269,6 +269,14 @@ class Backbone(Probed, ABC):
         source = source or configured_source(cls.name) or cls.default_source
         return weights_status(source, cls.required_files)
 
+    def null_prompt(self, prompt: TensorBundle) -> TensorBundle:
+        """The encoding of no text in the layout of ``prompt``, one row per row: what the
+        backbone's classifier-free guidance uses as its unconditional input. Default: the
+        empty prompt encoded (diffusers' unconditional input for SD 1.5 and FLUX's true
+        CFG); a backbone whose pipeline uses something else (SDXL's zeros) overrides it."""
+        encoded = self.encode_prompt([""])
+        return encoded.repeat(prompt.batch_size) if prompt.batch_size > 1 else encoded
+
     @classmethod
     def extra_weights(cls, options: Mapping[str, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
         """Weights the backbone reads besides its source, by label: ``{"lora": (where,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -267,6 +267,9 @@ class DenoiseResult:
     latents: Any
     images: Any
     timings: dict[str, float] = field(default_factory=dict)
+    #: denoiser forwards per image (classifier-free guidance's two halves and an enhancer's
+    #: extra predictions included)
+    forwards: int = 0
 
 
 class Eager:
@@ -312,6 +315,7 @@ def denoise(
     output_type: str = "pil",
     on_step: Callable[[StepRecord], None] | None = None,
     accelerator: Any = None,
+    enhancer: Any = None,
 ) -> DenoiseResult:
     """Generate one image per seed with ``backbone`` (and ``adapter`` if given).
 
@@ -331,6 +335,8 @@ def denoise(
         attention kernels, CUDA-graph step marks and block cache act in the loop); ``None``:
         plain eager (:data:`EAGER`). Pass the one that changed the backbone's modules: a block
         cache it installed must be told where runs begin.
+    :param enhancer: an :class:`~adapterswap.enhancer.Enhancer` acting on each step (attached
+        around the run); neutral settings are not installed (the plain run).
     """
     import time
 
@@ -366,6 +372,12 @@ def denoise(
         if conditioning.batch_size == 1 and len(seeds) > 1:
             conditioning = conditioning.repeat(len(seeds))
 
+    from adapterswap.enhancer import predict_step
+
+    if enhancer is not None and enhancer.is_neutral():
+        enhancer = None
+    if enhancer is not None:
+        enhancer.check_adapter(None if adapter is None else type(adapter))
     timings: dict[str, float] = {}
     sync = backbone.synchronize
     sync()
@@ -392,7 +404,10 @@ def denoise(
     start = time.perf_counter()
     hooks = EAGER if accelerator is None else accelerator
     hooks.begin_run()
-    with hooks.step_context():
+    forwards = 0
+    if enhancer is not None:
+        enhancer.attach(backbone, adapter)
+    with hooks.step_context(), _detaching(enhancer):
         for i in range(num_inference_steps):
             t = schedule.timesteps[i]
             ctx = StepContext(
@@ -404,13 +419,10 @@ def denoise(
                 sigmas=None if schedule.sigmas is None else schedule.sigmas[i].expand(batch),
             )
             hooks.begin_step()
-            adapter_inputs: Mapping[str, Any] | None = None
-            if adapter is not None and conditioning is not None:
-                adapter_inputs = adapter.denoiser_inputs(backbone, conditioning, latents, ctx,
-                                                         prompt_encoding)
-            model_output = backbone.predict(latents, ctx, prompt_encoding,
-                                            guidance_scale=guidance_scale,
-                                            adapter_inputs=adapter_inputs)
+            model_output, step_forwards = predict_step(
+                backbone, adapter, conditioning, latents, ctx, prompt_encoding, guidance_scale,
+                enhancer)
+            forwards += step_forwards
             x0 = backbone.predict_x0(model_output, latents, schedule, i) if on_step else None
             latents = backbone.step(model_output, latents, schedule, i)
             if on_step is not None:
@@ -422,4 +434,14 @@ def denoise(
     sync()
     timings["decode_s"] = time.perf_counter() - start
     timings["total_s"] = timings["encode_s"] + timings["denoise_s"] + timings["decode_s"]
-    return DenoiseResult(latents=latents, images=images, timings=timings)
+    return DenoiseResult(latents=latents, images=images, timings=timings, forwards=forwards)
+
+
+@contextlib.contextmanager
+def _detaching(enhancer: Any) -> Any:
+    """Detach ``enhancer`` (if any) when the steps end, also on an error."""
+    try:
+        yield
+    finally:
+        if enhancer is not None:
+            enhancer.detach()

@@ -64,6 +64,18 @@ def register_metrics(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_enhancers(register: Callable[[type], None]) -> None:
+    """Register enhancer classes: training-free tricks on a step while an adapter acts
+    (guidance schemes that combine several predictions, attention patches).
+
+    :param register: call ``register(EnhancerSubclass)`` once per enhancer. The class must
+        subclass :class:`adapterswap.enhancer.Enhancer` and set ``name`` and ``option_docs``.
+    :returns: nothing; the return value is ignored. Not ``firstresult``: every plugin's
+        implementation is called.
+    """
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Add click commands to the ``adapterswap`` command line.
 

@@ -45,11 +45,11 @@ LOAD_PLUGINS_ENV = "ADAPTERSWAP_LOAD_PLUGINS"
 TRACE_PLUGINS_ENV = "ADAPTERSWAP_TRACE_PLUGINS"
 
 #: Modules inside adapterswap that are registered as plugins before any entry point.
-DEFAULT_PLUGINS = ("adapterswap.metrics.basic",)
+DEFAULT_PLUGINS = ("adapterswap.metrics.basic", "adapterswap.enhancers")
 
-#: The hooks that fill the three registries (``register_commands`` is the CLI's:
+#: The hooks that fill the four registries (``register_commands`` is the CLI's:
 #: :mod:`adapterswap.cli.common`).
-HOOKS = ("register_backbones", "register_adapters", "register_metrics")
+HOOKS = ("register_backbones", "register_adapters", "register_metrics", "register_enhancers")
 
 pm = pluggy.PluginManager("adapterswap")
 pm.add_hookspecs(hookspecs)
@@ -83,6 +83,7 @@ class PluginInfo:
     backbones: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
+    enhancers: list[str] = field(default_factory=list)
 
 
 _failures: list[PluginFailure] = []
@@ -294,12 +295,14 @@ def _registries() -> dict[str, Registry[Any]]:
         return _cache["registries"]
     from adapterswap.adapter import Adapter
     from adapterswap.backbone import Backbone
+    from adapterswap.enhancer import Enhancer
     from adapterswap.metrics.base import Metric
 
     registries: dict[str, Registry[Any]] = {
         "register_backbones": Registry("backbone", Backbone),
         "register_adapters": Registry("adapter", Adapter),
         "register_metrics": Registry("metric", Metric),
+        "register_enhancers": Registry("enhancer", Enhancer),
     }
     # Failures from hooks depend on the plugins registered now: drop earlier hook failures.
     _failures[:] = [f for f in _failures if not getattr(f.error, "_from_hook", False)]
@@ -328,6 +331,16 @@ def adapters() -> Registry[Any]:
 def metrics() -> Registry[Any]:
     """The registry of metric classes."""
     return _registries()["register_metrics"]
+
+
+def enhancers() -> Registry[Any]:
+    """The registry of enhancer classes."""
+    return _registries()["register_enhancers"]
+
+
+def get_enhancer(name: str) -> type:
+    """The enhancer class registered as ``name`` (with a suggestion if unknown)."""
+    return enhancers().get(name)
 
 
 def get_backbone(name: str) -> type:
@@ -363,6 +376,7 @@ def plugin_infos() -> list[PluginInfo]:
             backbones=sorted(given.get("register_backbones", [])),
             adapters=sorted(given.get("register_adapters", [])),
             metrics=sorted(given.get("register_metrics", [])),
+            enhancers=sorted(given.get("register_enhancers", [])),
         ))
     return infos
 

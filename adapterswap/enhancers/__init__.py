@@ -1,0 +1,17 @@
+"""The built-in enhancers (:mod:`adapterswap.enhancer`), registered like a plugin's:
+
+- ``dcg``: FastFace's decoupled classifier-free guidance (:mod:`adapterswap.enhancers.dcg`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from adapterswap import hookimpl
+
+
+@hookimpl
+def register_enhancers(register: Callable[[type], None]) -> None:
+    from adapterswap.enhancers.dcg import DecoupledGuidance
+
+    register(DecoupledGuidance)
