@@ -113,8 +113,11 @@ def test_over_the_budget_a_line_is_fitted_from_two_step_counts() -> None:
 def test_the_key_tells_apart_scale_window_dtype_and_fast_path() -> None:
     base = latency_key(cell(scale=1.0), 4, CONTEXT)
     assert set(base) == {"backbone", "adapter", "scale", "start", "end", "steps", "batch",
-                         "height", "width", "dtype", "fast_path", "cache"}
-    assert base["batch"] == 1
+                         "height", "width", "dtype", "fast_path", "cache", "enhancer"}
+    assert base["batch"] == 1 and base["enhancer"] == "none"
+    from dataclasses import replace
+
+    assert latency_key(replace(cell(scale=1.0), enhancer="dcg"), 4, CONTEXT) != base
     assert latency_key(cell(scale=0.0), 4, CONTEXT) != base  # scale 0 skips adapter work
     assert latency_key(cell(scale=None), 4, CONTEXT) == base  # the toy adapter's default: 1
     assert latency_key(cell(adapter="none", scale=None), 4, CONTEXT)["scale"] is None

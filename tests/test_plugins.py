@@ -206,7 +206,7 @@ def test_every_hook_is_documented():
     readme = (HERE.parent / "README.md").read_text()
     specs = [n for n in dir(hookspecs) if n.startswith("register_")]
     assert specs == ["register_adapters", "register_backbones", "register_commands",
-                     "register_metrics"]
+                     "register_enhancers", "register_metrics"]
     for name in specs:
         (argument,) = inspect.signature(getattr(hookspecs, name)).parameters
         doc = getattr(hookspecs, name).__doc__ or ""

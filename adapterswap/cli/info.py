@@ -36,7 +36,7 @@ def plugins_command(as_json: bool) -> None:
         version = f" {info.version}" if info.version else ""
         click.echo(f"{info.name}{version} ({info.distribution or 'not a distribution'})")
         click.echo(f"  hooks: {', '.join(info.hooks) or '-'}")
-        for what in ("backbones", "adapters", "metrics"):
+        for what in ("backbones", "adapters", "metrics", "enhancers"):
             names = getattr(info, what)
             if names:
                 click.echo(f"  {what}: {', '.join(names)}")
@@ -85,6 +85,16 @@ def _metric_rows() -> list[dict[str, Any]]:
              "description": e.cls.description} for e in metrics().entries()]
 
 
+def _enhancer_rows() -> list[dict[str, Any]]:
+    from adapterswap.plugins import enhancers
+
+    return [{"name": e.name, "plugin": e.plugin,
+             "kinds": sorted(e.cls.kinds) if e.cls.kinds is not None else ["any"],
+             "forwards_per_step": e.cls.forwards_per_step,
+             "options": [f"{k}: {v}" for k, v in e.cls.option_docs.items()],
+             "description": e.cls.description} for e in enhancers().entries()]
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, list):
@@ -102,17 +112,18 @@ LIST_COLUMNS = {
     "backbones": ["name", "family", "default_steps", "guidance_mode", "adapters", "plugin"],
     "adapters": ["name", "kind", "families", "backbones", "plugin"],
     "metrics": ["name", "needs", "higher_is_better", "plugin"],
+    "enhancers": ["name", "kinds", "forwards_per_step", "description", "plugin"],
 }
 
 
 @click.command("list", epilog="Examples:\n\n\b\n  adapterswap list backbones\n"
                              "  adapterswap list adapters --json")
-@click.argument("what", type=click.Choice(["backbones", "adapters", "metrics"]))
+@click.argument("what", type=click.Choice(["backbones", "adapters", "metrics", "enhancers"]))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_command(what: str, as_json: bool) -> None:
-    """List registered backbones, adapters or metrics, with family compatibility."""
+    """List registered backbones, adapters, metrics or enhancers, with compatibility."""
     rows = {"backbones": _backbone_rows, "adapters": _adapter_rows,
-            "metrics": _metric_rows}[what]()
+            "metrics": _metric_rows, "enhancers": _enhancer_rows}[what]()
     warn_plugin_failures()
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -35,6 +35,10 @@ def common_sweep_options(func: Any) -> Any:
         click.option("--scale", default=None, type=float, help="Adapter conditioning scale."),
         click.option("--start", default=None, type=float, help="Adapter window start (0-1)."),
         click.option("--end", default=None, type=float, help="Adapter window end (0-1)."),
+        click.option("--enhancer", "enhancers", multiple=True, metavar="NAME[:k=v,...]",
+                     help="Enhancer acting on the adapter's steps (repeatable; 'none' "
+                          "included), e.g. --enhancer none --enhancer dcg:a=1.5,b=3 "
+                          "(see `adapterswap list enhancers`)."),
         click.option("--height", default=None, type=int),
         click.option("--width", default=None, type=int),
         click.option("--guidance-scale", default=None, type=float),
@@ -110,7 +114,8 @@ def spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_fi
                 fp8: bool | None = None, overlap: bool | None = None,
                 cache: str | None = None,
                 backbone_options: tuple[str, ...] = (), timing_repeats: int | None = None,
-                timing_budget_s: float | None = None) -> dict[str, Any]:
+                timing_budget_s: float | None = None,
+                enhancers: tuple[str, ...] = ()) -> dict[str, Any]:
     from adapterswap.sweep.spec import parse_int_list, read_prompts_file
 
     prompt_list = list(prompts)
@@ -137,7 +142,7 @@ def spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_fi
         "metric_options": parse_metric_options(metric_options) or None,
         "max_batch": max_batch,
         "compile": compile_, "attention": attention, "fp8": True if fp8 else None,
-        "overlap": overlap, "cache": cache,
+        "overlap": overlap, "cache": cache, "enhancers": list(enhancers) or None,
     }
 
 

@@ -1,6 +1,8 @@
 """The built-in enhancers (:mod:`adapterswap.enhancer`), registered like a plugin's:
 
-- ``dcg``: FastFace's decoupled classifier-free guidance (:mod:`adapterswap.enhancers.dcg`).
+- ``dcg``: FastFace's decoupled classifier-free guidance (:mod:`adapterswap.enhancers.dcg`);
+- ``attention-manipulation``: FastFace's reshaping of an IP-Adapter's image-token attention
+  (:mod:`adapterswap.kit.attention_manipulation`).
 """
 
 from __future__ import annotations
@@ -13,5 +15,7 @@ from adapterswap import hookimpl
 @hookimpl
 def register_enhancers(register: Callable[[type], None]) -> None:
     from adapterswap.enhancers.dcg import DecoupledGuidance
+    from adapterswap.kit.attention_manipulation import AttentionManipulation
 
     register(DecoupledGuidance)
+    register(AttentionManipulation)

@@ -46,6 +46,9 @@ class Cell:
     trajectory: bool = False
     probes: bool = False
     backbone_options: str = "{}"
+    #: the enhancer acting on the steps (:mod:`adapterswap.enhancer`), canonical
+    #: ``NAME[:k=v,...]``, or ``"none"``
+    enhancer: str = "none"
 
     def config(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +60,8 @@ class Cell:
         kind, dtype, metric options: :meth:`Provenance.cell_identity
         <adapterswap.sweep.provenance.Provenance.cell_identity>`)."""
         cell = self.config()
+        if cell["enhancer"] == "none":  # keys of cells made before enhancers existed
+            del cell["enhancer"]
         payload = {"cell": cell, "versions": dict(versions)}
         if identity is not None:
             # the weights' identity replaces where they were read from: the same weights
@@ -69,16 +74,17 @@ class Cell:
     def group(self) -> tuple[Any, ...]:
         """Cells that share a loaded backbone, adapter setting, reference and prompt."""
         return (self.backbone, self.adapter, self.scale, self.start, self.end, self.reference,
-                self.prompt, self.height, self.width, self.guidance_scale)
+                self.prompt, self.height, self.width, self.guidance_scale, self.enhancer)
 
-    def setting(self) -> tuple[str, float | None, float, float]:
-        """The adapter setting: name, scale, start, end."""
-        return (self.adapter, self.scale, self.start, self.end)
+    def setting(self) -> tuple[str, float | None, float, float, str]:
+        """The adapter setting: name, scale, start, end, and the enhancer acting with it."""
+        return (self.adapter, self.scale, self.start, self.end, self.enhancer)
 
 
 def expand(spec: SweepSpec) -> list[Cell]:
     """Every cell of a validated spec, in a stable order: backbones x references x adapter
-    settings x prompts x seeds x step counts."""
+    settings (each with every enhancer; adapter-off cells with none) x prompts x seeds x step
+    counts."""
     from adapterswap.plugins import get_backbone
 
     out = []
@@ -89,12 +95,14 @@ def expand(spec: SweepSpec) -> list[Cell]:
         refs = spec.references if adapter else [""]
         for ref in refs:
             for adapter_name, scale, start, end in adapter_settings(spec, adapter):
-                for prompt in spec.prompts:
-                    for seed in spec.seeds:
-                        for steps in spec.step_grid(cls):
-                            out.append(_cell(
-                                spec, cls, backbone, adapter_name, scale, start, end, ref,
-                                prompt, seed, steps))
+                enhancers = spec.enhancers if adapter_name != "none" else ["none"]
+                for enhancer in enhancers or ["none"]:
+                    for prompt in spec.prompts:
+                        for seed in spec.seeds:
+                            for steps in spec.step_grid(cls):
+                                out.append(_cell(
+                                    spec, cls, backbone, adapter_name, scale, start, end, ref,
+                                    prompt, seed, steps, enhancer))
     return out
 
 
@@ -122,7 +130,8 @@ def _source_of(spec: SweepSpec, name: str, cls: Any) -> str:
 
 
 def _cell(spec: SweepSpec, cls: Any, backbone: str, adapter: str, scale: float | None,
-          start: float, end: float, ref: str, prompt: str, seed: int, steps: int) -> Cell:
+          start: float, end: float, ref: str, prompt: str, seed: int, steps: int,
+          enhancer: str = "none") -> Cell:
     on = adapter != "none"
     tiny = spec.preset or ""
     height, width = spec.size(cls)
@@ -144,4 +153,5 @@ def _cell(spec: SweepSpec, cls: Any, backbone: str, adapter: str, scale: float |
         trajectory=spec.trajectory,
         probes=spec.probes,
         backbone_options=json.dumps(spec.options_for(backbone), sort_keys=True),
+        enhancer=enhancer,
     )

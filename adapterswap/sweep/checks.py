@@ -315,3 +315,48 @@ def read_prompts_file(path: str) -> list[str]:
     if not prompts:
         raise UsageError(f"invalid --prompts={path!r}: the file has no prompts")
     return prompts
+
+
+def check_enhancers(values: Any, adapters: Sequence[Any]) -> list[str]:
+    """The sweep's enhancers as canonical ``NAME[:k=v,...]`` strings (``"none"`` kept; the
+    default is ``["none"]``): each parsed, its options checked by its class, no repeats, and
+    each acting on every adapter class in ``adapters`` (``None``: a backbone without an
+    adapter, which only ``none`` suits)."""
+    from adapterswap.enhancer import NO_ENHANCER, parse_enhancer
+    from adapterswap.plugins import get_enhancer
+
+    if values is None:
+        return [NO_ENHANCER]
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, (list, tuple)) or not values:
+        raise InvalidArgumentError("enhancers", values, "give a list of NAME[:k=v,...]")
+    out = []
+    for value in values:
+        name, options = parse_enhancer(value, argument="--enhancer")
+        if name == NO_ENHANCER:
+            if options:
+                raise InvalidArgumentError("--enhancer", value, "'none' takes no options")
+            canonical = NO_ENHANCER
+        else:
+            enhancer = get_enhancer(name)(**options)
+            for adapter_cls in adapters:
+                enhancer.check_adapter(adapter_cls)
+            canonical = enhancer.spec()
+        if canonical in out:
+            raise InvalidArgumentError("--enhancer", value, "given twice")
+        out.append(canonical)
+    return out
+
+
+def make_enhancer(spec: str) -> Any:
+    """The :class:`~adapterswap.enhancer.Enhancer` of a cell's ``enhancer`` value; ``None``
+    for ``"none"`` and for neutral settings (the plain run)."""
+    from adapterswap.enhancer import NO_ENHANCER, parse_enhancer
+    from adapterswap.plugins import get_enhancer
+
+    if not spec or spec == NO_ENHANCER:
+        return None
+    name, options = parse_enhancer(spec)
+    enhancer = get_enhancer(name)(**options)
+    return None if enhancer.is_neutral() else enhancer

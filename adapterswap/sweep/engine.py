@@ -22,6 +22,7 @@ from importlib import metadata
 from typing import Any
 
 from adapterswap.errors import MetricUnavailableError
+from adapterswap.sweep.checks import make_enhancer
 from adapterswap.sweep.finish import CellFinisher, Sample, tensor_to_pil
 from adapterswap.sweep.latency import (
     DEFAULT_BUDGET_S,
@@ -430,7 +431,8 @@ class SweepEngine:
                                                            guidance_scale=guidance)
         reference = self.reference_for(first)
         conditioning = self.models.conditioning(adapter, backbone, first.reference)
-        return GroupInputs(prompts[first.prompt], conditioning, reference, guidance)
+        return GroupInputs(prompts[first.prompt], conditioning, reference, guidance,
+                           make_enhancer(first.enhancer))
 
 
 def run_sweep(spec: SweepSpec, *, on_cell: Callable[[Cell, str], None] | None = None,

@@ -99,7 +99,8 @@ def latency_key(cell: Cell, steps: int, context: TimingContext, *,
             "scale": effective_scale(cell) if scale is None else float(scale),
             "start": float(cell.start), "end": float(cell.end), "steps": int(steps), "batch": 1,
             "height": cell.height, "width": cell.width, "dtype": context.dtype,
-            "fast_path": context.fast_path, "cache": context.cache}
+            "fast_path": context.fast_path, "cache": context.cache,
+            "enhancer": getattr(cell, "enhancer", "none")}
 
 
 # ---------------------------------------------------------------------- pure parts
@@ -232,16 +233,18 @@ class LatencyMeter:
         if not steps:
             return
         from adapterswap.denoise import denoise
+        from adapterswap.sweep.checks import make_enhancer
 
         first = cells[0]
         encoded = conditioning()
+        enhancer = make_enhancer(first.enhancer)
 
         def run_once(n: int) -> Mapping[str, float]:
             return denoise(backbone, first.prompt, num_inference_steps=n, seeds=[first.seed],
                            height=first.height, width=first.width,
                            guidance_scale=first.guidance_scale, adapter=adapter,
                            conditioning=encoded, output_type="pil",
-                           accelerator=accelerator).timings
+                           accelerator=accelerator, enhancer=enhancer).timings
 
         warm_up = id(backbone) not in self._warm
         self._warm.add(id(backbone))

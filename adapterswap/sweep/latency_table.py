@@ -16,12 +16,12 @@ CREATE TABLE IF NOT EXISTS latency (
     height INTEGER NOT NULL, width INTEGER NOT NULL, dtype TEXT NOT NULL,
     fast_path TEXT NOT NULL, cache TEXT NOT NULL, device TEXT, total_s REAL NOT NULL,
     total_q1_s REAL, total_q3_s REAL, denoise_s REAL, repeats INTEGER NOT NULL, samples_s TEXT,
-    method TEXT NOT NULL, fit TEXT, run_id INTEGER, measured_at REAL
+    method TEXT NOT NULL, fit TEXT, run_id INTEGER, measured_at REAL, enhancer TEXT
 );
 """
 #: What a latency row is keyed on: everything that changes the time of one image.
 LATENCY_KEY = ("backbone", "adapter", "scale", "start", "end", "steps", "batch", "height",
-               "width", "dtype", "fast_path", "cache")
+               "width", "dtype", "fast_path", "cache", "enhancer")
 LATENCY_COLUMNS = (*LATENCY_KEY, "device", "total_s", "total_q1_s", "total_q3_s", "denoise_s",
                    "repeats", "samples_s", "method", "fit", "run_id", "measured_at")
 
@@ -37,8 +37,25 @@ def latency_key(row: Mapping[str, Any]) -> str:
             value = str(value or "")
         elif name in ("scale", "start", "end") and value is not None:
             value = float(value)
+        elif name == "enhancer":
+            if value in (None, "", "none"):
+                continue  # the key of rows timed before enhancers existed
+            value = str(value)
         values[name] = value
     return json.dumps(values, sort_keys=True)
+
+
+def migrate_latency(db: Any) -> None:
+    """Bring a store's latency table to this schema: an old table keyed on less than today's
+    is kept aside unread (``latency_v1``); the ``enhancer`` column is added where missing."""
+    latency = {r[1] for r in db.execute("PRAGMA table_info(latency)")}
+    if latency and "key" not in latency:
+        db.execute("DROP TABLE IF EXISTS latency_v1")
+        db.execute("ALTER TABLE latency RENAME TO latency_v1")
+        latency = set()
+    db.executescript(LATENCY_SCHEMA)
+    if latency and "enhancer" not in latency:
+        db.execute("ALTER TABLE latency ADD COLUMN enhancer TEXT")
 
 
 def legacy_latency(backbone: str, adapter: str, steps: int, height: int, width: int,

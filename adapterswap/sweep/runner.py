@@ -14,7 +14,8 @@ runner calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,8 @@ class GroupInputs:
     conditioning: TensorBundle | None
     reference: Any
     guidance: float | None
+    #: the group's :class:`~adapterswap.enhancer.Enhancer` (``None``: none, or neutral)
+    enhancer: Any = None
 
 
 class ChunkRunner:
@@ -82,6 +85,9 @@ class ChunkRunner:
         #: cells run with a confound, per flag
         self.confounds: dict[str, int] = {}
         self._schedule_facts: dict[Any, dict[str, Any]] = {}
+        #: denoiser forwards per image of the last computed step (rows whose first step was
+        #: another row's count what it took)
+        self._tick_forwards = 0
 
     def run_group(self, backbone: Any, adapter: Any, items: Sequence[tuple[Cell, str]],
                   inputs: GroupInputs, *, step_parallel: bool,
@@ -151,7 +157,7 @@ class ChunkRunner:
             flags += window_confounds(adapter, sample.steps)
         sample.extra.update(timesteps=facts["timesteps"], sigmas=facts["sigmas"],
                             start_noise=facts["start_noise"], adapter_active_steps=active,
-                            confounds=flags)
+                            confounds=flags, enhancer=sample.cell.enhancer, forwards=0)
         for flag in flags:
             self.confounds[flag] = self.confounds.get(flag, 0) + 1
 
@@ -184,9 +190,10 @@ class ChunkRunner:
                                               if s.cell.trajectory}
         probes: dict[int, Probes] = {j: [] for j in range(len(chunk))}
         recorder = self._install_probes(backbone, adapter) if first.probes else None
-        # not with probes (they record every row) nor a block cache (its stored residuals
-        # follow the batch)
-        plan = None if recorder is not None or hooks.block_cache is not None else \
+        # not with probes (they record every row), a block cache (its stored residuals
+        # follow the batch) or an enhancer (its first step may depend on the step count)
+        plan = None if recorder is not None or hooks.block_cache is not None \
+            or inputs.enhancer is not None else \
             self._first_step_plan(backbone, adapter, chunk, schedules, first_outputs)
         if plan is not None:
             self.shared_first_steps += plan.shared
@@ -194,7 +201,10 @@ class ChunkRunner:
         done = failed = 0
         tick = 0
         hooks.begin_run()
-        with hooks.step_context():
+        enhancer = inputs.enhancer
+        if enhancer is not None:
+            enhancer.attach(backbone, adapter)
+        with hooks.step_context(), _detaching(enhancer):
             while active:
                 steps_of = [chunk[j].steps for j in active]
                 # rows the forward computes: at step 0 only those whose output is not known yet
@@ -205,8 +215,12 @@ class ChunkRunner:
                 if rows:
                     row_conditioning = None if conditioning is None else \
                         conditioning.select([active[r] for r in rows])
-                    output = self._forward(backbone, adapter, current, rows, steps_of, tick,
-                                           schedules, inputs, h, w, hooks, row_conditioning)
+                    output, forwards = self._forward(backbone, adapter, current, rows,
+                                                     steps_of, tick, schedules, inputs, h, w,
+                                                     hooks, row_conditioning)
+                    self._tick_forwards = forwards
+                for j in active:  # what each image needed (also where a row's was shared)
+                    chunk[j].extra["forwards"] += self._tick_forwards
                 if tick == 0 and plan:
                     output = self._first_step_outputs(output, plan, first_outputs)
                 if recorder is not None:
@@ -245,11 +259,14 @@ class ChunkRunner:
     def _forward(self, backbone: Any, adapter: Any, current: Any, rows: list[int],
                  steps_of: list[int], tick: int, schedules: dict[int, Any],
                  inputs: GroupInputs, h: int, w: int, hooks: Any = EAGER,
-                 conditioning: TensorBundle | None = None) -> Any:
-        """One timed adapter + denoiser forward of ``rows`` of the active batch ``current``;
-        ``conditioning``: these rows' own conditioning (with the adapter's per-row draws),
-        else the group's, repeated."""
+                 conditioning: TensorBundle | None = None) -> tuple[Any, int]:
+        """One timed step prediction of ``rows`` of the active batch ``current`` (the adapter,
+        the denoiser, and the group's enhancer's extra forwards), and the denoiser forwards
+        per image it took; ``conditioning``: these rows' own conditioning (with the adapter's
+        per-row draws), else the group's, repeated."""
         import torch
+
+        from adapterswap.enhancer import predict_step
 
         forward_steps = [steps_of[r] for r in rows]
         timesteps = torch.stack([schedules[n].timesteps[tick] for n in forward_steps])
@@ -261,18 +278,15 @@ class ChunkRunner:
         batch = current if len(rows) == len(steps_of) else \
             current.index_select(0, device_tensor(rows, current.device))
         batch_prompt = inputs.prompt.repeat(len(rows))
-        adapter_inputs = None
         timer = self.forward_timer.start()
         hooks.begin_step()
-        if adapter is not None and inputs.conditioning is not None:
-            if conditioning is None:
-                conditioning = inputs.conditioning.repeat(len(rows))
-            adapter_inputs = adapter.denoiser_inputs(backbone, conditioning, batch, ctx,
-                                                     batch_prompt)
-        output = backbone.predict(batch, ctx, batch_prompt, guidance_scale=inputs.guidance,
-                                  adapter_inputs=adapter_inputs)
+        if adapter is not None and inputs.conditioning is not None and conditioning is None:
+            conditioning = inputs.conditioning.repeat(len(rows))
+        output, forwards = predict_step(
+            backbone, adapter, conditioning if adapter is not None else None, batch, ctx,
+            batch_prompt, inputs.guidance, inputs.enhancer)
         self.forward_timer.stop(timer)
-        return output
+        return output, forwards
 
     # ------------------------------------------------------------------ shared first step
     def _first_step_plan(self, backbone: Any, adapter: Any, chunk: list[Sample],
@@ -338,3 +352,13 @@ class ChunkRunner:
         for part in (backbone, adapter):
             if part is not None and part.supports_probes:
                 part.set_probe(None)
+
+
+@contextlib.contextmanager
+def _detaching(enhancer: Any) -> Iterator[None]:
+    """Detach ``enhancer`` (if any) when a chunk's steps end, also on an error."""
+    try:
+        yield
+    finally:
+        if enhancer is not None:
+            enhancer.detach()

@@ -37,6 +37,7 @@ from adapterswap.sweep.checks import (  # noqa: F401 - re-exported: callers impo
     _str_list,
     check_device,
     check_dtype,
+    check_enhancers,
     check_guidance,
     check_output_dir,
     check_output_file,
@@ -148,6 +149,7 @@ class SweepSpec:
     scales: list[float] = field(default_factory=list)
     windows: list[list[float]] = field(default_factory=list)
     adapter_off: bool = False
+    enhancers: list[str] | None = None  # NAME[:k=v,...] each (adapterswap.enhancer); "none"
     trajectory: bool = False
     probes: bool = False
     step_parallel: bool | None = None
@@ -305,9 +307,10 @@ class SweepSpec:
             check_seed("seeds", seed)
         _no_repeats("seeds", self.seeds, "seed")
         self.steps = _int_list("steps", self.steps, minimum=1)
-        # what the adapters' options ask where the spec is silent
-        apply_to_spec(self, [(cls, get_adapter(self.adapter_for(cls)) if self.adapter_for(cls)
-                               else None) for cls in classes])
+        pairs = [(cls, get_adapter(self.adapter_for(cls)) if self.adapter_for(cls) else None)
+                 for cls in classes]
+        apply_to_spec(self, pairs)  # what the adapters' options ask where the spec is silent
+        self.enhancers = check_enhancers(self.enhancers, [a for _, a in pairs])
         for cls in classes:
             check_steps("steps", self.step_grid(cls), cls)
             check_size(cls, self.height, self.width, default=self.size(cls))

@@ -34,6 +34,7 @@ from adapterswap.sweep.latency_table import (  # noqa: F401 - LATENCY_KEY is re-
     finite_or_none,
     latency_key,
     legacy_latency,
+    migrate_latency,
 )
 
 SCHEMA = """
@@ -92,7 +93,7 @@ def one_invocation() -> Iterator[str]:
 #: Columns added to ``cells`` since the first schema (old stores gain them on open).
 CELL_EXTRA_COLUMNS = {"run_id": "INTEGER", "timesteps": "TEXT", "sigmas": "TEXT",
                       "start_noise": "REAL", "adapter_active_steps": "INTEGER",
-                      "confounds": "TEXT"}
+                      "confounds": "TEXT", "enhancer": "TEXT", "forwards": "INTEGER"}
 #: ``extra`` values stored as JSON text.
 _JSON_EXTRA = ("timesteps", "sigmas", "confounds")
 
@@ -143,11 +144,7 @@ class RunStore:
         runs = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
         if "invocation" not in runs:
             self.db.execute("ALTER TABLE runs ADD COLUMN invocation TEXT")
-        latency = {r[1] for r in self.db.execute("PRAGMA table_info(latency)")}
-        if latency and "key" not in latency:
-            self.db.execute("DROP TABLE IF EXISTS latency_v1")
-            self.db.execute("ALTER TABLE latency RENAME TO latency_v1")
-        self.db.executescript(LATENCY_SCHEMA)
+        migrate_latency(self.db)
 
     # ------------------------------------------------------------------ locking
     def _acquire_lock(self) -> None:
