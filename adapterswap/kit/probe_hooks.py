@@ -60,7 +60,10 @@ class ProbeHooks:
                 text_out = F.scaled_dot_product_attention(
                     query, split(attn.to_k(text)), split(attn.to_v(text)))
                 image = images[0]
-                image_out = F.scaled_dot_product_attention(
+                # the image branch as the processor computes it (an attention-manipulation
+                # enhancer's processor reshapes its weights: kit.attention_manipulation)
+                attend = getattr(processor, "image_attention", F.scaled_dot_product_attention)
+                image_out = attend(
                     query, split(processor.to_k_ip[0](image)), split(processor.to_v_ip[0](image)))
                 record(block, relative_norm(scale * image_out, text_out))
 
