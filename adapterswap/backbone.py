@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterswap.backbone_checks import (
     GUIDANCE_MODES,
+    BackboneWeights,
     check_generation,
     check_guidance,
     checked_options,
@@ -40,7 +41,7 @@ from adapterswap.backbone_checks import (
 )
 from adapterswap.devices import default_device, default_dtype, parse_dtype
 from adapterswap.errors import UsageError, WeightsNotFoundError
-from adapterswap.hub import WeightsStatus, resolve_source, weights_status
+from adapterswap.hub import resolve_source
 from adapterswap.probes import Probed
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["GUIDANCE_MODES", "Backbone", "default_device", "default_dtype", "parse_dtype"]
 
 
-class Backbone(Probed, ABC):
+class Backbone(BackboneWeights, Probed, ABC):
     """A diffusion model variant (``flux-dev``, ``flux-schnell``, ``sdxl``, ``sd15`` ...).
 
     Class attributes (set them in your subclass):
@@ -261,28 +262,12 @@ class Backbone(Probed, ABC):
         """Drop the pipeline so its memory can be freed."""
         self.pipe = None
 
-    @classmethod
-    def weights_status(cls, source: str | None = None) -> WeightsStatus:
-        """Whether the weights are present locally (path or HF cache), without network."""
-        from adapterswap.config import configured_source
-
-        source = source or configured_source(cls.name) or cls.default_source
-        return weights_status(source, cls.required_files)
-
     def null_prompt(self, prompt: TensorBundle) -> TensorBundle:
-        """The encoding of no text in the layout of ``prompt``, one row per row: what the
-        backbone's classifier-free guidance uses as its unconditional input. Default: the
-        empty prompt encoded (diffusers' unconditional input for SD 1.5 and FLUX's true
-        CFG); a backbone whose pipeline uses something else (SDXL's zeros) overrides it."""
+        """The encoding of no text, one row per row of ``prompt``: the unconditional input of
+        the backbone's classifier-free guidance. Default: the empty prompt encoded (as
+        diffusers for SD 1.5); a pipeline that uses something else overrides it."""
         encoded = self.encode_prompt([""])
         return encoded.repeat(prompt.batch_size) if prompt.batch_size > 1 else encoded
-
-    @classmethod
-    def extra_weights(cls, options: Mapping[str, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
-        """Weights the backbone reads besides its source, by label: ``{"lora": (where,
-        (file,))}`` for a distilled LoRA or UNet file, so that provenance identifies them
-        (a new LoRA at the same repo id is another cell); default none."""
-        return {}
 
     @property
     def execution_device(self) -> Any:

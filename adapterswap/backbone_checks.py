@@ -113,3 +113,28 @@ def check_generation(backbone: Any, *, num_inference_steps: Any, height: Any, wi
             "height", height, f"{height} x {width} is {height * width / 1e6:.1f} MP; "
             f"backbone {backbone.name!r} makes images of at most "
             f"{backbone.max_pixels / 1e6:.1f} MP (max_pixels)")
+
+
+class BackboneWeights:
+    """The class-level questions about a backbone's weights (a base of
+    :class:`~adapterswap.backbone.Backbone`), answered without loading anything."""
+
+    name: str
+    default_source: str
+    required_files: tuple[str, ...]
+
+    @classmethod
+    def weights_status(cls, source: str | None = None) -> Any:
+        """Whether the weights are present locally (path or HF cache), without network."""
+        from adapterswap.config import configured_source
+        from adapterswap.hub import weights_status
+
+        source = source or configured_source(cls.name) or cls.default_source
+        return weights_status(source, cls.required_files)
+
+    @classmethod
+    def extra_weights(cls, options: Mapping[str, Any]) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """Weights the backbone reads besides its source, by label: ``{"lora": (where,
+        (file,))}`` for a distilled LoRA or UNet file, so that provenance identifies them
+        (a new LoRA at the same repo id is another cell); default none."""
+        return {}

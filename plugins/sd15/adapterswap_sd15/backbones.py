@@ -219,13 +219,26 @@ class SD15LCMBackbone(SD15Backbone):
                   "pytorch_lora_weights.safetensors`, OpenRAIL++), or local copies.")
     description = "LCM-LoRA on Stable Diffusion 1.5 (4 LCM steps, guidance off)"
 
+    @classmethod
+    def extra_weights(cls, options: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """The LCM-LoRA file (none when ``lora`` is ``None``: the source is LCM-distilled),
+        for provenance: nothing loads."""
+        from adapterswap.kit.lora import weights_entry
+
+        backbone = cls(device="cpu", **cls.check_options(options))
+        return weights_entry(backbone.options.get("lora", LCM_LORA), backbone.lora_filename())
+
+    def lora_filename(self) -> str:
+        """The LoRA file name inside ``lora`` (the ``lora_file`` option, else the default)."""
+        return str(self.options.get("lora_file") or LCM_LORA_FILE)
+
     def lora_location(self) -> tuple[str, str, bool] | None:
         """``(directory or repo id, file name, local_files_only)`` of the LCM-LoRA, or
         ``None`` without one; :class:`WeightsNotFoundError` names what is missing."""
         from adapterswap.kit.lora import lora_location
 
-        return lora_location(self.options.get("lora", LCM_LORA), default_file=LCM_LORA_FILE,
-                             filename=self.options.get("lora_file"),
+        return lora_location(self.options.get("lora", LCM_LORA),
+                             default_file=self.lora_filename(),
                              what=f"backbone {self.name!r} LCM-LoRA", how_to_get=self.how_to_get)
 
     def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:

@@ -4,7 +4,7 @@
   ``Hyper-SD15-8steps-lora.safetensors`` by default; the 4- and 2-step files too) fused into
   SD 1.5; DDIM with "trailing" timesteps (the card:
   ``DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")``), no
-  guidance, 8 steps.
+  guidance, 8 steps (4 with the 4-step file).
 
 It runs ``StableDiffusionPipeline``'s steps one at a time (:class:`SD15Backbone`); the parity
 test holds :func:`adapterswap.denoise.denoise` to the card's own pipeline call. The safety
@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from adapterswap.errors import InvalidArgumentError
 from adapterswap.kit.tiny import build_once
 from adapterswap.kit.unet_backbone import UNetBackbone
 from adapterswap_sd15.backbones import SD15Backbone, tiny_sd15_dir
@@ -23,6 +24,8 @@ from adapterswap_sd15.backbones import SD15Backbone, tiny_sd15_dir
 HYPER_SD = "ByteDance/Hyper-SD"
 HYPER_SD15_8STEP = "Hyper-SD15-8steps-lora.safetensors"
 HYPER_SD15_4STEP = "Hyper-SD15-4steps-lora.safetensors"
+#: Hyper-SD15 LoRA files in ByteDance/Hyper-SD, by the step count they were distilled for.
+HYPER_SD15_FILES: dict[int, str] = {8: HYPER_SD15_8STEP, 4: HYPER_SD15_4STEP}
 
 
 class SD15HyperBackbone(SD15Backbone):
@@ -31,11 +34,15 @@ class SD15HyperBackbone(SD15Backbone):
 
     ``source`` is the SD 1.5 pipeline. Options: ``lora`` (a Hub repo id, a local directory,
     the ``.safetensors`` file itself, or ``None`` when ``source`` has it fused already;
-    default ``ByteDance/Hyper-SD``), ``lora_file`` (default
-    ``Hyper-SD15-8steps-lora.safetensors``; ``Hyper-SD15-4steps-lora.safetensors`` is meant for
-    4 steps, the 2-step file for 2), ``variant``, ``timestep_spacing`` (default "trailing",
-    the card's). The 1-step "unified" LoRA is meant for ``TCDScheduler`` and is not this
-    recipe. The LoRA is fused into the UNet and its layers removed.
+    default ``ByteDance/Hyper-SD``), ``lora_steps`` (8 or 4: the file distilled for that many
+    steps, and this instance's default step count), ``lora_file`` (any other file name; not
+    both; default ``Hyper-SD15-8steps-lora.safetensors``; the 2-step file loads too, with
+    its 2 steps passed by the caller), ``variant``, ``timestep_spacing`` (default
+    "trailing", the card's). An instance whose LoRA file is one of :data:`HYPER_SD15_FILES`
+    (by ``lora_steps``, ``lora_file`` or the name of the file ``lora`` gives) runs at that
+    file's step count by default, as the card does; a sweep keeps the class's grid up to 8
+    steps (pass ``--steps``). The 1-step "unified" LoRA is meant for ``TCDScheduler`` and is
+    not this recipe. The LoRA is fused into the UNet and its layers removed.
     """
 
     name = "sd15-hyper"
@@ -46,8 +53,10 @@ class SD15HyperBackbone(SD15Backbone):
         "lora": "where the Hyper-SD LoRA comes from: a Hub repo id, a local directory, the "
                 ".safetensors file, or None when the source has it fused (default "
                 "ByteDance/Hyper-SD)",
-        "lora_file": f"the LoRA file inside it: {HYPER_SD15_8STEP} (default, 8 steps) or "
-                     f"{HYPER_SD15_4STEP} (4 steps)",
+        "lora_steps": "8 or 4: the Hyper-SD15 file distilled for that many steps, and this "
+                      "instance's default step count (default 8)",
+        "lora_file": f"the LoRA file inside it (default {HYPER_SD15_8STEP}; "
+                     f"{HYPER_SD15_4STEP} runs at 4 steps by default)",
         **SD15Backbone.option_docs,
     }
     how_to_get = ("Needs SD 1.5 (`hf download stable-diffusion-v1-5/stable-diffusion-v1-5`, "
@@ -55,13 +64,36 @@ class SD15HyperBackbone(SD15Backbone):
                   f"{HYPER_SD15_8STEP}` or the 4-step file, OpenRAIL++), or local copies.")
     description = "Hyper-SD 8-step (or 4-step) LoRA on Stable Diffusion 1.5 (trailing DDIM)"
 
+    def __init__(self, source: str | None = None, *, device: str | None = None,
+                 dtype: Any = None, **options: Any) -> None:
+        super().__init__(source, device=device, dtype=dtype, **options)
+        self.default_steps = hyper_lora_steps(self.options, HYPER_SD15_FILES,
+                                              type(self).default_steps)
+
+    @classmethod
+    def extra_weights(cls, options: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """The Hyper-SD LoRA file (none when ``lora`` is ``None``: the source has it fused),
+        for provenance: nothing loads."""
+        from adapterswap.kit.lora import weights_entry
+
+        backbone = cls(device="cpu", **cls.check_options(options))
+        return weights_entry(backbone.options.get("lora", HYPER_SD), backbone.lora_filename())
+
+    def lora_filename(self) -> str:
+        """The LoRA file name inside ``lora``: the one ``lora_steps`` picks, the
+        ``lora_file`` option, else the 8-step file."""
+        steps = self.options.get("lora_steps")
+        if steps is not None:
+            return HYPER_SD15_FILES[steps]
+        return str(self.options.get("lora_file") or HYPER_SD15_8STEP)
+
     def lora_location(self) -> tuple[str, str, bool] | None:
         """``(directory or repo id, file name, local_files_only)`` of the Hyper-SD LoRA, or
         ``None`` without one; :class:`WeightsNotFoundError` names what is missing."""
         from adapterswap.kit.lora import lora_location
 
-        return lora_location(self.options.get("lora", HYPER_SD), default_file=HYPER_SD15_8STEP,
-                             filename=self.options.get("lora_file"),
+        return lora_location(self.options.get("lora", HYPER_SD),
+                             default_file=self.lora_filename(),
                              what=f"backbone {self.name!r} Hyper-SD LoRA",
                              how_to_get=self.how_to_get)
 
@@ -76,9 +108,23 @@ class SD15HyperBackbone(SD15Backbone):
         return pipe
 
     @classmethod
+    def check_options(cls, options: Any) -> dict[str, Any]:
+        """The options checked one by one, and ``lora_steps`` refused beside ``lora_file``
+        (each picks a file), so a sweep's spec fails before anything loads."""
+        options = super().check_options(options)
+        if options.get("lora_steps") is not None and options.get("lora_file"):
+            raise InvalidArgumentError(
+                "lora_steps", options["lora_steps"],
+                f"give lora_steps or lora_file={options['lora_file']!r}, not both")
+        return options
+
+    @classmethod
     def check_option(cls, name: str, value: Any) -> Any:
         from adapterswap.kit.lora import check_lora_option
 
+        if name == "lora_steps" and (isinstance(value, bool) or value not in HYPER_SD15_FILES):
+            raise InvalidArgumentError(
+                name, value, f"choose one of {', '.join(map(str, HYPER_SD15_FILES))}")
         check_lora_option(name, value)
         return super().check_option(name, value)
 
@@ -118,3 +164,20 @@ class SD15HyperBackbone(SD15Backbone):
         backbone = cls(str(base), device="cpu", dtype="fp32", **options).load()
         backbone.default_height, backbone.default_width = cls.tiny_size
         return backbone
+
+
+def hyper_lora_steps(options: dict[str, Any], files: dict[int, str], default: int) -> int:
+    """The step count a Hyper-SD instance runs at by default, from its checked ``options``:
+    ``lora_steps``; else the count of the file it loads where ``files`` (step count ->
+    published file name) names it, by ``lora_file`` or by the name of the file ``lora``
+    gives; else ``default`` (the card runs each file at its own step count).
+    (``adapterswap_sdxl.distilled`` has the same rule; the plugins share no code.)"""
+    steps = options.get("lora_steps")
+    if steps is not None:
+        return int(steps)
+    lora = options.get("lora")
+    named = options.get("lora_file")
+    if lora is not None and Path(str(lora)).expanduser().is_file():
+        named = Path(str(lora)).name  # the file itself: lora_file is not read
+    by_file = {filename: count for count, filename in files.items()}
+    return by_file.get(str(named), default) if named else default

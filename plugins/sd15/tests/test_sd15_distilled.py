@@ -71,11 +71,40 @@ def test_hyper_lora_files_differ(hyper):
     assert np.abs(images(hyper, 2) - images(four, 2)).max() > 1e-3
 
 
+def test_hyper_lora_steps_picks_the_4_step_file_and_runs_4_steps(hyper, tmp_path):
+    """``lora_steps=4`` loads the 4-step file and makes 4 this instance's default step count,
+    as the card runs it; naming the 4-step file (by ``lora_file`` or as ``lora``) does the
+    same; the class keeps 8 for every other instance."""
+    import shutil
+    from pathlib import Path
+
+    lora = hyper.options["lora"]
+    four = SD15HyperBackbone.tiny(0, lora_steps=4)
+    assert four.lora_filename() == HYPER_SD15_4STEP
+    assert four.default_steps == 4 and SD15HyperBackbone.default_steps == 8
+    assert hyper.default_steps == 8
+    assert denoise(four, PROMPT, seeds=[0], output_type="np").forwards == 4
+    by_name = SD15HyperBackbone.tiny(0, lora_file=HYPER_SD15_4STEP)
+    assert by_name.default_steps == 4
+    for key, value in four.pipe.unet.state_dict().items():
+        assert torch.equal(by_name.pipe.unet.state_dict()[key], value), key
+    assert np.abs(images(hyper, 2) - images(four, 2)).max() > 1e-3
+    shutil.copy(Path(lora) / HYPER_SD15_4STEP, tmp_path / HYPER_SD15_4STEP)
+    assert SD15HyperBackbone(lora=str(tmp_path / HYPER_SD15_4STEP)).default_steps == 4
+    assert SD15HyperBackbone(lora_steps=8).default_steps == 8
+    assert SD15HyperBackbone(lora_file="my-hyper.safetensors").default_steps == 8
+    assert SD15HyperBackbone(lora=None, lora_steps=4).default_steps == 4  # a fused 4-step model
+
+
 @pytest.mark.parametrize("options, message", [
     ({"lora_file": 8}, r"invalid lora_file=8: must be a file name"),
     ({"lora": 3.5}, r"invalid lora=3.5: must be a path, a repo id or None"),
     ({"timestep_spacing": "sideways"}, r"invalid timestep_spacing='sideways'"),
     ({"eta": 0.3}, r"unknown option 'eta' of backbone 'sd15-hyper'"),
+    ({"lora_steps": 2}, r"invalid lora_steps=2: choose one of 8, 4"),
+    ({"lora_steps": True}, r"invalid lora_steps=True"),
+    ({"lora_steps": 4, "lora_file": "x.safetensors"},
+     r"invalid lora_steps=4: give lora_steps or lora_file='x.safetensors', not both"),
 ])
 def test_bad_options_are_one_line_naming_option_and_value(options, message):
     with pytest.raises(InvalidArgumentError, match=message) as info:

@@ -136,6 +136,31 @@ class SDXLBackbone(UNetBackbone):
             "negative_pooled_prompt_embeds": negative_pooled if cfg else None,
         })
 
+    def null_prompt(self, prompt: TensorBundle) -> TensorBundle:
+        """The unconditional input ``StableDiffusionXLPipeline.encode_prompt`` makes for
+        ``prompt`` without a negative prompt, one row per row: zeros where the pipeline's
+        ``force_zeros_for_empty_prompt`` is set (SDXL base's config), else the empty prompt
+        encoded. Asked of the pipeline itself with the bundle's embeddings, so the prompt is not
+        encoded again. The negative rows, where ``prompt`` has them, are the same."""
+        import torch
+
+        from adapterswap.denoise import TensorBundle
+
+        self.require_loaded()
+        with torch.no_grad():
+            _, null, _, null_pooled = self.pipe.encode_prompt(
+                prompt=None, device=self.device, num_images_per_prompt=1,
+                do_classifier_free_guidance=True, negative_prompt=None,
+                prompt_embeds=prompt["prompt_embeds"],
+                pooled_prompt_embeds=prompt["pooled_prompt_embeds"])
+        guided = prompt.get("negative_prompt_embeds") is not None
+        return TensorBundle({
+            "prompt_embeds": null,
+            "pooled_prompt_embeds": null_pooled,
+            "negative_prompt_embeds": null if guided else None,
+            "negative_pooled_prompt_embeds": null_pooled if guided else None,
+        }, dict(prompt.shared))
+
     def _time_ids(self, height: int, width: int, dtype: Any) -> torch.Tensor:
         """SDXL's micro-conditioning: original size, crop (0, 0), target size (1, 6); made
         once per size (a host-to-device copy every step would synchronise the loop)."""
@@ -228,6 +253,16 @@ class SDXLLightningBackbone(SDXLBackbone):
     #: options override them); a subclass with another UNet file sets its own.
     unet_repo = LIGHTNING_REPO
     unet_filename = LIGHTNING_UNET
+
+    @classmethod
+    def extra_weights(cls, options: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """The distilled UNet file (the ``unet`` and ``unet_file`` options), for provenance:
+        nothing loads."""
+        from adapterswap.kit.lora import weights_entry
+
+        options = cls.check_options(options)
+        return weights_entry(options.get("unet") or cls.unet_repo,
+                             str(options.get("unet_file") or cls.unet_filename), label="unet")
 
     def unet_file(self) -> str:
         """Local path of the distilled UNet file (from a path, a directory, or the HF cache /

@@ -5,7 +5,8 @@
   "trailing" timesteps. 1 step by default (the card: 1-4), 512 x 512 px.
 * ``sdxl-hyper``: a Hyper-SD LoRA (``ByteDance/Hyper-SD``, ``Hyper-SDXL-8steps-lora.safetensors``
   or ``Hyper-SDXL-4steps-lora.safetensors``) fused into SDXL base; DDIM with "trailing"
-  timesteps (the card: ``DDIMScheduler.from_config(config, timestep_spacing="trailing")``).
+  timesteps (the card: ``DDIMScheduler.from_config(config, timestep_spacing="trailing")``),
+  8 or 4 steps as the file was distilled for.
 * ``sdxl-dmd2``: DMD2's 4-step UNet (``tianweiy/DMD2``, ``dmd2_sdxl_4step_unet_fp16.bin``, a
   pickled state dict read with ``torch.load(weights_only=True)``) in the SDXL-base pipeline;
   ``LCMScheduler`` with the card's timesteps [999, 749, 499, 249] (:func:`dmd2_timesteps`).
@@ -35,6 +36,8 @@ SDXL_TURBO = "stabilityai/sdxl-turbo"
 HYPER_SD = "ByteDance/Hyper-SD"
 HYPER_SDXL_8STEP = "Hyper-SDXL-8steps-lora.safetensors"
 HYPER_SDXL_4STEP = "Hyper-SDXL-4steps-lora.safetensors"
+#: Hyper-SDXL LoRA files in ByteDance/Hyper-SD, by the step count they were distilled for.
+HYPER_SDXL_FILES: dict[int, str] = {8: HYPER_SDXL_8STEP, 4: HYPER_SDXL_4STEP}
 DMD2 = "tianweiy/DMD2"
 DMD2_UNET = "dmd2_sdxl_4step_unet_fp16.bin"
 TCD_SDXL = "h1t/TCD-SDXL-LoRA"
@@ -112,7 +115,7 @@ def save_tiny_turbo_pipeline(path: Path, seed: int) -> Path:
 # ------------------------------------------------------------------------ LoRAs on SDXL base
 class SDXLLoRABackbone(SDXLBackbone):
     """SDXL base with a distilled LoRA fused into its UNet (:mod:`adapterswap.kit.lora`);
-    a subclass names the LoRA (:attr:`lora_repo`, :attr:`lora_filename`) and sets the card's
+    a subclass names the LoRA (:attr:`lora_repo`, :attr:`lora_file`) and sets the card's
     scheduler in :meth:`configure_pipeline`.
 
     ``source`` is the SDXL-base pipeline. Options: ``lora`` (a Hub repo id, a local directory,
@@ -124,9 +127,23 @@ class SDXLLoRABackbone(SDXLBackbone):
     default_guidance_scale = None
     #: Where the LoRA comes from by default, and its file name there.
     lora_repo: ClassVar[str]
-    lora_filename: ClassVar[str]
+    lora_file: ClassVar[str]
     #: Files the tiny preset writes into its LoRA directory (the published names).
     tiny_lora_files: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def extra_weights(cls, options: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """The LoRA file (none when ``lora`` is ``None``: the source has it fused), for
+        provenance: nothing loads."""
+        from adapterswap.kit.lora import weights_entry
+
+        backbone = cls(device="cpu", **cls.check_options(options))
+        return weights_entry(backbone.options.get("lora", cls.lora_repo),
+                             backbone.lora_filename())
+
+    def lora_filename(self) -> str:
+        """The LoRA file name inside ``lora`` (the ``lora_file`` option, else the default)."""
+        return str(self.options.get("lora_file") or type(self).lora_file)
 
     def lora_location(self) -> tuple[str, str, bool] | None:
         """``(directory or repo id, file name, local_files_only)`` of the LoRA, or ``None``
@@ -134,8 +151,7 @@ class SDXLLoRABackbone(SDXLBackbone):
         from adapterswap.kit.lora import lora_location
 
         return lora_location(self.options.get("lora", self.lora_repo),
-                             default_file=self.lora_filename,
-                             filename=self.options.get("lora_file"),
+                             default_file=self.lora_filename(),
                              what=f"backbone {self.name!r} LoRA", how_to_get=self.how_to_get)
 
     def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
@@ -186,28 +202,61 @@ class SDXLHyperBackbone(SDXLLoRABackbone):
     """Hyper-SD (Ren et al., arXiv 2404.13686) N-step LoRA on SDXL base: DDIM with
     "trailing" timesteps, no guidance, 8 steps with the default 8-step LoRA.
 
-    Options: ``lora`` (default ``ByteDance/Hyper-SD``), ``lora_file`` (default
-    ``Hyper-SDXL-8steps-lora.safetensors``; ``Hyper-SDXL-4steps-lora.safetensors`` is meant
-    for 4 steps, the 2-step file for 2), ``variant``, ``timestep_spacing`` (default
-    "trailing", the card's).
+    Options: ``lora`` (default ``ByteDance/Hyper-SD``), ``lora_steps`` (8 or 4: the file
+    distilled for that many steps, and this instance's default step count), ``lora_file``
+    (any other file name; not both; default ``Hyper-SDXL-8steps-lora.safetensors``),
+    ``variant``, ``timestep_spacing`` (default "trailing", the card's). An instance whose LoRA
+    file is one of :data:`HYPER_SDXL_FILES` (by ``lora_steps``, ``lora_file`` or the name of
+    the file ``lora`` gives) runs at that file's step count by default, as the card does; a
+    sweep keeps the class's grid up to 8 steps (pass ``--steps``).
     """
 
     name = "sdxl-hyper"
     default_steps = 8
     lora_repo = HYPER_SD
-    lora_filename = HYPER_SDXL_8STEP
+    lora_file = HYPER_SDXL_8STEP
     tiny_lora_files = (HYPER_SDXL_8STEP, HYPER_SDXL_4STEP)
     option_docs = {
         "lora": "where the Hyper-SD LoRA comes from: a Hub repo id, a local directory, the "
                 ".safetensors file, or None when the source has it fused (default "
                 "ByteDance/Hyper-SD)",
-        "lora_file": f"the LoRA file inside it: {HYPER_SDXL_8STEP} (default, 8 steps) or "
-                     f"{HYPER_SDXL_4STEP} (4 steps)",
+        "lora_steps": "8 or 4: the Hyper-SDXL file distilled for that many steps, and this "
+                      "instance's default step count (default 8)",
+        "lora_file": f"the LoRA file inside it (default {HYPER_SDXL_8STEP}; "
+                     f"{HYPER_SDXL_4STEP} runs at 4 steps by default)",
         **SDXLBackbone.option_docs,
     }
     how_to_get = (f"{_BASE_HOW_TO_GET} and the Hyper-SD LoRA (`hf download {HYPER_SD} "
                   f"{HYPER_SDXL_8STEP}` or the 4-step file, OpenRAIL++), or local copies.")
     description = "Hyper-SD 8-step (or 4-step) LoRA on SDXL base (trailing DDIM, no guidance)"
+
+    def __init__(self, source: str | None = None, *, device: str | None = None,
+                 dtype: Any = None, **options: Any) -> None:
+        super().__init__(source, device=device, dtype=dtype, **options)
+        self.default_steps = hyper_lora_steps(self.options, HYPER_SDXL_FILES,
+                                              type(self).default_steps)
+
+    @classmethod
+    def check_options(cls, options: Any) -> dict[str, Any]:
+        """The options checked one by one, and ``lora_steps`` refused beside ``lora_file``
+        (each picks a file), so a sweep's spec fails before anything loads."""
+        options = super().check_options(options)
+        if options.get("lora_steps") is not None and options.get("lora_file"):
+            raise InvalidArgumentError(
+                "lora_steps", options["lora_steps"],
+                f"give lora_steps or lora_file={options['lora_file']!r}, not both")
+        return options
+
+    @classmethod
+    def check_option(cls, name: str, value: Any) -> Any:
+        if name == "lora_steps" and (isinstance(value, bool) or value not in HYPER_SDXL_FILES):
+            raise InvalidArgumentError(
+                name, value, f"choose one of {', '.join(map(str, HYPER_SDXL_FILES))}")
+        return super().check_option(name, value)
+
+    def lora_filename(self) -> str:
+        steps = self.options.get("lora_steps")
+        return HYPER_SDXL_FILES[steps] if steps is not None else super().lora_filename()
 
     def configure_pipeline(self, pipe: Any) -> Any:
         """DDIM from the repo's scheduler config with "trailing" timesteps, as the card sets
@@ -217,6 +266,22 @@ class SDXLHyperBackbone(SDXLLoRABackbone):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
                                                    timestep_spacing="trailing")
         return super().configure_pipeline(pipe)
+
+
+def hyper_lora_steps(options: dict[str, Any], files: dict[int, str], default: int) -> int:
+    """The step count a Hyper-SD instance runs at by default, from its checked ``options``:
+    ``lora_steps``; else the count of the file it loads where ``files`` (step count ->
+    published file name) names it, by ``lora_file`` or by the name of the file ``lora``
+    gives; else ``default`` (the card runs each file at its own step count)."""
+    steps = options.get("lora_steps")
+    if steps is not None:
+        return int(steps)
+    lora = options.get("lora")
+    named = options.get("lora_file")
+    if lora is not None and Path(str(lora)).expanduser().is_file():
+        named = Path(str(lora)).name  # the file itself: lora_file is not read
+    by_file = {filename: count for count, filename in files.items()}
+    return by_file.get(str(named), default) if named else default
 
 
 class SDXLTCDBackbone(SDXLLoRABackbone):
@@ -231,7 +296,7 @@ class SDXLTCDBackbone(SDXLLoRABackbone):
     name = "sdxl-tcd"
     default_steps = 4
     lora_repo = TCD_SDXL
-    lora_filename = TCD_LORA_FILE
+    lora_file = TCD_LORA_FILE
     tiny_lora_files = (TCD_LORA_FILE,)
     option_docs = {
         "lora": "where the TCD LoRA comes from: a Hub repo id, a local directory, the "

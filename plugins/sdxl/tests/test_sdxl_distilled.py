@@ -135,6 +135,30 @@ def test_hyper_lora_files_differ(hyper):
     assert np.abs(images(hyper, 2) - images(four, 2)).max() > 1e-3
 
 
+def test_hyper_lora_steps_picks_the_4_step_file_and_runs_4_steps(hyper, tmp_path):
+    """``lora_steps=4`` loads the 4-step file and makes 4 this instance's default step count,
+    as the card runs it; naming the 4-step file (by ``lora_file`` or as ``lora``) does the
+    same; the class keeps 8 for every other instance."""
+    import shutil
+
+    lora = hyper.options["lora"]
+    four = SDXLHyperBackbone.tiny(0, lora_steps=4)
+    assert four.lora_filename() == HYPER_SDXL_4STEP
+    assert four.default_steps == 4 and SDXLHyperBackbone.default_steps == 8
+    assert hyper.default_steps == 8
+    assert denoise(four, PROMPT, seeds=[0], output_type="np").forwards == 4
+    by_name = SDXLHyperBackbone.tiny(0, lora_file=HYPER_SDXL_4STEP)
+    assert by_name.default_steps == 4
+    key = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert torch.equal(by_name.pipe.unet.state_dict()[key], four.pipe.unet.state_dict()[key])
+    assert not torch.equal(hyper.pipe.unet.state_dict()[key], four.pipe.unet.state_dict()[key])
+    shutil.copy(Path(lora) / HYPER_SDXL_4STEP, tmp_path / HYPER_SDXL_4STEP)
+    assert SDXLHyperBackbone(lora=str(tmp_path / HYPER_SDXL_4STEP)).default_steps == 4
+    assert SDXLHyperBackbone(lora_steps=8).default_steps == 8
+    assert SDXLHyperBackbone(lora_file="my-hyper.safetensors").default_steps == 8
+    assert SDXLHyperBackbone(lora=None, lora_steps=4).default_steps == 4  # a fused 4-step model
+
+
 @pytest.mark.parametrize("steps", [4, 2])
 def test_dmd2_matches_the_cards_recipe(dmd2, steps):
     """The card: a UNet built from SDXL base's config with ``load_state_dict(torch.load(
@@ -255,6 +279,11 @@ def test_noise_drawing_runs_with_different_step_counts_keep_their_own_noise(turb
     (SDXLHyperBackbone, {"lora_file": 8}, r"invalid lora_file=8: must be a file name"),
     (SDXLHyperBackbone, {"lora": 3}, r"invalid lora=3"),
     (SDXLHyperBackbone, {"timestep_spacing": "sideways"}, r"invalid timestep_spacing='sideways'"),
+    (SDXLHyperBackbone, {"lora_steps": 2}, r"invalid lora_steps=2: choose one of 8, 4"),
+    (SDXLHyperBackbone, {"lora_steps": True}, r"invalid lora_steps=True"),
+    (SDXLHyperBackbone, {"lora_steps": 4, "lora_file": "x.safetensors"},
+     r"invalid lora_steps=4: give lora_steps or lora_file='x.safetensors', not both"),
+    (SDXLTCDBackbone, {"lora_steps": 4}, r"unknown option 'lora_steps'"),
     (SDXLDMD2Backbone, {"unet_file": 4}, r"invalid unet_file=4"),
     (SDXLDMD2Backbone, {"timestep_spacing": "trailing"},
      r"unknown option 'timestep_spacing'.*DMD2 runs at its own timesteps"),
