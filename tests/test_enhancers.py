@@ -239,3 +239,48 @@ def test_spec_and_cli_refuse_bad_enhancers(tmp_path):
     assert result.exit_code == 2 and "dgc" in result.output and "dcg" in result.output
     listed = CliRunner().invoke(main, ["list", "enhancers", "--json"])
     assert listed.exit_code == 0 and "dcg" in {e["name"] for e in json.loads(listed.output)}
+
+
+# -- swap to many targets -------------------------------------------------------------------
+def test_swap_to_many_targets_with_enhancers(tmp_path):
+    """One table and one plot over targets x enhancers; the source runs without enhancer;
+    the enhancer-minus-none deltas carry their cost in forwards and latency."""
+    from adapterswap.sweep.store import RunStore
+
+    out = tmp_path / "swap"
+    result = CliRunner().invoke(main, [
+        "swap", "--from", "sdxl", "--to", "sdxl-lightning,sdxl-turbo", "--enhancer", "none",
+        "--enhancer", "dcg", "--preset", "tiny", "--seeds", "0,1", "--timing-repeats", "1",
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for line in ("sdxl -> sdxl-lightning:", "sdxl -> sdxl-lightning + dcg:",
+                 "sdxl -> sdxl-turbo:", "sdxl -> sdxl-turbo + dcg:"):
+        assert line in result.output
+    swap = json.loads((out / "swap.json").read_text())
+    assert swap["targets"] == ["sdxl-lightning", "sdxl-turbo"]
+    pairs = [(c["to"], c["enhancer"]) for c in swap["comparisons"]]
+    assert pairs == [("sdxl-lightning", "none"), ("sdxl-lightning", "dcg"),
+                     ("sdxl-turbo", "none"), ("sdxl-turbo", "dcg")]
+    with RunStore(out, lock=False) as store:
+        rows = store.rows()
+    assert {r["enhancer"] for r in rows if r["backbone"] == "sdxl"} == {"none"}
+    for c in swap["comparisons"]:
+        assert c["latency"]["speedup"] > 0 and c["metrics"]
+        steps = c["steps"][c["to"]][-1]
+        assert c["forwards"]["to"] == (3 if c["enhancer"] == "dcg" else 1) * steps
+        for d in c["metrics"].values():
+            assert d["n"] == 2  # two seeds, paired
+    html_text = (out / "report.html").read_text()
+    assert (out / "plots" / "swap-targets.png").is_file() and "speed-up against" in html_text
+    assert "sdxl-turbo + dcg" in html_text
+    enhancers = json.loads((out / "enhancers.json").read_text())
+    assert {(e["backbone"], e["enhancer"]) for e in enhancers} == {
+        ("sdxl-lightning", "dcg"), ("sdxl-turbo", "dcg")}
+    for e in enhancers:
+        assert e["forwards"]["dcg"] == 3 * e["forwards"]["none"]
+        assert e["latency_ratio"] is not None and e["metrics"]
+    assert "Enhancers: enhancer minus none" in html_text
+
+    bad = CliRunner().invoke(main, ["swap", "--from", "sdxl", "--to", "sdxl,sdxl-turbo",
+                                    "--preset", "tiny", "--dry-run"])
+    assert bad.exit_code == 2 and "--to" in bad.output

@@ -315,27 +315,40 @@ def ablate_command(backbones: tuple[str, ...], adapter: str | None, steps: str |
   adapterswap swap --adapter infusenet --from flux-dev --to flux-schnell \\
       --ref face.jpg --prompt "a portrait of a chef" --seeds 0,1,2,3
   adapterswap swap --from sdxl --to sdxl-lightning --preset tiny
+  adapterswap swap --from sdxl --to sdxl-lightning,sdxl-hyper,sdxl-dmd2,sdxl-turbo,sdxl-tcd \\
+      --enhancer none --enhancer dcg --preset tiny
 """)
 @click.option("--adapter", default=None, help="Adapter (default: the family's built-in).")
 @click.option("--from", "source", required=True, help="Backbone the adapter was trained on.")
-@click.option("--to", "target", required=True, help="Backbone to move it to.")
+@click.option("--to", "target", required=True,
+              help="Backbone(s) to move it to, comma-separated.")
 @common_sweep_options
 def swap_command(adapter: str | None, source: str, target: str, config: str | None,
                  **flags: Any) -> None:
-    """Run the adapter on two backbones at their default steps on identical inputs and seeds;
-    report the latency ratio and each metric's paired delta with a 95% CI."""
+    """Run the adapter on the source and on each target at their default steps on identical
+    inputs and seeds (enhancers act on the targets); report, per target and enhancer, the
+    latency ratio, the denoiser forwards and each metric's paired delta with a 95% CI."""
     import json as _json
 
+    from adapterswap.errors import InvalidArgumentError
+    from adapterswap.sweep.report.words import _delta_text
     from adapterswap.sweep.spec import SweepSpec
     from adapterswap.sweep.store import RunStore
 
     warn_plugin_failures()
+    targets = [t.strip() for t in target.split(",") if t.strip()]
+    if not targets:
+        raise InvalidArgumentError("--to", target, "give one or more backbones")
+    for name in targets:
+        if name == source or targets.count(name) > 1:
+            raise InvalidArgumentError("--to", target, f"{name!r} is the source or repeated")
     dry_run = flags.pop("dry_run", False)
     values = spec_flags(**flags)
-    values.update({"backbones": [source, target], "adapter": adapter,
-                   "only_default_steps": True})
+    values.update({"backbones": [source, *targets], "adapter": adapter,
+                   "only_default_steps": True, "enhancer_backbones": targets})
     if values.get("out") is None:
-        values["out"] = f"runs/swap-{source}-to-{target}{preset_suffix(values['preset'])}"
+        values["out"] = (f"runs/swap-{source}-to-{'-'.join(targets)}"
+                         f"{preset_suffix(values['preset'])}")
     base = SweepSpec.from_toml(config) if config else {}
     spec = SweepSpec.merged(base, values)
     spec.validate()
@@ -344,15 +357,21 @@ def swap_command(adapter: str | None, source: str, target: str, config: str | No
         return
     check_weights(spec)  # before the store is created
     with RunStore(spec.out) as store:
-        store.set_meta("swap", {"from": source, "to": target})
+        store.set_meta("swap", {"from": source, "to": targets})
     summary, report = run_spec(spec)
     swap = _json.loads((report.parent / "swap.json").read_text())
-    lat = swap.get("latency")
-    if lat:
-        click.echo(f"{source} -> {target}: {lat['from_s']:.3f} s -> {lat['to_s']:.3f} s per "
-                   f"image, {lat['speedup']:.2f}x faster")
-    for metric, d in swap["metrics"].items():
-        click.echo(f"  {metric}: {d['from_mean']:.4g} -> {d['to_mean']:.4g}, delta "
-                   f"{d['mean']:+.4g} (95% CI {d['ci_low']:+.4g} .. {d['ci_high']:+.4g}, "
-                   f"n={d['n']})")
+    for comparison in swap["comparisons"]:
+        enhancer = comparison.get("enhancer") or "none"
+        name = comparison["to"] + (f" + {enhancer}" if enhancer != "none" else "")
+        lat = comparison.get("latency")
+        click.echo(f"{source} -> {name}: " + (
+            f"{lat['from_s']:.3f} s -> {lat['to_s']:.3f} s per image, "
+            f"{lat['speedup']:.2f}x faster" if lat else "latency not measured"))
+        for metric, d in comparison["metrics"].items():
+            if d["mean"] is None:
+                click.echo(f"  {metric}: no pairs")
+                continue
+            # the report's wording: as many decimals as tell the interval's ends apart
+            click.echo(f"  {metric}: {d['from_mean']:.4g} -> {d['to_mean']:.4g}, delta "
+                       f"{_delta_text(d)} (n={d['n']})")
     print_summary(summary, report)

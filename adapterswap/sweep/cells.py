@@ -95,7 +95,9 @@ def expand(spec: SweepSpec) -> list[Cell]:
         refs = spec.references if adapter else [""]
         for ref in refs:
             for adapter_name, scale, start, end in adapter_settings(spec, adapter):
-                enhancers = spec.enhancers if adapter_name != "none" else ["none"]
+                acts = adapter_name != "none" and (spec.enhancer_backbones is None
+                                                   or backbone in spec.enhancer_backbones)
+                enhancers = spec.enhancers if acts else ["none"]
                 for enhancer in enhancers or ["none"]:
                     for prompt in spec.prompts:
                         for seed in spec.seeds:

@@ -360,3 +360,23 @@ def make_enhancer(spec: str) -> Any:
     name, options = parse_enhancer(spec)
     enhancer = get_enhancer(name)(**options)
     return None if enhancer.is_neutral() else enhancer
+
+
+def check_probes(spec: Any, classes: Sequence[Any]) -> None:
+    """``probes`` needs a backbone or adapter that declares ``supports_probes``: refused
+    when no backbone of the sweep has one, noted for those that have none."""
+    from adapterswap.plugins import get_adapter
+
+    silent = []
+    for cls in classes:
+        adapter = spec.adapter_for(cls)
+        parts = [cls] + ([get_adapter(adapter)] if adapter else [])
+        if not any(part.supports_probes for part in parts):
+            silent.append(cls.name + (f" with adapter {adapter!r}" if adapter else ""))
+    if len(silent) == len(classes):
+        raise InvalidArgumentError(
+            "probes", True, f"no part of this sweep records probes ({'; '.join(silent)}: "
+            "none declares supports_probes); drop --probes")
+    for what in silent:
+        spec.defaults_used.append(f"--probes: backbone {what} records no probes (neither "
+                                  "declares supports_probes)")

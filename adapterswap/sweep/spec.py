@@ -41,6 +41,7 @@ from adapterswap.sweep.checks import (  # noqa: F401 - re-exported: callers impo
     check_guidance,
     check_output_dir,
     check_output_file,
+    check_probes,
     check_reference,
     check_seed,
     check_size,
@@ -150,6 +151,7 @@ class SweepSpec:
     windows: list[list[float]] = field(default_factory=list)
     adapter_off: bool = False
     enhancers: list[str] | None = None  # NAME[:k=v,...] each (adapterswap.enhancer); "none"
+    enhancer_backbones: list[str] | None = None  # the backbones they act on (None: all)
     trajectory: bool = False
     probes: bool = False
     step_parallel: bool | None = None
@@ -310,6 +312,12 @@ class SweepSpec:
         pairs = [(cls, get_adapter(self.adapter_for(cls)) if self.adapter_for(cls) else None)
                  for cls in classes]
         apply_to_spec(self, pairs)  # what the adapters' options ask where the spec is silent
+        if self.enhancer_backbones is not None:
+            self.enhancer_backbones = _str_list("enhancer_backbones", self.enhancer_backbones)
+            for name in set(self.enhancer_backbones) - set(self.backbones):
+                raise InvalidArgumentError("enhancer_backbones", name, "not a backbone of the "
+                                           f"sweep ({', '.join(self.backbones)})")
+            pairs = [(c, a) for c, a in pairs if c.name in self.enhancer_backbones]
         self.enhancers = check_enhancers(self.enhancers, [a for _, a in pairs])
         for cls in classes:
             check_steps("steps", self.step_grid(cls), cls)
@@ -324,7 +332,7 @@ class SweepSpec:
         self._validate_backbone_options(classes)
         self.cache = self.fast_path("cpu").cache  # validates attention, fp8 and cache
         if self.probes:
-            self._check_probes(classes)
+            check_probes(self, classes)
         for cls in classes if self.cache else ():
             if cls.block_cache_layout is None:
                 raise InvalidArgumentError(
@@ -404,25 +412,6 @@ class SweepSpec:
             raise InvalidArgumentError("--out", self.out, "must be a directory path")
         check_output_dir("--out", str(self.out))
         return self
-
-    def _check_probes(self, classes: Sequence[Any]) -> None:
-        """``probes`` needs a backbone or adapter that declares ``supports_probes``: refused
-        when no backbone of the sweep has one, noted for those that have none."""
-        from adapterswap.plugins import get_adapter
-
-        silent = []
-        for cls in classes:
-            adapter = self.adapter_for(cls)
-            parts = [cls] + ([get_adapter(adapter)] if adapter else [])
-            if not any(part.supports_probes for part in parts):
-                silent.append(cls.name + (f" with adapter {adapter!r}" if adapter else ""))
-        if len(silent) == len(classes):
-            raise InvalidArgumentError(
-                "probes", True, f"no part of this sweep records probes ({'; '.join(silent)}: "
-                "none declares supports_probes); drop --probes")
-        for what in silent:
-            self.defaults_used.append(f"--probes: backbone {what} records no probes (neither "
-                                      "declares supports_probes)")
 
     def options_for(self, backbone: str) -> dict[str, Any]:
         """The options of one backbone: the flat options plus its own table, if any, plus

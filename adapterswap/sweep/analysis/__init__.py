@@ -74,7 +74,8 @@ from adapterswap.sweep.analysis.confounds import (
     window_never_opens,
 )
 from adapterswap.sweep.analysis.curves import Curve, Observation, curve_from_observations
-from adapterswap.sweep.analysis.deltas import ablation_deltas, swap_comparison
+from adapterswap.sweep.analysis.deltas import ablation_deltas, swap_comparison, swap_comparisons
+from adapterswap.sweep.analysis.enhancers import enhancer_deltas
 from adapterswap.sweep.analysis.facts import resolve_adapter_kinds, resolve_metric_info
 from adapterswap.sweep.analysis.labels import row_label, setting_label
 from adapterswap.sweep.analysis.latency import latency_summary, match_latency
@@ -108,5 +109,6 @@ __all__ = [
     "curve_from_observations", "delta_verdict", "effective_regime", "knee", "latency_summary",
     "match_latency", "paired_delta", "pareto_front", "pooled_seed_sd", "probe_maps",
     "recommend", "resolve_adapter_kinds", "resolve_metric_info", "row_label", "setting_label",
-    "swap_comparison", "trajectory_curves", "window_never_opens", "worst_values",
+    "enhancer_deltas", "swap_comparison", "swap_comparisons", "trajectory_curves",
+    "window_never_opens", "worst_values",
 ]

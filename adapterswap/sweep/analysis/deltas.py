@@ -18,18 +18,29 @@ from adapterswap.sweep.analysis.paired import delta_verdict, paired_delta
 from adapterswap.sweep.analysis.resampling import RESAMPLES, _finite
 
 
+def enhancer_of(row: Mapping[str, Any]) -> str:
+    """A row's enhancer (``"none"`` also for rows stored before enhancers existed)."""
+    return row.get("enhancer") or "none"
+
+
 def swap_comparison(rows: Sequence[Mapping[str, Any]],
                     latency_rows: Sequence[Mapping[str, Any]], *, source: str, target: str,
                     metric_info: Mapping[str, Mapping[str, Any]] | None = None,
                     missing: str = "drop", resamples: int = RESAMPLES,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, enhancer: str = "none") -> dict[str, Any]:
     """The swap's headline: the median-latency ratio ``source / target`` at each backbone's
     largest step count, and each metric's paired delta ``target - source`` over identical
     (reference, prompt, seed), clusters (reference, prompt) resampled, with its
-    :func:`delta_verdict` (``verdict``). Cells whose adapter window never opened are left out
-    and counted."""
+    :func:`delta_verdict` (``verdict``). The source runs without an enhancer, the target with
+    ``enhancer`` (its rows and latency only); ``forwards``: denoiser forwards per image on
+    each side (the enhancer's cost). Cells whose adapter window never opened are left out and
+    counted."""
     metric_info = metric_info or {}
-    done = [r for r in rows if r["status"] == "done"]
+    wanted = {source: "none", target: enhancer}
+    done = [r for r in rows if r["status"] == "done" and r["backbone"] in wanted
+            and enhancer_of(r) == wanted[r["backbone"]]]
+    latency_rows = [r for r in latency_rows if r.get("backbone") in wanted
+                    and (r.get("enhancer") or "none") == wanted[r["backbone"]]]
     steps = {b: sorted({r["steps"] for r in done if r["backbone"] == b}) for b in
              (source, target)}
     fills = worst_values(done, metric_info) if missing == "worst" else {}
@@ -58,8 +69,13 @@ def swap_comparison(rows: Sequence[Mapping[str, Any]],
                                         r.get("measured_at") or 0.0)) if pool else None
 
     src_lat, dst_lat = latency_of(source), latency_of(target)
-    result: dict[str, Any] = {"from": source, "to": target, "steps": steps, "metrics": {},
+    result: dict[str, Any] = {"from": source, "to": target, "enhancer": enhancer,
+                              "steps": steps, "metrics": {}, "forwards": {},
                               "excluded_window_never_opens": excluded, "missing": missing}
+    for side, backbone in (("from", source), ("to", target)):
+        counts = [r["forwards"] for r in done if r["backbone"] == backbone
+                  and r.get("forwards") and steps[backbone] and r["steps"] == steps[backbone][-1]]
+        result["forwards"][side] = float(np.mean(counts)) if counts else None
     if src_lat and dst_lat and dst_lat["total_s"] > 0:
         a, b = latency_summary(src_lat), latency_summary(dst_lat)
         result["latency"] = {"from_s": a["median_s"], "to_s": b["median_s"],
@@ -87,6 +103,21 @@ def swap_comparison(rows: Sequence[Mapping[str, Any]],
         delta["verdict"] = delta_verdict(delta, delta["higher_is_better"])
         result["metrics"][metric] = delta
     return result
+
+
+def swap_comparisons(rows: Sequence[Mapping[str, Any]],
+                     latency_rows: Sequence[Mapping[str, Any]], *, source: str,
+                     targets: Sequence[str], **options: Any) -> list[dict[str, Any]]:
+    """:func:`swap_comparison` of ``source`` (no enhancer) against each target with each
+    enhancer its cells ran, in target order then enhancer order (``none`` first)."""
+    out = []
+    for target in targets:
+        enhancers = sorted({enhancer_of(r) for r in rows if r["backbone"] == target},
+                           key=lambda e: (e != "none", e))
+        for enhancer in enhancers or ["none"]:
+            out.append(swap_comparison(rows, latency_rows, source=source, target=target,
+                                       enhancer=enhancer, **options))
+    return out
 
 
 def ablation_deltas(rows: Sequence[Mapping[str, Any]], *,

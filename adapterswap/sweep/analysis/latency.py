@@ -37,6 +37,7 @@ def _setting_of(members: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     sizes = Counter((r.get("height"), r.get("width")) for r in members)
     (height, width), _ = sizes.most_common(1)[0]
     return {"adapter": first["adapter"], "scale": first.get("scale"),
+            "enhancer": first.get("enhancer") or "none",
             "start": first.get("start") or 0.0,
             "end": 1.0 if first.get("end") is None else first["end"],
             "height": height, "width": width}
@@ -55,7 +56,8 @@ def match_latency(latency_rows: Sequence[Mapping[str, Any]], backbone: str,
         return (int((r.get("batch") or 1) == 1), float(r.get("measured_at") or 0.0))
 
     for r in latency_rows:
-        if r.get("backbone") != backbone or r.get("adapter") != setting["adapter"]:
+        if r.get("backbone") != backbone or r.get("adapter") != setting["adapter"] \
+                or (r.get("enhancer") or "none") != setting.get("enhancer", "none"):
             continue
         start = r.get("start") if r.get("start") is not None else 0.0
         end = r.get("end") if r.get("end") is not None else 1.0

@@ -14,10 +14,11 @@ from typing import Any
 from adapterswap.sweep.analysis import (
     Analysis,
     analyse,
+    enhancer_deltas,
     resolve_adapter_kinds,
     resolve_metric_info,
     row_label,
-    swap_comparison,
+    swap_comparisons,
 )
 from adapterswap.sweep.report.along_run import _probe_section, _trajectory_section
 from adapterswap.sweep.report.comparisons import _ablation_section, _exit_section, _swap_section
@@ -44,6 +45,7 @@ from adapterswap.sweep.report.steps import (
     _per_step_section,
     _recommendation_section,
 )
+from adapterswap.sweep.report.swaps import enhancer_section, swap_table_section
 from adapterswap.sweep.report.tables import _table
 from adapterswap.sweep.report.words import plural
 from adapterswap.sweep.store import RunStore
@@ -112,10 +114,19 @@ def build_report(out: str | Path, *, fraction: float | None = None,
                 {"plan": exit_meta, "comparison": exits}, indent=2, default=str))
         store_swap = None
         if swap_meta:
-            store_swap = swap_comparison(rows, latency_rows, source=swap_meta["from"],
-                                         target=swap_meta["to"], metric_info=metric_info,
-                                         missing=missing)
+            targets = swap_meta["to"] if isinstance(swap_meta["to"], list) \
+                else [swap_meta["to"]]
+            comparisons = swap_comparisons(rows, latency_rows, source=swap_meta["from"],
+                                           targets=targets, metric_info=metric_info,
+                                           missing=missing)
+            # the first comparison's fields at the top (one target: as before), all of them
+            # under "comparisons"
+            store_swap = {**comparisons[0], "targets": targets, "comparisons": comparisons}
             (out / "swap.json").write_text(json.dumps(store_swap, indent=2, default=str))
+        enhancers = enhancer_deltas(rows, latency_rows, metric_info=metric_info,
+                                    missing=missing)
+        if enhancers:
+            (out / "enhancers.json").write_text(json.dumps(enhancers, indent=2, default=str))
         cell_metrics = sorted({m for r in rows for m in r["scores"]})
         write_csv(rows, out / "results.csv", cell_metrics)
         (out / "analysis.json").write_text(json.dumps(analysis.to_dict(), indent=2,
@@ -135,7 +146,7 @@ def build_report(out: str | Path, *, fraction: float | None = None,
                                                                   "adapterswap sweep report")
     if kind == "swap":
         heading = (f"adapterswap swap report: {html.escape(swap_meta['from'])} &rarr; "
-                   f"{html.escape(swap_meta['to'])}")
+                   f"{html.escape(', '.join(store_swap['targets']))}")
     page.add(f"<h1>{heading}</h1><p>{plural(len(rows), 'cell')} ({done} done, "
              f"{failed_count} failed) in <code>{html.escape(str(out))}</code>"
              f"{'' if keys is None else _SCOPE_NOTE}.</p>")
@@ -157,8 +168,12 @@ def build_report(out: str | Path, *, fraction: float | None = None,
 
     page.add(*_glance_section(analysis, store_swap))
     page.add(*_run_section(page, runs, references, versions, spec))
-    if store_swap:
+    if store_swap and len(store_swap["comparisons"]) > 1:
+        page.add(*swap_table_section(page, store_swap, analysis))
+    elif store_swap:
         page.add(*_swap_section(store_swap, analysis))
+    if enhancers:
+        page.add(*enhancer_section(enhancers))
     if analysis.ablations:
         page.add(*_ablation_section(page, analysis, plots))
     if analysis.trajectories and kind == "trajectory":

@@ -105,14 +105,17 @@ def _swap_headline(swap: Mapping[str, Any], analysis: Analysis) -> str:
         n = (lat or {}).get(key) or (steps.get(backbone) or [None])[-1]
         return f"<b>{html.escape(backbone)}</b>" + (f" at {plural(n, 'step')}" if n else "")
 
+    enhancer = swap.get("enhancer") or "none"
+    target = at(swap["to"], "to_steps") + (f" + {html.escape(enhancer)}"
+                                           if enhancer != "none" else "")
     if lat and lat.get("speedup"):
         speedup = lat["speedup"]
         pace = (f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.1f}x slower")
-        text = (f"{at(swap['to'], 'to_steps')} is <b>{pace}</b> than "
+        text = (f"{target} is <b>{pace}</b> than "
                 f"{at(swap['from'], 'from_steps')} ({lat['to_s']:.3g} s vs "
                 f"{lat['from_s']:.3g} s per image, median)")
     else:
-        text = (f"{at(swap['to'], 'to_steps')} against {at(swap['from'], 'from_steps')} "
+        text = (f"{target} against {at(swap['from'], 'from_steps')} "
                 "(latency not measured)")
     metric = _swap_fidelity_metric(swap, analysis)
     shown = [metric] if metric else [m for m in swap["metrics"]][:3]
@@ -130,8 +133,8 @@ def _glance_section(analysis: Analysis, swap: Mapping[str, Any] | None) -> list[
     """The verdicts in words: the swap, the ablations, the recommendations, the
     trajectories."""
     items = []
-    if swap:
-        items.append(_swap_headline(swap, analysis))
+    for comparison in (swap.get("comparisons") or [swap]) if swap else []:
+        items.append(_swap_headline(comparison, analysis))
     for backbone in sorted({a["backbone"] for a in analysis.ablations}):
         for metric in _heatmap_metrics(analysis, backbone)[:1]:
             entries = [a for a in analysis.ablations if a["backbone"] == backbone

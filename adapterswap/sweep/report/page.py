@@ -10,7 +10,7 @@ from pathlib import Path
 
 #: Plot files this module writes into ``plots/`` (stale ones are removed on a rebuild).
 _OWN_PLOTS = re.compile(r"^(metric|trajectory|pareto|probes|ablation|grid|cell|reference|"
-                        r"strip)[-.]")
+                        r"strip|swap)[-.]")
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.5em auto;
  max-width:1200px;padding:0 1.5em;color:#222;line-height:1.45}
