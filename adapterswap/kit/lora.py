@@ -15,6 +15,7 @@ Hyper-FLUX) share two steps, both here:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,19 @@ def check_lora_option(name: str, value: Any) -> None:
     if name == "lora_scale" and (isinstance(value, bool) or not isinstance(value, (int, float))
                                  or not math.isfinite(value)):
         raise InvalidArgumentError(name, value, "must be a finite number")
+
+
+def lora_file_steps(options: Mapping[str, Any], files: Mapping[int, str], default: int) -> int:
+    """The step count a step-distilled LoRA backbone (Hyper-SD's) runs at by default, from
+    its checked ``options``: ``lora_steps``; else the count of the file it loads where
+    ``files`` (step count -> published file name) names it, by ``lora_file`` or by the name
+    of the file ``lora`` gives; else ``default`` (each file runs at its own step count)."""
+    steps = options.get("lora_steps")
+    if steps is not None:
+        return int(steps)
+    lora = options.get("lora")
+    named = options.get("lora_file")
+    if lora is not None and Path(str(lora)).expanduser().is_file():
+        named = Path(str(lora)).name  # the file itself: lora_file is not read
+    by_file = {filename: count for count, filename in files.items()}
+    return by_file.get(str(named), default) if named else default

@@ -230,14 +230,23 @@ class FluxDevHyper(FluxDevLoRABackbone):
 
     def __init__(self, source: str | None = None, *, device: str | None = None,
                  dtype: Any = None, **options: Any) -> None:
+        from adapterswap.kit.lora import lora_file_steps
+
         super().__init__(source, device=device, dtype=dtype, **options)
-        steps = self.options.get("lora_steps")
-        if steps is not None:
-            if self.options.get("lora_file"):
-                raise InvalidArgumentError(
-                    "lora_steps", steps,
-                    f"give lora_steps or lora_file={self.options['lora_file']!r}, not both")
-            self.default_steps = steps
+        # the file's own step count (by lora_steps, lora_file or the file lora names)
+        self.default_steps = lora_file_steps(self.options, HYPER_FLUX_FILES,
+                                             type(self).default_steps)
+
+    @classmethod
+    def check_options(cls, options: Any) -> dict[str, Any]:
+        """The options checked one by one, and ``lora_steps`` refused beside ``lora_file``
+        (each picks a file), so a sweep's spec fails before anything loads."""
+        options = super().check_options(options)
+        if options.get("lora_steps") is not None and options.get("lora_file"):
+            raise InvalidArgumentError(
+                "lora_steps", options["lora_steps"],
+                f"give lora_steps or lora_file={options['lora_file']!r}, not both")
+        return options
 
     @classmethod
     def check_option(cls, name: str, value: Any) -> Any:

@@ -210,6 +210,9 @@ def test_hyper_lora_steps_picks_the_16_step_file(flux_hyper):
                   lora=flux_hyper.options["lora"]).load()
     assert torch.equal(by_name.pipe.transformer.proj_out.weight,
                        backbone.pipe.transformer.proj_out.weight)
+    assert by_name.default_steps == 16  # the file's own step count, however it is named
+    with pytest.raises(InvalidArgumentError, match="not both"):  # checked before loading
+        cls.check_options({"lora_steps": 16, "lora_file": "x.safetensors"})
 
 
 # -- options and errors ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterswap.errors import InvalidArgumentError
+from adapterswap.kit.lora import lora_file_steps
 from adapterswap.kit.tiny import build_once
 from adapterswap.kit.unet_backbone import UNetBackbone
 from adapterswap_sd15.backbones import SD15Backbone, tiny_sd15_dir
@@ -67,7 +68,7 @@ class SD15HyperBackbone(SD15Backbone):
     def __init__(self, source: str | None = None, *, device: str | None = None,
                  dtype: Any = None, **options: Any) -> None:
         super().__init__(source, device=device, dtype=dtype, **options)
-        self.default_steps = hyper_lora_steps(self.options, HYPER_SD15_FILES,
+        self.default_steps = lora_file_steps(self.options, HYPER_SD15_FILES,
                                               type(self).default_steps)
 
     @classmethod
@@ -166,18 +167,3 @@ class SD15HyperBackbone(SD15Backbone):
         return backbone
 
 
-def hyper_lora_steps(options: dict[str, Any], files: dict[int, str], default: int) -> int:
-    """The step count a Hyper-SD instance runs at by default, from its checked ``options``:
-    ``lora_steps``; else the count of the file it loads where ``files`` (step count ->
-    published file name) names it, by ``lora_file`` or by the name of the file ``lora``
-    gives; else ``default`` (the card runs each file at its own step count).
-    (``adapterswap_sdxl.distilled`` has the same rule; the plugins share no code.)"""
-    steps = options.get("lora_steps")
-    if steps is not None:
-        return int(steps)
-    lora = options.get("lora")
-    named = options.get("lora_file")
-    if lora is not None and Path(str(lora)).expanduser().is_file():
-        named = Path(str(lora)).name  # the file itself: lora_file is not read
-    by_file = {filename: count for count, filename in files.items()}
-    return by_file.get(str(named), default) if named else default

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from adapterswap.errors import InvalidArgumentError
+from adapterswap.kit.lora import lora_file_steps
 from adapterswap.kit.tiny import build_once
 from adapterswap.kit.unet_backbone import UNetBackbone
 from adapterswap_sdxl.backbones import SDXLBackbone, SDXLLightningBackbone, tiny_sdxl_dir
@@ -233,7 +234,7 @@ class SDXLHyperBackbone(SDXLLoRABackbone):
     def __init__(self, source: str | None = None, *, device: str | None = None,
                  dtype: Any = None, **options: Any) -> None:
         super().__init__(source, device=device, dtype=dtype, **options)
-        self.default_steps = hyper_lora_steps(self.options, HYPER_SDXL_FILES,
+        self.default_steps = lora_file_steps(self.options, HYPER_SDXL_FILES,
                                               type(self).default_steps)
 
     @classmethod
@@ -266,22 +267,6 @@ class SDXLHyperBackbone(SDXLLoRABackbone):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config,
                                                    timestep_spacing="trailing")
         return super().configure_pipeline(pipe)
-
-
-def hyper_lora_steps(options: dict[str, Any], files: dict[int, str], default: int) -> int:
-    """The step count a Hyper-SD instance runs at by default, from its checked ``options``:
-    ``lora_steps``; else the count of the file it loads where ``files`` (step count ->
-    published file name) names it, by ``lora_file`` or by the name of the file ``lora``
-    gives; else ``default`` (the card runs each file at its own step count)."""
-    steps = options.get("lora_steps")
-    if steps is not None:
-        return int(steps)
-    lora = options.get("lora")
-    named = options.get("lora_file")
-    if lora is not None and Path(str(lora)).expanduser().is_file():
-        named = Path(str(lora)).name  # the file itself: lora_file is not read
-    by_file = {filename: count for count, filename in files.items()}
-    return by_file.get(str(named), default) if named else default
 
 
 class SDXLTCDBackbone(SDXLLoRABackbone):
