@@ -284,3 +284,28 @@ def test_swap_to_many_targets_with_enhancers(tmp_path):
     bad = CliRunner().invoke(main, ["swap", "--from", "sdxl", "--to", "sdxl,sdxl-turbo",
                                     "--preset", "tiny", "--dry-run"])
     assert bad.exit_code == 2 and "--to" in bad.output
+
+
+# -- the contract mixin, on both built-in enhancers and three families -----------------------
+from adapterswap.testing import EnhancerContract  # noqa: E402
+
+
+class TestDCGContractSDXL(EnhancerContract):
+    enhancer_name = "dcg"
+    options = {"a": [1.0, 1.5], "b": 2.0, "rescale": 0.5}
+    neutral_options = {"a": 1.0, "b": 1.0, "rescale": 0.0}
+    backbone_name, adapter_name = "sdxl-turbo", "style-ip-adapter"
+
+
+class TestDCGContractSD15(EnhancerContract):
+    enhancer_name = "dcg"
+    options = {"a": 1.5, "b": 3.0}
+    neutral_options = {"a": 1.0, "b": 1.0, "rescale": 0.0}
+    backbone_name, adapter_name = "sd15-hyper", "object-ip-adapter"
+
+
+class TestAttentionManipulationContract(EnhancerContract):
+    enhancer_name = "attention-manipulation"
+    options = {"power": 1.5, "scale": 2.0}
+    neutral_options = {"power": 1.0, "scale": 1.0}
+    backbone_name, adapter_name = "sdxl-dmd2", "style-ip-adapter"
