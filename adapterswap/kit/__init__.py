@@ -23,6 +23,10 @@ Backbones:
   ``check_prompt``), for backbones with ``guidance_mode = "cfg"``.
 * :mod:`adapterswap.kit.rows`: group the rows of a batch by their adapter setting, run each
   group, merge the outputs, for adapters active on only some rows (windows per sample).
+* :mod:`adapterswap.kit.lora`: distilled backbones that ship as a LoRA: where the file comes
+  from (``lora_location``, ``weights_entry`` for provenance), fusing it safely
+  (``fuse_lora``: refused when none of its keys names a layer) and the step count a
+  step-distilled file runs at (``lora_file_steps``).
 
 IP-Adapters (h94 layout, diffusers' native support):
 
@@ -36,6 +40,8 @@ IP-Adapters (h94 layout, diffusers' native support):
   UNet; layer names and shapes.
 * :mod:`adapterswap.kit.instantstyle`: per-layer scales from InstantStyle block targets.
 * :mod:`adapterswap.kit.probe_hooks`: ``ip/text`` probes inside the IP attention layers.
+* :mod:`adapterswap.kit.attention_manipulation`: the ``attention-manipulation`` enhancer
+  (FastFace's scale-power transform of the image tokens' attention weights).
 
 Tests and the ``tiny`` preset:
 
@@ -44,6 +50,7 @@ Tests and the ``tiny`` preset:
   a plugin's own ``tiny`` module adds its denoiser and registers its pipelines in a
   :class:`~adapterswap.kit.tiny.TinyPipelines`.
 * :mod:`adapterswap.kit.tiny_tokenizers`: CLIP and T5 tokenizers built locally.
+* :mod:`adapterswap.kit.tiny_lora`: tiny LoRA files in the kohya, diffusers and PEFT layouts.
 * :mod:`adapterswap.kit.parity`: :func:`~adapterswap.kit.parity.pipeline_parity`, the images of
   ``denoise`` and of the plain diffusers pipeline for the same seeds, for a plugin's parity
   tests.
