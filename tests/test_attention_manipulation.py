@@ -15,11 +15,8 @@ import torch
 from adapterswap.denoise import StepContext, denoise
 from adapterswap.enhancer import parse_enhancer, predict_step
 from adapterswap.errors import InvalidArgumentError, UsageError
-from adapterswap.kit.attention_manipulation import (
-    AttentionManipulation,
-    manipulate_weights,
-    processor_class,
-)
+from adapterswap.kit.am_processor import manipulate_weights, processor_class
+from adapterswap.kit.attention_manipulation import AttentionManipulation
 from adapterswap.kit.ip_adapter_install import ip_processors
 from adapterswap.plugins import get_adapter, get_backbone, get_enhancer
 from adapterswap.probes import ProbeRecorder

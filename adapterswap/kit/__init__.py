@@ -41,7 +41,8 @@ IP-Adapters (h94 layout, diffusers' native support):
 * :mod:`adapterswap.kit.instantstyle`: per-layer scales from InstantStyle block targets.
 * :mod:`adapterswap.kit.probe_hooks`: ``ip/text`` probes inside the IP attention layers.
 * :mod:`adapterswap.kit.attention_manipulation`: the ``attention-manipulation`` enhancer
-  (FastFace's scale-power transform of the image tokens' attention weights).
+  (FastFace's scale-power transform of the image tokens' attention weights), and
+  :mod:`adapterswap.kit.am_processor`, its patched IP-Adapter attention processor.
 
 Tests and the ``tiny`` preset:
 
