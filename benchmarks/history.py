@@ -62,7 +62,8 @@ def git_commit(root: Path) -> str:
 def entry(result: Mapping[str, Any], *, bench: str, commit: str, torch_version: str | None,
           date: str | None = None) -> dict[str, Any]:
     """One history line for a benchmark result (its ``device`` is the card)."""
-    figures = flatten({k: v for k, v in result.items() if k not in ("device", "torch")})
+    figures = flatten({k: v for k, v in result.items()
+                       if k not in ("device", "torch", "diffusers")})
     if not figures:
         raise SystemExit(f"{bench}: the result has no numbers to keep")
     return {"commit": commit, "date": date or datetime.date.today().isoformat(),
@@ -77,17 +78,14 @@ def read(history: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
 
 
-def append(result_path: Path, history: Path, *, commit: str | None = None) -> dict[str, Any]:
-    """Add ``result_path``'s figures to ``history``; return the line."""
+def append(result_path: Path, history: Path, *, commit: str | None = None,
+           torch_version: str | None = None) -> dict[str, Any]:
+    """Add ``result_path``'s figures to ``history``; return the line. The torch version is
+    the result's own (benchmarks record it), else ``torch_version``; never this machine's,
+    which need not be the one that measured."""
     result = json.loads(result_path.read_text())
-    try:
-        import torch
-
-        version = torch.__version__
-    except ImportError:
-        version = None
     line = entry(result, bench=result_path.stem, commit=commit or git_commit(history.parent),
-                 torch_version=version)
+                 torch_version=torch_version)
     history.parent.mkdir(parents=True, exist_ok=True)
     with history.open("a") as handle:
         handle.write(json.dumps(line, sort_keys=True) + "\n")
@@ -139,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser("append", help="add a benchmark result's figures")
     add.add_argument("result", type=Path)
-    add.add_argument("--commit", default=None)
+    add.add_argument("--commit", default=None, help="default: the checked-out commit")
+    add.add_argument("--torch", default=None, help="torch version, where the result has none")
     draw = commands.add_parser("plot", help="plot figures over the history")
     draw.add_argument("--figure", required=True, help="shell pattern on bench.figure")
     draw.add_argument("--out", type=Path, required=True)
@@ -147,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     show.add_argument("--figure", required=True)
     args = parser.parse_args(argv)
     if args.command == "append":
-        line = append(args.result, args.history, commit=args.commit)
+        line = append(args.result, args.history, commit=args.commit, torch_version=args.torch)
         print(f"{args.history}: {line['bench']} on {line['card']} at {line['commit']}, "
               f"{len(line['figures'])} figures")
     elif args.command == "plot":

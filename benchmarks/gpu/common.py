@@ -65,7 +65,16 @@ def write(results: dict[str, Any], out: str | Path, *, quiet: bool = False) -> N
     """Write ``results`` (with the device name) as JSON; print it unless ``quiet``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = {"device": device_name(), **results}
+    import torch
+
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:  # pragma: no cover - every benchmark runs diffusers
+        diffusers_version = None
+    results = {"device": device_name(), "torch": torch.__version__,
+               "diffusers": diffusers_version, **results}
     out.write_text(json.dumps(results, indent=2, default=str))
     if not quiet:
         print(json.dumps(results, indent=2, default=str))
