@@ -128,6 +128,8 @@ class SweepEngine:
             spec, reference_folder=store.out / "references")
         self._provenance: Provenance | None = None
         self._own_run = True
+        #: the compile-cache key of each backbone compiled in this run (saved after its cells)
+        self._compile_keys: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ setup
     def _plugins(self) -> set[str]:
@@ -241,19 +243,39 @@ class SweepEngine:
         accelerator. With ``compile=None`` it compiles on CUDA where the cells' planned
         forwards reach the break-even of the backbone's compile profile for this card
         (:mod:`adapterswap.fastpath.profile`); the report names that profile."""
+        from adapterswap.fastpath import compile_cache
+
         accelerator = self.models.accelerator(backbone)
         per_forward = max(1, min(self.spec.max_batch, len(self.spec.seeds)))
         forwards = sum(cell.steps for cell in cells) // per_forward
-        fast = self.spec.fast_path(str(backbone.device), forwards,
-                                   accelerator.compile_repays(forwards, per_forward))
+        profile = accelerator.profile
+        key = compile_cache.cache_key(
+            backbone=backbone.name, device=backbone.execution_device, dtype=backbone.dtype,
+            mode=profile.compile_mode, scope=profile.compile_scope,
+            sizes={(c.height, c.width) for c in cells})
+        warm = compile_cache.is_warm(key)
+        # a warm cache costs a share of a cold compile: it repays itself that much sooner
+        repays = accelerator.compile_repays(forwards, per_forward) or (warm and (
+            accelerator.compile_repays(int(forwards / compile_cache.WARM_COMPILE_SHARE),
+                                       per_forward)))
+        fast = self.spec.fast_path(str(backbone.device), forwards, repays)
+        if fast.compile:
+            if compile_cache.load(key, self.log):
+                self.log(f"{backbone.name}: compiled code loaded from this machine's compile "
+                         "cache (the first calls trace but do not generate kernels)")
+            else:
+                self.log(f"{backbone.name}: compiling for the first time for this card, torch, "
+                         "dtype and size: the first call at each batch shape takes tens of "
+                         "seconds to minutes; the result is saved for the next run")
+            self._compile_keys[id(backbone)] = key
         adapters = []
         for name in sorted({cell.adapter for cell in cells} - {"none"}):
             adapter = self.models.adapter(name, backbone)
             adapter.attach(backbone)
             adapters.append(adapter)
         report = accelerator.enable(fast, adapters=adapters)
-        profile = accelerator.profile
         report["compile_profile"] = profile.report()
+        report["compile_cache"] = "warm" if warm else "cold"
         if report.get("compiled"):
             self.log(f"{backbone.name}: compiling {'; '.join(report['compiled'])} "
                      f"(~{forwards} forwards planned; the first call per batch shape is slow)")
@@ -338,6 +360,7 @@ class SweepEngine:
                                        if not ok and m in self.spec.metrics}
         finisher = CellFinisher(self.store, metrics, overlap=self.spec.use_overlap(),
                                 save_images=self.spec.save_images,
+                                image_format=self.spec.image_format,
                                 max_batch=self.spec.max_batch,
                                 on_cell=lambda cell, status: self.on_cell(cell, status),
                                 log=self.log)
@@ -407,6 +430,14 @@ class SweepEngine:
                 summary.done += done
                 summary.failed += failed
         finisher.drain()  # every cell of this backbone stored before unloading
+        key = self._compile_keys.pop(id(backbone), None)
+        if key is not None:
+            from adapterswap.fastpath import compile_cache
+
+            self.log(f"{backbone.name}: compiled run's forwards took "
+                     f"{runner.forward_timer.total():.1f} s in all (the first call per shape "
+                     "compiles)")
+            compile_cache.save(key, self.log)
         if accelerator.block_cache is not None:
             stats = accelerator.block_cache.stats()
             summary.fast_path[part.backbone]["block_cache"] = stats
