@@ -20,6 +20,7 @@ from adapterswap.cli.common import (
 )
 from adapterswap.cli.execution import check_weights, print_dry_run, print_summary, run_spec
 from adapterswap.fastpath import ATTENTION_CHOICES
+from adapterswap.sweep.images_io import IMAGE_FORMATS
 
 
 def common_sweep_options(func: Any) -> Any:
@@ -87,6 +88,11 @@ def common_sweep_options(func: Any) -> Any:
         click.option("--overlap/--no-overlap", default=None,
                      help="Finish cells (images, metrics, store) on a background thread while "
                           "the next forwards run (default: on with a GPU)."),
+        click.option("--image-format", type=click.Choice(list(IMAGE_FORMATS)),
+                     default=None,
+                     help="How cell images are written: png (default, lossless), webp "
+                          "(lossless, smaller and faster) or jpeg (quality 95, lossy; metrics "
+                          "score the image in memory, not the file)."),
         click.option("--dry-run", is_flag=True,
                      help="Validate the spec and print what would run; run nothing."),
         click.option("--config", "config", default=None, type=click.Path(),
@@ -115,7 +121,8 @@ def spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_fi
                 cache: str | None = None,
                 backbone_options: tuple[str, ...] = (), timing_repeats: int | None = None,
                 timing_budget_s: float | None = None,
-                enhancers: tuple[str, ...] = ()) -> dict[str, Any]:
+                enhancers: tuple[str, ...] = (),
+                image_format: str | None = None) -> dict[str, Any]:
     from adapterswap.sweep.spec import parse_int_list, read_prompts_file
 
     prompt_list = list(prompts)
@@ -143,6 +150,7 @@ def spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_fi
         "max_batch": max_batch,
         "compile": compile_, "attention": attention, "fp8": True if fp8 else None,
         "overlap": overlap, "cache": cache, "enhancers": list(enhancers) or None,
+        "image_format": image_format,
     }
 
 

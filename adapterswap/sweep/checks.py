@@ -380,3 +380,14 @@ def check_probes(spec: Any, classes: Sequence[Any]) -> None:
     for what in silent:
         spec.defaults_used.append(f"--probes: backbone {what} records no probes (neither "
                                   "declares supports_probes)")
+
+
+def check_image_format(argument: str, value: Any) -> str:
+    """One of :data:`~adapterswap.sweep.images_io.IMAGE_FORMATS` (``png``, ``webp``,
+    ``jpeg``), as written; anything else is refused by name."""
+    from adapterswap.sweep.images_io import IMAGE_FORMATS
+
+    if not isinstance(value, str) or value not in IMAGE_FORMATS:
+        raise InvalidArgumentError(argument, value,
+                                   f"choose one of {', '.join(IMAGE_FORMATS)}")
+    return value

@@ -5,6 +5,11 @@ that records its row, scores, trajectory and probes commits, so ``kill -9`` lose
 cells in flight. With ``overlap`` the decode is queued on the device (its own CUDA stream) and
 everything after it (copy to host, images, metrics, store) runs on one background thread while
 the engine goes on with the next forwards; an error there stops the sweep at the next submit.
+
+Metrics score the decoded images in memory, never the files: the image format (``png``,
+lossless ``webp``, lossy ``jpeg``: :mod:`adapterswap.sweep.images_io`) changes no score. A
+chunk's images (and their grid thumbnails) are encoded on a few threads while the chunk is
+scored; each cell's file is then written before its transaction commits.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 from adapterswap.fastpath import ForwardTimer
 from adapterswap.metrics.base import MetricBatch
+from adapterswap.sweep.images_io import IMAGE_FORMATS, ImageEncoder
 from adapterswap.sweep.spec import Cell
 
 Probes = list[tuple[int, str, str, float]]
@@ -114,16 +120,24 @@ class CellFinisher:
 
     :param metrics: the loaded metrics, by name.
     :param overlap: finish on the background thread (see the module docstring).
+    :param image_format: ``png``, ``webp`` or ``jpeg`` (:data:`~adapterswap.sweep.images_io.
+        IMAGE_FORMATS`), recorded in the store's meta ``image_formats``.
     :param on_cell: called with each stored cell and its status (``done``/``failed``).
     """
 
     def __init__(self, store: Any, metrics: Mapping[str, Any], *, overlap: bool,
                  save_images: bool = True, max_batch: int = 16,
                  on_cell: Callable[[Cell, str], None] | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 image_format: str = "png") -> None:
         self.store = store
         self.metrics = dict(metrics)
         self.save_images = save_images
+        self.encoder = ImageEncoder(image_format)  # validates the name
+        if save_images:
+            formats = store.meta("image_formats", {})
+            formats[image_format] = IMAGE_FORMATS[image_format].record()
+            store.set_meta("image_formats", formats)
         self.max_batch = max_batch
         self.on_cell = on_cell or (lambda cell, status: None)
         self.log = log or (lambda message: None)
@@ -147,7 +161,10 @@ class CellFinisher:
         self.queue.drain()
 
     def close(self) -> None:
-        self.queue.close()
+        try:
+            self.queue.close()
+        finally:
+            self.encoder.close()
 
     # ------------------------------------------------------------------ finishing
     def finish(self, backbone: Any, samples: list[Sample], latents: Any, reference: Any,
@@ -251,30 +268,36 @@ class CellFinisher:
     def _commit(self, samples: list[Sample], images: list[Any], finite: list[bool],
                 reference: Any, trajectories: list[dict[int, dict[str, Any]] | None],
                 probes: list[Probes]) -> tuple[int, int]:
-        """Score the finite images and store every cell (failed ones with the reason)."""
+        """Score the finite images and store every cell (failed ones with the reason); the
+        images are encoded on the encoder's threads meanwhile."""
         ok = [i for i, good in enumerate(finite) if good]
-        good_scores = self.score([images[i] for i in ok], [samples[i].cell for i in ok],
-                                 reference, [samples[i].timings for i in ok])
-        scores: list[dict[str, Any]] = [{} for _ in samples]
-        for slot, value in zip(ok, good_scores):
-            scores[slot] = value
-        done = failed = 0
-        for i, sample in enumerate(samples):
-            if not finite[i]:
-                record_cell(self.store, sample.cell, sample.key, status="failed", scores={},
-                            image=None, timings=None, extra=sample.extra,
-                            error="non-finite values (NaN/inf) in the final latents")
-                failed += 1
-                self.on_cell(sample.cell, "failed")
-                continue
-            image_path = self.store.save_image(sample.key, images[i]) \
-                if self.save_images else None
-            record_cell(self.store, sample.cell, sample.key, status="done", scores=scores[i],
-                        image=image_path, timings=sample.timings, extra=sample.extra,
-                        trajectory=trajectories[i], probes=probes[i])
-            done += 1
-            self.on_cell(sample.cell, "done")
-        return done, failed
+        encoded = {i: self.encoder.submit(images[i]) for i in ok} if self.save_images else {}
+        try:
+            good_scores = self.score([images[i] for i in ok], [samples[i].cell for i in ok],
+                                     reference, [samples[i].timings for i in ok])
+            scores: list[dict[str, Any]] = [{} for _ in samples]
+            for slot, value in zip(ok, good_scores):
+                scores[slot] = value
+            done = failed = 0
+            for i, sample in enumerate(samples):
+                if not finite[i]:
+                    record_cell(self.store, sample.cell, sample.key, status="failed",
+                                scores={}, image=None, timings=None, extra=sample.extra,
+                                error="non-finite values (NaN/inf) in the final latents")
+                    failed += 1
+                    self.on_cell(sample.cell, "failed")
+                    continue
+                image_path = self.store.save_image(sample.key, encoded[i].result()) \
+                    if self.save_images else None
+                record_cell(self.store, sample.cell, sample.key, status="done",
+                            scores=scores[i], image=image_path, timings=sample.timings,
+                            extra=sample.extra, trajectory=trajectories[i], probes=probes[i])
+                done += 1
+                self.on_cell(sample.cell, "done")
+            return done, failed
+        finally:
+            for future in encoded.values():
+                future.cancel()  # after an error: the cells not stored need no file
 
     def record_failed(self, samples: Sequence[Sample], error: str) -> None:
         """Store cells that could not run (e.g. out of memory at batch 1)."""

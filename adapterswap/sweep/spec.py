@@ -39,6 +39,7 @@ from adapterswap.sweep.checks import (  # noqa: F401 - re-exported: callers impo
     check_dtype,
     check_enhancers,
     check_guidance,
+    check_image_format,
     check_output_dir,
     check_output_file,
     check_probes,
@@ -113,6 +114,8 @@ class SweepSpec:
         :mod:`adapterswap.fastpath.blockcache`; cells get keys of their own).
     :ivar overlap: finish cells (copy to host, images, metrics, store) on a background thread
         while the next forwards run; ``None`` (default): on when the sweep runs on CUDA.
+    :ivar image_format: ``png`` (default), ``webp`` (lossless) or ``jpeg`` (quality 95): how
+        cell images are written (:mod:`adapterswap.sweep.images_io`); metrics read no file.
     :ivar metric_options: per-metric options, e.g. ``{"identity": {"recognizer": "ir-se50"}}``.
     :ivar timing_repeats: timed runs per latency configuration after one warm-up per backbone
         (stored as median and IQR); 0 measures no latency.
@@ -164,6 +167,7 @@ class SweepSpec:
     timing_repeats: int = 5
     timing_budget_s: float | None = None
     save_images: bool = True
+    image_format: str = "png"
     defaults_used: list[str] = field(default_factory=list, repr=False)
     _resolved_sources: dict[str, str] = field(default_factory=dict, repr=False)
     #: per backbone, what its adapter's options ask where the spec gives nothing
@@ -329,6 +333,7 @@ class SweepSpec:
         for name in ("step_parallel", "compile", "overlap"):
             if getattr(self, name) not in (None, True, False):
                 raise InvalidArgumentError(name, getattr(self, name), "must be true or false")
+        self.image_format = check_image_format("image_format", self.image_format)
         self._validate_backbone_options(classes)
         self.cache = self.fast_path("cpu").cache  # validates attention, fp8 and cache
         if self.probes:

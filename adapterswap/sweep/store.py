@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterswap.errors import StoreWriteError, UsageError
+from adapterswap.sweep.images_io import save_image_files
 from adapterswap.sweep.latency_table import (  # noqa: F401 - LATENCY_KEY is re-exported
     LATENCY_COLUMNS,
     LATENCY_KEY,
@@ -234,20 +235,17 @@ class RunStore:
             return {r[0] for r in
                     self.db.execute("SELECT key FROM cells WHERE status = 'done'")}
 
-    def image_path(self, key: str) -> Path:
-        return self.out / "images" / f"{key}.png"
+    def image_path(self, key: str, suffix: str = ".png") -> Path:
+        return self.out / "images" / f"{key}{suffix}"
 
     def save_image(self, key: str, image: Any) -> str:
-        """Write the image atomically (temp file + rename); return its path relative to out."""
-        final = self.image_path(key)
-        tmp = final.with_suffix(".tmp.png")
+        """Write a cell's image atomically (temp file + rename): a PIL image as PNG, or an
+        :class:`~adapterswap.sweep.images_io.EncodedImage` (any format, with its grid
+        thumbnail); return its path relative to out (readers open that path)."""
         try:
-            image.save(tmp)
-            os.replace(tmp, final)
+            return save_image_files(self.out, key, image)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise self._write_error(exc) from None
-        return str(final.relative_to(self.out))
 
     def record_cell(self, key: str, config: Mapping[str, Any], *, status: str,
                     scores: Mapping[str, float | None], image: str | None = None,

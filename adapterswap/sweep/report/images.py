@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from adapterswap.sweep.analysis import row_label
+from adapterswap.sweep.images_io import (  # noqa: F401 - THUMB_* re-exported
+    THUMB_MAX,
+    THUMB_MIN,
+    png_bytes,
+    thumbnail_file,
+    thumbnail_long_side,
+)
+from adapterswap.sweep.images_io import thumbnail as _thumbnail
 from adapterswap.sweep.report.page import _Page
 from adapterswap.sweep.report.words import _setting_order, plural
 from adapterswap.sweep.store import RunStore
 
-#: Image-grid thumbnails: at least this many pixels on the long side on screen.
-THUMB_MIN = 128
-#: Image-grid thumbnails are stored at most this large (the enlarged view shows them).
-THUMB_MAX = 256
 #: Most image columns side by side before groups are stacked as rows.
 GRID_COLUMNS = 8
 
@@ -39,27 +42,7 @@ def _font(size: int) -> Any:
 
 
 def _encode(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _thumbnail(image: Any) -> tuple[Any, bool]:
-    """At most :data:`THUMB_MAX` pixels on the long side; a small image is enlarged by a
-    whole factor (nearest pixel, so its pixels stay visible) to at least :data:`THUMB_MIN`.
-    Returns the image and whether it was enlarged."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    long_side = max(image.size)
-    if long_side > THUMB_MAX:
-        image = image.copy()
-        image.thumbnail((THUMB_MAX, THUMB_MAX), Image.Resampling.LANCZOS)
-        return image, False
-    if long_side < THUMB_MIN:
-        k = math.ceil(THUMB_MIN / long_side)
-        return image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST), True
-    return image, False
+    return png_bytes(image)
 
 
 def reference_file(out: Path, reference: str) -> Path:
@@ -114,29 +97,53 @@ def _setting_names(settings: Sequence[tuple[str, str]]) -> dict[tuple[str, str],
             for b, label in settings}
 
 
-def image_grids(store: RunStore, rows: Sequence[Mapping[str, Any]]) -> list[ImageGrid]:
-    """Per reference and prompt, every image as a thumbnail: backbones and settings side by
-    side (columns: seeds) with one row per step count when they ran the same steps and fit
-    :data:`GRID_COLUMNS` columns; otherwise one row per backbone, setting and step count."""
+def grid_tile(out: Path, row: Mapping[str, Any]) -> tuple[bytes, bool] | None:
+    """A cell's grid thumbnail (PNG bytes) and whether it was enlarged: the one the sweep
+    made from the image in memory (``thumbnails/<key>.png``), else made now from the file
+    the ``image`` column names (any format); ``None`` when the file is gone."""
     from PIL import Image
 
+    path = out / row["image"]
+    if not path.is_file():
+        return None
+    stored = thumbnail_file(out, row["key"])
+    width, height = row.get("width"), row.get("height")
+    if width and height and stored.is_file():
+        try:
+            with Image.open(stored) as image:  # reads the header only
+                fits = max(image.size) == thumbnail_long_side(width, height)
+        except OSError:  # unreadable: made again below
+            fits = False
+        if fits:
+            return stored.read_bytes(), max(width, height) < THUMB_MIN
+    with Image.open(path) as image:
+        thumb, enlarged = _thumbnail(image)
+    return _encode(thumb), enlarged
+
+
+def image_grids(store: RunStore, rows: Sequence[Mapping[str, Any]]) -> list[ImageGrid]:
+    """Per reference and prompt, every image as a thumbnail (:func:`grid_tile`, each made
+    once): backbones and settings side by side (columns: seeds) with one row per step count
+    when they ran the same steps and fit :data:`GRID_COLUMNS` columns; otherwise one row per
+    backbone, setting and step count."""
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in rows:
         if row["status"] == "done" and row.get("image"):
             groups.setdefault((row["reference"], row["prompt"]), []).append(row)
     order = {b: i for i, b in enumerate(dict.fromkeys(r["backbone"] for r in rows))}
 
+    # the first cell of each (reference, prompt, backbone, setting, steps, seed), as listed
+    by_setting: dict[tuple[Any, ...], Mapping[str, Any]] = {}
+    for r in rows:
+        if r["status"] == "done" and r.get("image"):
+            by_setting.setdefault((r["reference"], r["prompt"], r["backbone"], row_label(r),
+                                   r["steps"], r["seed"]), r)
+
     def tile(members: Sequence[Mapping[str, Any]], backbone: str, label: str, steps: int,
              seed: int) -> tuple[bytes, bool] | None:
-        match = next((r for r in members if r["backbone"] == backbone
-                      and row_label(r) == label and r["steps"] == steps
-                      and r["seed"] == seed), None)
-        path = store.out / match["image"] if match else None
-        if path is None or not path.is_file():
-            return None
-        with Image.open(path) as image:
-            thumb, enlarged = _thumbnail(image)
-        return _encode(thumb), enlarged
+        match = by_setting.get((members[0]["reference"], members[0]["prompt"], backbone, label,
+                                steps, seed))
+        return grid_tile(store.out, match) if match else None
 
     grids = []
     for (reference, prompt), members in groups.items():  # in the order the cells ran
