@@ -260,7 +260,7 @@ def merge(out: str | Path) -> dict[str, int]:
                     counts["cells_added"] += after - before
             finally:
                 db.execute("DETACH DATABASE shard")
-            for folder in ("images", "references"):
+            for folder in ("images", "references", "thumbnails"):
                 source = shard / folder
                 if source.is_dir():
                     (out / folder).mkdir(exist_ok=True)
