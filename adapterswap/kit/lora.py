@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from adapterswap.errors import InvalidArgumentError, WeightsNotFoundError
 
@@ -113,3 +113,48 @@ def lora_file_steps(options: Mapping[str, Any], files: Mapping[int, str], defaul
         named = Path(str(lora)).name  # the file itself: lora_file is not read
     by_file = {filename: count for count, filename in files.items()}
     return by_file.get(str(named), default) if named else default
+
+
+class LoRAStepFiles:
+    """A mixin (first among the bases) for a LoRA backbone published as one file per step
+    count (Hyper-SD's): the ``lora_steps`` option picks the file and the instance's default
+    step count; a file named as one of them (by ``lora_file``, or given as ``lora``) runs at
+    its own count (:func:`lora_file_steps`); ``lora_steps`` beside ``lora_file`` is refused
+    when the options are checked, before anything loads. A subclass sets
+    :attr:`lora_step_files` and :attr:`lora_file` (the file without either option)."""
+
+    #: step count -> the published file distilled for it
+    lora_step_files: ClassVar[Mapping[int, str]] = {}
+    lora_file: ClassVar[str]
+    options: dict[str, Any]
+    default_steps: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.default_steps = lora_file_steps(self.options, self.lora_step_files,
+                                             type(self).default_steps)
+
+    @classmethod
+    def check_options(cls, options: Any) -> dict[str, Any]:
+        options = super().check_options(options)  # type: ignore[misc]
+        if options.get("lora_steps") is not None and options.get("lora_file"):
+            raise InvalidArgumentError(
+                "lora_steps", options["lora_steps"],
+                f"give lora_steps or lora_file={options['lora_file']!r}, not both")
+        return options
+
+    @classmethod
+    def check_option(cls, name: str, value: Any) -> Any:
+        if name == "lora_steps" and (isinstance(value, bool)
+                                     or value not in cls.lora_step_files):
+            raise InvalidArgumentError(
+                name, value, f"choose one of {', '.join(map(str, cls.lora_step_files))}")
+        return super().check_option(name, value)  # type: ignore[misc]
+
+    def lora_filename(self) -> str:
+        """The LoRA file inside ``lora``: the one ``lora_steps`` picks, the ``lora_file``
+        option, else :attr:`lora_file`."""
+        steps = self.options.get("lora_steps")
+        if steps is not None:
+            return self.lora_step_files[steps]
+        return str(self.options.get("lora_file") or type(self).lora_file)

@@ -33,7 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from adapterswap.errors import InvalidArgumentError
+from adapterswap.kit.lora import LoRAStepFiles
 from adapterswap_flux.backbones import FluxDev
 
 #: What the FLUX.1-dev base needs, said once for both backbones' ``how_to_get``.
@@ -201,7 +201,7 @@ HYPER_FLUX_FILES: dict[int, str] = {
 }
 
 
-class FluxDevHyper(FluxDevLoRABackbone):
+class FluxDevHyper(LoRAStepFiles, FluxDevLoRABackbone):
     """Hyper-FLUX (ByteDance Hyper-SD, arXiv 2404.13686): an 8-step (or 16-step) LoRA on
     FLUX.1-dev, fused at scale 0.125 as the card says; embedded guidance 3.5 kept.
 
@@ -213,6 +213,7 @@ class FluxDevHyper(FluxDevLoRABackbone):
     name = "flux-dev-hyper"
     lora_repo = "ByteDance/Hyper-SD"
     lora_file = HYPER_FLUX_FILES[8]
+    lora_step_files = HYPER_FLUX_FILES
     lora_scale = 0.125
     lora_title = "Hyper-FLUX LoRA"
     tiny_lora_magnitude = 4.0  # x 0.125: a change of the size a full-strength LoRA makes
@@ -227,37 +228,6 @@ class FluxDevHyper(FluxDevLoRABackbone):
         f"{HYPER_FLUX_FILES[8]}`; Hyper-SD's LICENSE.md puts its FLUX.1-dev LoRAs under the "
         f"FLUX.1 [dev] Non-Commercial License), or local copies.")
     description = "Hyper-FLUX 8-step LoRA on FLUX.1-dev (scale 0.125, embedded guidance 3.5)"
-
-    def __init__(self, source: str | None = None, *, device: str | None = None,
-                 dtype: Any = None, **options: Any) -> None:
-        from adapterswap.kit.lora import lora_file_steps
-
-        super().__init__(source, device=device, dtype=dtype, **options)
-        # the file's own step count (by lora_steps, lora_file or the file lora names)
-        self.default_steps = lora_file_steps(self.options, HYPER_FLUX_FILES,
-                                             type(self).default_steps)
-
-    @classmethod
-    def check_options(cls, options: Any) -> dict[str, Any]:
-        """The options checked one by one, and ``lora_steps`` refused beside ``lora_file``
-        (each picks a file), so a sweep's spec fails before anything loads."""
-        options = super().check_options(options)
-        if options.get("lora_steps") is not None and options.get("lora_file"):
-            raise InvalidArgumentError(
-                "lora_steps", options["lora_steps"],
-                f"give lora_steps or lora_file={options['lora_file']!r}, not both")
-        return options
-
-    @classmethod
-    def check_option(cls, name: str, value: Any) -> Any:
-        if name == "lora_steps" and (isinstance(value, bool) or value not in HYPER_FLUX_FILES):
-            raise InvalidArgumentError(
-                name, value, f"choose one of {', '.join(map(str, HYPER_FLUX_FILES))}")
-        return super().check_option(name, value)
-
-    def lora_filename(self) -> str:
-        steps = self.options.get("lora_steps")
-        return HYPER_FLUX_FILES[steps] if steps is not None else super().lora_filename()
 
     @classmethod
     def tiny_lora_files(cls) -> tuple[str, ...]:

@@ -16,8 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapterswap.errors import InvalidArgumentError
-from adapterswap.kit.lora import lora_file_steps
+from adapterswap.kit.lora import LoRAStepFiles
 from adapterswap.kit.tiny import build_once
 from adapterswap.kit.unet_backbone import UNetBackbone
 from adapterswap_sd15.backbones import SD15Backbone, tiny_sd15_dir
@@ -29,7 +28,7 @@ HYPER_SD15_4STEP = "Hyper-SD15-4steps-lora.safetensors"
 HYPER_SD15_FILES: dict[int, str] = {8: HYPER_SD15_8STEP, 4: HYPER_SD15_4STEP}
 
 
-class SD15HyperBackbone(SD15Backbone):
+class SD15HyperBackbone(LoRAStepFiles, SD15Backbone):
     """Hyper-SD (Ren et al., arXiv 2404.13686) N-step LoRA on SD 1.5: DDIM with "trailing"
     timesteps, no guidance, 8 steps with the default 8-step LoRA.
 
@@ -47,6 +46,8 @@ class SD15HyperBackbone(SD15Backbone):
     """
 
     name = "sd15-hyper"
+    lora_file = HYPER_SD15_8STEP
+    lora_step_files = HYPER_SD15_FILES
     default_steps = 8
     guidance_mode = "none"
     default_guidance_scale = None
@@ -65,12 +66,6 @@ class SD15HyperBackbone(SD15Backbone):
                   f"{HYPER_SD15_8STEP}` or the 4-step file, OpenRAIL++), or local copies.")
     description = "Hyper-SD 8-step (or 4-step) LoRA on Stable Diffusion 1.5 (trailing DDIM)"
 
-    def __init__(self, source: str | None = None, *, device: str | None = None,
-                 dtype: Any = None, **options: Any) -> None:
-        super().__init__(source, device=device, dtype=dtype, **options)
-        self.default_steps = lora_file_steps(self.options, HYPER_SD15_FILES,
-                                              type(self).default_steps)
-
     @classmethod
     def extra_weights(cls, options: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
         """The Hyper-SD LoRA file (none when ``lora`` is ``None``: the source has it fused),
@@ -79,14 +74,6 @@ class SD15HyperBackbone(SD15Backbone):
 
         backbone = cls(device="cpu", **cls.check_options(options))
         return weights_entry(backbone.options.get("lora", HYPER_SD), backbone.lora_filename())
-
-    def lora_filename(self) -> str:
-        """The LoRA file name inside ``lora``: the one ``lora_steps`` picks, the
-        ``lora_file`` option, else the 8-step file."""
-        steps = self.options.get("lora_steps")
-        if steps is not None:
-            return HYPER_SD15_FILES[steps]
-        return str(self.options.get("lora_file") or HYPER_SD15_8STEP)
 
     def lora_location(self) -> tuple[str, str, bool] | None:
         """``(directory or repo id, file name, local_files_only)`` of the Hyper-SD LoRA, or
@@ -109,23 +96,9 @@ class SD15HyperBackbone(SD15Backbone):
         return pipe
 
     @classmethod
-    def check_options(cls, options: Any) -> dict[str, Any]:
-        """The options checked one by one, and ``lora_steps`` refused beside ``lora_file``
-        (each picks a file), so a sweep's spec fails before anything loads."""
-        options = super().check_options(options)
-        if options.get("lora_steps") is not None and options.get("lora_file"):
-            raise InvalidArgumentError(
-                "lora_steps", options["lora_steps"],
-                f"give lora_steps or lora_file={options['lora_file']!r}, not both")
-        return options
-
-    @classmethod
     def check_option(cls, name: str, value: Any) -> Any:
         from adapterswap.kit.lora import check_lora_option
 
-        if name == "lora_steps" and (isinstance(value, bool) or value not in HYPER_SD15_FILES):
-            raise InvalidArgumentError(
-                name, value, f"choose one of {', '.join(map(str, HYPER_SD15_FILES))}")
         check_lora_option(name, value)
         return super().check_option(name, value)
 

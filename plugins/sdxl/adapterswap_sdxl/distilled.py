@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from adapterswap.errors import InvalidArgumentError
-from adapterswap.kit.lora import lora_file_steps
+from adapterswap.kit.lora import LoRAStepFiles
 from adapterswap.kit.tiny import build_once
 from adapterswap.kit.unet_backbone import UNetBackbone
 from adapterswap_sdxl.backbones import SDXLBackbone, SDXLLightningBackbone, tiny_sdxl_dir
@@ -199,7 +199,7 @@ class SDXLLoRABackbone(SDXLBackbone):
         return backbone
 
 
-class SDXLHyperBackbone(SDXLLoRABackbone):
+class SDXLHyperBackbone(LoRAStepFiles, SDXLLoRABackbone):
     """Hyper-SD (Ren et al., arXiv 2404.13686) N-step LoRA on SDXL base: DDIM with
     "trailing" timesteps, no guidance, 8 steps with the default 8-step LoRA.
 
@@ -216,6 +216,7 @@ class SDXLHyperBackbone(SDXLLoRABackbone):
     default_steps = 8
     lora_repo = HYPER_SD
     lora_file = HYPER_SDXL_8STEP
+    lora_step_files = HYPER_SDXL_FILES
     tiny_lora_files = (HYPER_SDXL_8STEP, HYPER_SDXL_4STEP)
     option_docs = {
         "lora": "where the Hyper-SD LoRA comes from: a Hub repo id, a local directory, the "
@@ -230,34 +231,6 @@ class SDXLHyperBackbone(SDXLLoRABackbone):
     how_to_get = (f"{_BASE_HOW_TO_GET} and the Hyper-SD LoRA (`hf download {HYPER_SD} "
                   f"{HYPER_SDXL_8STEP}` or the 4-step file, OpenRAIL++), or local copies.")
     description = "Hyper-SD 8-step (or 4-step) LoRA on SDXL base (trailing DDIM, no guidance)"
-
-    def __init__(self, source: str | None = None, *, device: str | None = None,
-                 dtype: Any = None, **options: Any) -> None:
-        super().__init__(source, device=device, dtype=dtype, **options)
-        self.default_steps = lora_file_steps(self.options, HYPER_SDXL_FILES,
-                                              type(self).default_steps)
-
-    @classmethod
-    def check_options(cls, options: Any) -> dict[str, Any]:
-        """The options checked one by one, and ``lora_steps`` refused beside ``lora_file``
-        (each picks a file), so a sweep's spec fails before anything loads."""
-        options = super().check_options(options)
-        if options.get("lora_steps") is not None and options.get("lora_file"):
-            raise InvalidArgumentError(
-                "lora_steps", options["lora_steps"],
-                f"give lora_steps or lora_file={options['lora_file']!r}, not both")
-        return options
-
-    @classmethod
-    def check_option(cls, name: str, value: Any) -> Any:
-        if name == "lora_steps" and (isinstance(value, bool) or value not in HYPER_SDXL_FILES):
-            raise InvalidArgumentError(
-                name, value, f"choose one of {', '.join(map(str, HYPER_SDXL_FILES))}")
-        return super().check_option(name, value)
-
-    def lora_filename(self) -> str:
-        steps = self.options.get("lora_steps")
-        return HYPER_SDXL_FILES[steps] if steps is not None else super().lora_filename()
 
     def configure_pipeline(self, pipe: Any) -> Any:
         """DDIM from the repo's scheduler config with "trailing" timesteps, as the card sets
