@@ -115,6 +115,70 @@ def lora_file_steps(options: Mapping[str, Any], files: Mapping[int, str], defaul
     return by_file.get(str(named), default) if named else default
 
 
+class FusedLoRA:
+    """A mixin (before the pipeline backbone class among the bases) for a distilled backbone
+    that is its base pipeline with a LoRA fused in at load: the options ``lora`` (a Hub repo
+    id, a folder, the ``.safetensors`` file itself, or ``None`` when the source has it fused),
+    ``lora_file`` and ``lora_scale``; the LoRA located before the base pipeline is read,
+    fused (:func:`fuse_lora`) after it loads, and named in the cells' provenance
+    (``extra_weights``). A subclass sets :attr:`lora_repo`, :attr:`lora_file`,
+    :attr:`lora_title` (for messages), :attr:`lora_model` (what a wrong file is not) and,
+    where its card fuses at another scale, :attr:`lora_scale`."""
+
+    lora_repo: ClassVar[str]
+    lora_file: ClassVar[str]
+    lora_title: ClassVar[str] = "LoRA"
+    lora_model: ClassVar[str] = "a LoRA of this base model"
+    lora_scale: ClassVar[float] = 1.0
+    name: str
+    options: dict[str, Any]
+    how_to_get: str
+
+    @classmethod
+    def check_option(cls, name: str, value: Any) -> Any:
+        check_lora_option(name, value)
+        return super().check_option(name, value)  # type: ignore[misc]
+
+    @classmethod
+    def extra_weights(cls, options: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """The LoRA file (none when ``lora`` is ``None``: the source has it fused), for
+        provenance: nothing loads."""
+        backbone = cls(device="cpu", **cls.check_options(options))  # type: ignore[attr-defined,call-arg]
+        return weights_entry(backbone.options.get("lora", cls.lora_repo),
+                             backbone.lora_filename())
+
+    def lora_filename(self) -> str:
+        """The LoRA file inside ``lora`` (the ``lora_file`` option, else :attr:`lora_file`)."""
+        return str(self.options.get("lora_file") or type(self).lora_file)
+
+    def lora_location(self) -> tuple[str, str, bool] | None:
+        """``(directory or repo id, file name, local_files_only)`` of the LoRA, or ``None``
+        without one; :class:`WeightsNotFoundError` names what is missing."""
+        return lora_location(self.options.get("lora", type(self).lora_repo),
+                             default_file=self.lora_filename(),
+                             what=f"backbone {self.name!r} {self.lora_title}",
+                             how_to_get=self.how_to_get)
+
+    def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
+        lora = self.lora_location()  # fail before reading the base pipeline
+        pipe = super().load_pipeline(source, local_files_only=local_files_only)  # type: ignore[misc]
+        if lora is not None and self.fuses_at_load():
+            self.fuse_lora_into(pipe, lora)
+        return pipe
+
+    def fuses_at_load(self) -> bool:
+        """Whether :meth:`load_pipeline` fuses the LoRA (a backbone that quantises its
+        denoiser fuses it earlier, into the full-precision weights, and says ``False``)."""
+        return True
+
+    def fuse_lora_into(self, pipe: Any, lora: tuple[str, str, bool]) -> None:
+        """Fuse the LoRA at ``lora`` (:meth:`lora_location`) into ``pipe`` at the
+        ``lora_scale`` option (default :attr:`lora_scale`, the card's)."""
+        fuse_lora(pipe, lora, adapter_name=self.name.replace("-", "_"),
+                  what=f"backbone {self.name!r} {self.lora_title}", model=self.lora_model,
+                  lora_scale=float(self.options.get("lora_scale", type(self).lora_scale)))
+
+
 class LoRAStepFiles:
     """A mixin (first among the bases) for a LoRA backbone published as one file per step
     count (Hyper-SD's): the ``lora_steps`` option picks the file and the instance's default

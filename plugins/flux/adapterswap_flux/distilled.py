@@ -33,7 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from adapterswap.kit.lora import LoRAStepFiles
+from adapterswap.kit.lora import FusedLoRA, LoRAStepFiles
 from adapterswap_flux.backbones import FluxDev
 
 #: What the FLUX.1-dev base needs, said once for both backbones' ``how_to_get``.
@@ -43,7 +43,7 @@ _FLUX_DEV_HOW_TO_GET = (
     "`hf download black-forest-labs/FLUX.1-dev`)")
 
 
-class FluxDevLoRABackbone(FluxDev):
+class FluxDevLoRABackbone(FusedLoRA, FluxDev):
     """FLUX.1-dev with a step-distillation LoRA fused in (shared part, not registered).
 
     ``source`` is the FLUX.1-dev pipeline. Options, besides flux-dev's: ``lora`` (a Hub repo
@@ -55,12 +55,7 @@ class FluxDevLoRABackbone(FluxDev):
 
     default_steps = 8
     step_grid = (1, 2, 4, 8)
-    #: Where the LoRA comes from by default, its file, and the card's ``fuse_lora`` scale.
-    lora_repo: ClassVar[str]
-    lora_file: ClassVar[str]
-    lora_scale: ClassVar[float] = 1.0
-    #: Its name in messages (``"FLUX.1-Turbo-Alpha LoRA"``).
-    lora_title: ClassVar[str]
+    lora_model = "a FLUX.1-dev LoRA"
     #: Scale of the tiny LoRA's weights, so that at ``lora_scale`` they change the transformer
     #: as much as a full-strength LoRA would (Hyper-FLUX's are made for 0.125).
     tiny_lora_magnitude: ClassVar[float] = 0.5
@@ -83,42 +78,9 @@ class FluxDevLoRABackbone(FluxDev):
             "lora_scale": f"the fuse_lora scale (default {scale:g}, the model card's)",
         }
 
-    @classmethod
-    def check_option(cls, name: str, value: Any) -> Any:
-        from adapterswap.kit.lora import check_lora_option
-
-        check_lora_option(name, value)
-        return super().check_option(name, value)
-
-    @classmethod
-    def extra_weights(cls, options: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
-        """The LoRA file, for provenance (nothing loads)."""
-        from adapterswap.kit.lora import weights_entry
-
-        backbone = cls(device="cpu", **cls.check_options(options))
-        return weights_entry(backbone.options.get("lora", cls.lora_repo),
-                             backbone.lora_filename())
-
-    def lora_filename(self) -> str:
-        """The LoRA file name inside ``lora`` (the ``lora_file`` option, else the default)."""
-        return str(self.options.get("lora_file") or type(self).lora_file)
-
-    def lora_location(self) -> tuple[str, str, bool] | None:
-        """``(directory or repo id, file name, local_files_only)`` of the LoRA, or ``None``
-        without one; :class:`~adapterswap.errors.WeightsNotFoundError` names what is missing."""
-        from adapterswap.kit.lora import lora_location
-
-        return lora_location(self.options.get("lora", type(self).lora_repo),
-                             default_file=self.lora_filename(),
-                             what=f"backbone {self.name!r} {self.lora_title}",
-                             how_to_get=self.how_to_get)
-
-    def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
-        lora = self.lora_location()  # fail before reading the base pipeline
-        pipe = super().load_pipeline(source, local_files_only=local_files_only)
-        if lora is not None and not self.quantize_8bit:  # 8-bit: fused in prepare_transformer
-            self._fuse(pipe, lora)
-        return pipe
+    def fuses_at_load(self) -> bool:
+        """8-bit weights take no merge: the LoRA is fused in :meth:`prepare_transformer`."""
+        return not self.quantize_8bit
 
     def prepare_transformer(self, transformer: Any) -> Any:
         """Merge the LoRA into the transformer the 8-bit path loaded, before quanto freezes
@@ -129,15 +91,8 @@ class FluxDevLoRABackbone(FluxDev):
         if lora is not None:
             bare = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
                                 text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-            self._fuse(bare, lora)
+            self.fuse_lora_into(bare, lora)
         return transformer
-
-    def _fuse(self, pipe: Any, lora: tuple[str, str, bool]) -> None:
-        from adapterswap.kit.lora import fuse_lora
-
-        fuse_lora(pipe, lora, adapter_name=self.name.replace("-", "_"),
-                  what=f"backbone {self.name!r} {self.lora_title}", model="a FLUX.1-dev LoRA",
-                  lora_scale=self.lora_scale)
 
     # ------------------------------------------------------------------ presets
     @classmethod

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from adapterswap.errors import InvalidArgumentError
 from adapterswap.kit.guidance import guided, uses_cfg
+from adapterswap.kit.lora import FusedLoRA
 from adapterswap.kit.tiny import build_once
 from adapterswap.kit.unet_backbone import UNetBackbone
 from adapterswap_sd15.tiny import TINY_SIZE
@@ -186,7 +187,7 @@ class SD15Backbone(UNetBackbone):
                 image, output_type=output_type, do_denormalize=[True] * image.shape[0])
 
 
-class SD15LCMBackbone(SD15Backbone):
+class SD15LCMBackbone(FusedLoRA, SD15Backbone):
     """LCM-LoRA (Luo et al., arXiv 2311.05556) on SD 1.5: ``LCMScheduler``, 4 steps, guidance
     1.0 (off; the authors allow 1.0-2.0).
 
@@ -198,6 +199,8 @@ class SD15LCMBackbone(SD15Backbone):
     """
 
     name = "sd15-lcm"
+    lora_repo, lora_file = LCM_LORA, LCM_LORA_FILE
+    lora_title, lora_model = "LCM-LoRA", "an SD 1.5 LoRA"
     default_steps = 4
     default_guidance_scale = 1.0
     option_docs = {
@@ -218,45 +221,6 @@ class SD15LCMBackbone(SD15Backbone):
                   "the LCM-LoRA (`hf download latent-consistency/lcm-lora-sdv1-5 "
                   "pytorch_lora_weights.safetensors`, OpenRAIL++), or local copies.")
     description = "LCM-LoRA on Stable Diffusion 1.5 (4 LCM steps, guidance off)"
-
-    @classmethod
-    def extra_weights(cls, options: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
-        """The LCM-LoRA file (none when ``lora`` is ``None``: the source is LCM-distilled),
-        for provenance: nothing loads."""
-        from adapterswap.kit.lora import weights_entry
-
-        backbone = cls(device="cpu", **cls.check_options(options))
-        return weights_entry(backbone.options.get("lora", LCM_LORA), backbone.lora_filename())
-
-    def lora_filename(self) -> str:
-        """The LoRA file name inside ``lora`` (the ``lora_file`` option, else the default)."""
-        return str(self.options.get("lora_file") or LCM_LORA_FILE)
-
-    def lora_location(self) -> tuple[str, str, bool] | None:
-        """``(directory or repo id, file name, local_files_only)`` of the LCM-LoRA, or
-        ``None`` without one; :class:`WeightsNotFoundError` names what is missing."""
-        from adapterswap.kit.lora import lora_location
-
-        return lora_location(self.options.get("lora", LCM_LORA),
-                             default_file=self.lora_filename(),
-                             what=f"backbone {self.name!r} LCM-LoRA", how_to_get=self.how_to_get)
-
-    def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
-        from adapterswap.kit.lora import fuse_lora
-
-        lora = self.lora_location()  # fail before reading the base pipeline
-        pipe = super().load_pipeline(source, local_files_only=local_files_only)
-        if lora is not None:
-            fuse_lora(pipe, lora, adapter_name="lcm", what=f"backbone {self.name!r} LCM-LoRA",
-                      model="an SD 1.5 LoRA")
-        return pipe
-
-    @classmethod
-    def check_option(cls, name: str, value: Any) -> Any:
-        from adapterswap.kit.lora import check_lora_option
-
-        check_lora_option(name, value)
-        return super().check_option(name, value)
 
     def configure_pipeline(self, pipe: Any) -> Any:
         """``LCMScheduler`` from the pipeline's scheduler config. It draws fresh noise at every

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from adapterswap.kit.lora import LoRAStepFiles
+from adapterswap.kit.lora import FusedLoRA, LoRAStepFiles
 from adapterswap.kit.tiny import build_once
 from adapterswap.kit.unet_backbone import UNetBackbone
 from adapterswap_sd15.backbones import SD15Backbone, tiny_sd15_dir
@@ -28,7 +28,7 @@ HYPER_SD15_4STEP = "Hyper-SD15-4steps-lora.safetensors"
 HYPER_SD15_FILES: dict[int, str] = {8: HYPER_SD15_8STEP, 4: HYPER_SD15_4STEP}
 
 
-class SD15HyperBackbone(LoRAStepFiles, SD15Backbone):
+class SD15HyperBackbone(LoRAStepFiles, FusedLoRA, SD15Backbone):
     """Hyper-SD (Ren et al., arXiv 2404.13686) N-step LoRA on SD 1.5: DDIM with "trailing"
     timesteps, no guidance, 8 steps with the default 8-step LoRA.
 
@@ -46,8 +46,9 @@ class SD15HyperBackbone(LoRAStepFiles, SD15Backbone):
     """
 
     name = "sd15-hyper"
-    lora_file = HYPER_SD15_8STEP
+    lora_repo, lora_file = HYPER_SD, HYPER_SD15_8STEP
     lora_step_files = HYPER_SD15_FILES
+    lora_title, lora_model = "Hyper-SD LoRA", "an SD 1.5 LoRA"
     default_steps = 8
     guidance_mode = "none"
     default_guidance_scale = None
@@ -65,42 +66,6 @@ class SD15HyperBackbone(LoRAStepFiles, SD15Backbone):
                   f"CreativeML OpenRAIL-M) and the Hyper-SD LoRA (`hf download {HYPER_SD} "
                   f"{HYPER_SD15_8STEP}` or the 4-step file, OpenRAIL++), or local copies.")
     description = "Hyper-SD 8-step (or 4-step) LoRA on Stable Diffusion 1.5 (trailing DDIM)"
-
-    @classmethod
-    def extra_weights(cls, options: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
-        """The Hyper-SD LoRA file (none when ``lora`` is ``None``: the source has it fused),
-        for provenance: nothing loads."""
-        from adapterswap.kit.lora import weights_entry
-
-        backbone = cls(device="cpu", **cls.check_options(options))
-        return weights_entry(backbone.options.get("lora", HYPER_SD), backbone.lora_filename())
-
-    def lora_location(self) -> tuple[str, str, bool] | None:
-        """``(directory or repo id, file name, local_files_only)`` of the Hyper-SD LoRA, or
-        ``None`` without one; :class:`WeightsNotFoundError` names what is missing."""
-        from adapterswap.kit.lora import lora_location
-
-        return lora_location(self.options.get("lora", HYPER_SD),
-                             default_file=self.lora_filename(),
-                             what=f"backbone {self.name!r} Hyper-SD LoRA",
-                             how_to_get=self.how_to_get)
-
-    def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
-        from adapterswap.kit.lora import fuse_lora
-
-        lora = self.lora_location()  # fail before reading the base pipeline
-        pipe = super().load_pipeline(source, local_files_only=local_files_only)
-        if lora is not None:
-            fuse_lora(pipe, lora, adapter_name="hyper",
-                      what=f"backbone {self.name!r} Hyper-SD LoRA", model="an SD 1.5 LoRA")
-        return pipe
-
-    @classmethod
-    def check_option(cls, name: str, value: Any) -> Any:
-        from adapterswap.kit.lora import check_lora_option
-
-        check_lora_option(name, value)
-        return super().check_option(name, value)
 
     def configure_pipeline(self, pipe: Any) -> Any:
         """DDIM from the repo's scheduler config with "trailing" timesteps, exactly the card's

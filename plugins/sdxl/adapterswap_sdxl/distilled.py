@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from adapterswap.errors import InvalidArgumentError
-from adapterswap.kit.lora import LoRAStepFiles
+from adapterswap.kit.lora import FusedLoRA, LoRAStepFiles
 from adapterswap.kit.tiny import build_once
 from adapterswap.kit.unet_backbone import UNetBackbone
 from adapterswap_sdxl.backbones import SDXLBackbone, SDXLLightningBackbone, tiny_sdxl_dir
@@ -114,7 +114,7 @@ def save_tiny_turbo_pipeline(path: Path, seed: int) -> Path:
 
 
 # ------------------------------------------------------------------------ LoRAs on SDXL base
-class SDXLLoRABackbone(SDXLBackbone):
+class SDXLLoRABackbone(FusedLoRA, SDXLBackbone):
     """SDXL base with a distilled LoRA fused into its UNet (:mod:`adapterswap.kit.lora`);
     a subclass names the LoRA (:attr:`lora_repo`, :attr:`lora_file`) and sets the card's
     scheduler in :meth:`configure_pipeline`.
@@ -126,51 +126,9 @@ class SDXLLoRABackbone(SDXLBackbone):
 
     guidance_mode = "none"
     default_guidance_scale = None
-    #: Where the LoRA comes from by default, and its file name there.
-    lora_repo: ClassVar[str]
-    lora_file: ClassVar[str]
+    lora_model = "an SDXL LoRA"
     #: Files the tiny preset writes into its LoRA directory (the published names).
     tiny_lora_files: ClassVar[tuple[str, ...]]
-
-    @classmethod
-    def extra_weights(cls, options: Any) -> dict[str, tuple[str, tuple[str, ...]]]:
-        """The LoRA file (none when ``lora`` is ``None``: the source has it fused), for
-        provenance: nothing loads."""
-        from adapterswap.kit.lora import weights_entry
-
-        backbone = cls(device="cpu", **cls.check_options(options))
-        return weights_entry(backbone.options.get("lora", cls.lora_repo),
-                             backbone.lora_filename())
-
-    def lora_filename(self) -> str:
-        """The LoRA file name inside ``lora`` (the ``lora_file`` option, else the default)."""
-        return str(self.options.get("lora_file") or type(self).lora_file)
-
-    def lora_location(self) -> tuple[str, str, bool] | None:
-        """``(directory or repo id, file name, local_files_only)`` of the LoRA, or ``None``
-        without one; :class:`WeightsNotFoundError` names what is missing."""
-        from adapterswap.kit.lora import lora_location
-
-        return lora_location(self.options.get("lora", self.lora_repo),
-                             default_file=self.lora_filename(),
-                             what=f"backbone {self.name!r} LoRA", how_to_get=self.how_to_get)
-
-    def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
-        from adapterswap.kit.lora import fuse_lora
-
-        lora = self.lora_location()  # fail before reading the base pipeline
-        pipe = super().load_pipeline(source, local_files_only=local_files_only)
-        if lora is not None:
-            fuse_lora(pipe, lora, adapter_name="distilled", what=f"backbone {self.name!r} LoRA",
-                      model="an SDXL LoRA")
-        return pipe
-
-    @classmethod
-    def check_option(cls, name: str, value: Any) -> Any:
-        from adapterswap.kit.lora import check_lora_option
-
-        check_lora_option(name, value)
-        return super().check_option(name, value)
 
     @classmethod
     def tiny(cls, seed: int = 0, *, cache_dir: str | None = None,
