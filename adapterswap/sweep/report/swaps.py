@@ -20,6 +20,14 @@ def _target(c: Mapping[str, Any]) -> str:
     return c["to"] + (f" + {enhancer}" if enhancer != "none" else "")
 
 
+def _delta_cell(delta: Mapping[str, Any] | None) -> Any:
+    """A table cell: the paired delta with its CI, verdict and pairs, or ``-``."""
+    if delta is None:
+        return "-"
+    return _Raw(f"{html.escape(_signed_ci(delta))}<br>"
+                f"{_verdict_html(delta.get('verdict', ''))} (n={delta['n']})")
+
+
 def _forwards(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
@@ -91,11 +99,7 @@ def swap_table_section(page: _Page, swap: Mapping[str, Any], analysis: Analysis
                           f"{_forwards((c.get('forwards') or {}).get('from'))} &rarr; "
                           f"{_forwards((c.get('forwards') or {}).get('to'))}"]
         row[3] = _Raw(row[3])
-        for m in metrics:
-            d = c["metrics"].get(m)
-            row.append("-" if d is None else _Raw(
-                f"{html.escape(_signed_ci(d))}<br>{_verdict_html(d.get('verdict', ''))} "
-                f"(n={d['n']})"))
+        row += [_delta_cell(c["metrics"].get(m)) for m in metrics]
         body.append(row)
     headers = ["target", "steps", "speed-up", "forwards / image (source &rarr; target)"]
     headers[3] = _Raw(headers[3])
@@ -119,11 +123,7 @@ def enhancer_section(enhancers: Sequence[Mapping[str, Any]]) -> list[str]:
                           _Raw(f"{_forwards(forwards.get('none'))} &rarr; "
                                f"{_forwards(forwards.get(e['enhancer']))}"),
                           f"{ratio:.2f}x at {e['latency_steps']}" if ratio else "not measured"]
-        for m in metrics:
-            d = e["metrics"].get(m)
-            row.append("-" if d is None else _Raw(
-                f"{html.escape(_signed_ci(d))}<br>{_verdict_html(d.get('verdict', ''))} "
-                f"(n={d['n']})"))
+        row += [_delta_cell(e["metrics"].get(m)) for m in metrics]
         body.append(row)
     parts.append(_table(["backbone", "setting", "enhancer",
                          _Raw("forwards / image (none &rarr; enhancer)"),
