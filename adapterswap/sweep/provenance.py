@@ -19,6 +19,7 @@ Nothing here imports torch at module level or loads a model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -304,14 +305,32 @@ def metric_record(metric_cls: Any, *, available: bool = True, reason: str | None
 
 
 def _dist_version_of(cls: Any) -> str | None:
+    """``"adapterswap-flux 0.1.0"``: the distribution a class's package comes from. The
+    distribution named like the package is tried first (one metadata read); the mapping of
+    every installed package (``packages_distributions``, seconds in a large environment) is
+    made only when that fails, and once per process."""
     from importlib import metadata
 
     top = cls.__module__.split(".")[0]
+    for name in dict.fromkeys((top, top.replace("_", "-"))):
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if top in (dist.read_text("top_level.txt") or top).split():
+            return f"{dist.metadata['Name']} {dist.version}"
     try:
-        dists = metadata.packages_distributions().get(top) or []
+        dists = _package_distributions().get(top) or []
         return f"{dists[0]} {metadata.version(dists[0])}" if dists else None
     except Exception:  # noqa: BLE001 - informational only
         return None
+
+
+@functools.cache
+def _package_distributions() -> Mapping[str, list[str]]:
+    from importlib import metadata
+
+    return metadata.packages_distributions()
 
 
 def adapter_kinds(spec: Any) -> dict[str, str | None]:
