@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from abc import ABC
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -276,10 +277,23 @@ class PredictCall:
                                 adapter_inputs=adapter_inputs)
 
     def null_prompt(self) -> TensorBundle:
-        """The encoding of no text for this batch (made once per call)."""
+        """The encoding of no text for this batch: made once per backbone (its loaded
+        pipeline) and prompt layout, not at every step, since it runs the text encoders."""
         if self._null_prompt is None:
-            self._null_prompt = self.backbone.null_prompt(self.prompt)
+            layout = tuple((name, tuple(value.shape), str(value.dtype), str(value.device))
+                           for name, value in sorted(self.prompt.batched.items())
+                           if value is not None)
+            cache = _NULL_PROMPTS.setdefault(self.backbone, {})
+            key = (id(self.backbone.pipe), layout)
+            if key not in cache:
+                cache.clear()  # another pipeline or prompt layout: the old ones are stale
+                cache[key] = self.backbone.null_prompt(self.prompt)
+            self._null_prompt = cache[key]
         return self._null_prompt
+
+
+#: Per backbone, its encodings of no text (:meth:`PredictCall.null_prompt`); dropped with it.
+_NULL_PROMPTS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
 def predict_step(backbone: Any, adapter: Any, conditioning: Any, latents: Any,

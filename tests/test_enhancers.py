@@ -309,3 +309,24 @@ class TestAttentionManipulationContract(EnhancerContract):
     options = {"power": 1.5, "scale": 2.0}
     neutral_options = {"power": 1.0, "scale": 1.0}
     backbone_name, adapter_name = "sdxl-dmd2", "style-ip-adapter"
+
+
+def test_the_empty_prompt_is_encoded_once_not_at_every_step(lightning, monkeypatch):
+    backbone, adapter, reference = lightning
+    calls = []
+    original = type(backbone).null_prompt
+
+    def counting(self, prompt):
+        calls.append(prompt.batch_size)
+        return original(self, prompt)
+
+    monkeypatch.setattr(type(backbone), "null_prompt", counting)
+    from adapterswap.enhancer import _NULL_PROMPTS
+
+    _NULL_PROMPTS.pop(backbone, None)
+    first = denoise(backbone, PROMPT, num_inference_steps=4, seeds=[0], adapter=adapter,
+                    reference=reference, output_type="np", enhancer=get_enhancer("dcg")())
+    again = denoise(backbone, PROMPT, num_inference_steps=4, seeds=[0], adapter=adapter,
+                    reference=reference, output_type="np", enhancer=get_enhancer("dcg")())
+    assert calls == [1]  # 4 steps x 2 text-free forwards x 2 runs: one encoding
+    assert np.array_equal(first.images, again.images)

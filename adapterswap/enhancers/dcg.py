@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from adapterswap.enhancer import Enhancer, PredictCall, check_number, per_step
+from adapterswap.tensors import device_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +91,6 @@ class DecoupledGuidance(Enhancer):
     def predict(self, call: PredictCall) -> torch.Tensor:
         """Per row its own ``a`` and ``b`` (rows of a step-parallel batch may run different
         step counts); a step where every row is neutral costs one unguided forward."""
-        import torch
 
         ctx = call.ctx
         rows = list(zip(ctx.step_indices, ctx.num_steps))
@@ -101,9 +101,9 @@ class DecoupledGuidance(Enhancer):
         e_full = call.forward(text=True, identity=True, guided=False)
         shape = (-1,) + (1,) * (e_full.ndim - 1)
 
-        def weights(value: Any) -> torch.Tensor:
-            return torch.tensor([per_step(value, i, n) for i, n in rows],
-                                device=e_full.device, dtype=e_full.dtype).reshape(shape)
+        def weights(value: Any) -> torch.Tensor:  # made once per schedule: no copy per step
+            return device_tensor([per_step(value, i, n) for i, n in rows], e_full.device,
+                                 e_full.dtype).reshape(shape)
 
         pred = e0 + weights(self.a) * (e_id - e0) + weights(self.b) * (e_full - e_id)
         if self.rescale > 0:
