@@ -104,9 +104,12 @@ def check_weights(spec: Any) -> None:
     the HF cache when offline), and what each adapter needs for the references
     (:meth:`Adapter.check_references <adapterswap.adapter.Adapter.check_references>`), before
     the store is created or a model loads."""
+    from adapterswap.devices import default_device
     from adapterswap.errors import WeightsNotFoundError
+    from adapterswap.fastpath.flash import check_attention
     from adapterswap.sweep.models import ModelFactory
 
+    check_attention(spec.attention, spec.device or default_device())
     try:
         models = ModelFactory.from_spec(spec)
         models.check_weights(spec.backbones)

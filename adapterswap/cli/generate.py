@@ -59,7 +59,9 @@ from adapterswap.fastpath import ATTENTION_CHOICES
               help="Output image path (default: ./adapterswap-<backbone>-<adapter>-s<seed>.png).")
 @click.option("--attention", default="auto",
               type=click.Choice(ATTENTION_CHOICES),
-              help="SDPA kernel preference (default auto: cuDNN first on Hopper).")
+              help="SDPA kernel preference (default auto: cuDNN first on Hopper); fa3: "
+                   "FlashAttention-3 (Hopper, pip install fa3-fwd); fa3-fp8: its float8 "
+                   "kernel (approximation).")
 @click.option("--fp8", is_flag=True, help="float8 linear layers (approximation, Hopper+).")
 @click.option("--cache", default=None, metavar="POLICY",
               help="Block cache, threshold:T or interval:N (approximation, FLUX only).")
@@ -117,6 +119,10 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
     checks.check_seed("--seed", seed)
     checks.check_device("--device", device)
     checks.check_dtype("--dtype", dtype)
+    from adapterswap.devices import default_device
+    from adapterswap.fastpath.flash import check_attention
+
+    check_attention(attention, device or default_device())
     if num_inference_steps is not None:
         if num_inference_steps < 1:
             raise InvalidArgumentError("--steps", num_inference_steps, "must be an integer >= 1")

@@ -79,7 +79,9 @@ def common_sweep_options(func: Any) -> Any:
                           "compiles once)."),
         click.option("--attention", default=None,
                      type=click.Choice(ATTENTION_CHOICES),
-                     help="SDPA kernel preference (default auto: cuDNN first on Hopper)."),
+                     help="SDPA kernel preference (default auto: cuDNN first on Hopper); fa3: "
+                          "FlashAttention-3 (Hopper, pip install fa3-fwd); fa3-fp8: its "
+                          "float8 kernel (approximation; cells keyed apart)."),
         click.option("--fp8", is_flag=True, default=None,
                      help="float8 linear layers (approximation, Hopper+; cells keyed apart)."),
         click.option("--cache", default=None, metavar="POLICY",

@@ -24,6 +24,7 @@ from adapterswap.devices import device_name
 from adapterswap.errors import InvalidArgumentError, UsageError
 from adapterswap.fastpath.blockcache import BlockCache
 from adapterswap.fastpath.compiling import compile_encoder, compile_module, mark_step
+from adapterswap.fastpath.flash import check_attention
 from adapterswap.fastpath.kernels import attention_context, fp8_supported, fuse_qkv, to_float8
 from adapterswap.fastpath.profile import CompileProfile, find_profile
 from adapterswap.fastpath.switches import COMPILE_MODES, CUDAGRAPH_MODES, DEFAULT, FastPath
@@ -91,6 +92,7 @@ class Accelerator:
             self.fast_path, self.block_cache, self._graphs = None, None, False  # reloaded
         previous = self.fast_path
         if previous is not None and previous.same_modules(fast):
+            check_attention(fast.attention, backbone.execution_device)
             encoders = previous.compile_encoders or (fast.compile and fast.compile_encoders)
             self.fast_path = previous.with_(attention=fast.attention, cache=fast.cache,
                                             compile_encoders=encoders)
@@ -106,6 +108,7 @@ class Accelerator:
                              "switches")
         device = backbone.execution_device
         on_cuda = str(device).startswith("cuda")
+        check_attention(fast.attention, device)
         modules = dict(backbone.fast_modules())
         for adapter in adapters:
             modules.update({f"{adapter.name}.{k}": m for k, m in adapter.fast_modules().items()})

@@ -26,6 +26,8 @@ def sdpa_backends(choice: str, device: Any) -> list[Any] | None:
 
     if choice == "default" or not str(device).startswith("cuda") or not torch.cuda.is_available():
         return None
+    if choice in ("fa3", "fa3-fp8"):  # calls FlashAttention-3 leaves to SDPA: the auto order
+        choice = "auto"
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     if choice == "auto":
@@ -41,14 +43,19 @@ def sdpa_backends(choice: str, device: Any) -> list[Any] | None:
 
 @contextlib.contextmanager
 def attention_context(choice: str, device: Any) -> Iterator[None]:
-    """Run the block with the SDPA kernels of :func:`sdpa_backends` (priority order)."""
+    """Run the block with the SDPA kernels of :func:`sdpa_backends` (priority order), and for
+    ``"fa3"``/``"fa3-fp8"`` with FlashAttention-3 in SDPA's place where it applies
+    (:func:`adapterswap.fastpath.flash.sdpa_override`; checked by ``Accelerator.enable``)."""
     backends = sdpa_backends(choice, device)
-    if backends is None:
-        yield
-        return
-    from torch.nn.attention import sdpa_kernel
+    with contextlib.ExitStack() as stack:
+        if backends is not None:
+            from torch.nn.attention import sdpa_kernel
 
-    with sdpa_kernel(backends, set_priority=True):
+            stack.enter_context(sdpa_kernel(backends, set_priority=True))
+        if choice in ("fa3", "fa3-fp8") and str(device).startswith("cuda"):
+            from adapterswap.fastpath.flash import sdpa_override
+
+            stack.enter_context(sdpa_override(fp8=choice == "fa3-fp8"))
         yield
 
 

@@ -9,7 +9,10 @@ from adapterswap.errors import InvalidArgumentError
 from adapterswap.fastpath.blockcache import CachePolicy
 
 #: Accepted values of :attr:`FastPath.attention`.
-ATTENTION_CHOICES = ("auto", "cudnn", "flash", "efficient", "math", "default")
+ATTENTION_CHOICES = ("auto", "cudnn", "flash", "efficient", "math", "default", "fa3", "fa3-fp8")
+
+#: Attention choices that change outputs beyond bf16 rounding (approximations, keyed apart).
+APPROXIMATE_ATTENTION = ("fa3-fp8",)
 
 #: ``torch.compile`` modes :attr:`FastPath.compile_mode` accepts.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -35,7 +38,10 @@ class FastPath:
 
     :ivar attention: one of :data:`ATTENTION_CHOICES`: ``"auto"`` (best known order for the
         device), a kernel to prefer (``"cudnn"``, ``"flash"``, ``"efficient"``, ``"math"``;
-        the others stay allowed as fallbacks), or ``"default"`` (PyTorch's own choice).
+        the others stay allowed as fallbacks), ``"default"`` (PyTorch's own choice),
+        ``"fa3"`` (FlashAttention-3 where it applies, exact; Hopper, the ``fa3-fwd`` wheel) or
+        ``"fa3-fp8"`` (its float8 kernel: an approximation), see
+        :mod:`adapterswap.fastpath.flash`.
     :ivar fuse_qkv: fuse query/key/value projections where the processors allow it.
     :ivar compile: ``torch.compile`` the denoiser and the adapter's modules.
     :ivar compile_encoders: with ``compile``, also the text encoders and the VAE encoder (CUDA).
@@ -93,8 +99,9 @@ class FastPath:
 
     def approximations(self) -> list[str]:
         """The approximations switched on, as they appear in cell keys (``fp8``,
-        ``cache=threshold:0.1``)."""
+        ``attn=fa3-fp8``, ``cache=threshold:0.1``)."""
         return (["fp8"] if self.fp8 else []) + \
+            ([f"attn={self.attention}"] if self.attention in APPROXIMATE_ATTENTION else []) + \
             ([f"cache={self.cache}"] if self.cache else [])
 
     def with_(self, **changes: Any) -> FastPath:

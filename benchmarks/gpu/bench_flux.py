@@ -18,6 +18,11 @@ Rows, in this order (each change to the shared modules comes after the rows it w
    path (regional ``torch.compile`` of transformer and InfuseNet, cuDNN attention, compiled VAE
    decoder, and ``compile_encoders``: text encoders and the VAE encoder), then with
    float8 linears (opt-in approximation; fidelity against the eager engine's image, same seed);
+   ``fa3``: the same compiled modules with FlashAttention-3 in SDPA's place (exact);
+   ``graphs``: recompiled with CUDA graphs (``reduce-overhead``) over the regions, with the
+   best exact attention; the float8 rows then run on CUDA graphs too, with float8
+   FlashAttention-3 (``attn=fa3-fp8``) as a further approximation. Each fast row records the
+   share of its wall time the GPU spent in kernels (torch.profiler, one image);
 3. with ``--sweep``: steps {1,2,4,8,16,28} x 4 seeds, one eager diffusers-loop call per cell
    against the compiled engine sweep (sum of forwards beside the wall time);
 4. memory options on a fresh schnell pipeline and InfuseNet: model CPU offload (bf16), 8-bit
@@ -42,9 +47,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from adapterswap_flux import published  # noqa: E402
-from common import count_flops, sync, timed, timed_sweep, write  # noqa: E402
+from common import count_flops, gpu_busy, sync, timed, timed_sweep, write  # noqa: E402
 
-ROWS = ("dev", "cache", "schnell", "fast", "sweep", "fp8", "memory")
+ROWS = ("dev", "cache", "schnell", "fast", "sweep", "fa3", "graphs", "fp8", "memory")
 
 
 def tiny_configs() -> None:
@@ -239,6 +244,33 @@ def main() -> None:
             results["sweep"][f"speedup_{label}"] = results["sweep"]["diffusers_per_cell_s"] \
                 / results["sweep"][f"engine_{label}"]["wall_s"]
         bench.save()
+    from adapterswap.fastpath.flash import fa3_unavailable
+
+    no_fa3 = fa3_unavailable(device)
+    exact_attention = "auto"
+    if "fa3" in rows and rows & {"fast", "sweep"} and no_fa3:
+        results["fa3"] = f"not run: {no_fa3}"
+    elif "fa3" in rows and rows & {"fast", "sweep"}:
+        schnell_fast.enable(fastpath.FastPath(compile=True, compile_encoders=True,
+                                              attention="fa3"), adapters=[adapter])
+        fa3 = bench.row("flux-schnell", "engine, fast path, FlashAttention-3", schnell, 4, None,
+                        accelerator=schnell_fast, busy=True)
+        summary.update(speedups("fa3", fa3, base, base_dev))
+        if fa3["per_step_s"] < fast["per_step_s"]:
+            exact_attention = "fa3"
+    mode = "default"
+    if "graphs" in rows and device == "cuda":
+        torch._dynamo.reset()
+        mode = "reduce-overhead"
+        schnell_fast = Accelerator(schnell)  # the modules are recompiled in the new mode
+        start = time.perf_counter()
+        report = schnell_fast.enable(fastpath.FastPath(
+            compile=True, compile_encoders=True, compile_mode=mode, attention=exact_attention),
+            adapters=[adapter])
+        graphs = bench.row("flux-schnell", f"engine, fast path, CUDA graphs, attention "
+                           f"{exact_attention}", schnell, 4, None, accelerator=schnell_fast,
+                           setup_s=time.perf_counter() - start, fast_path=report, busy=True)
+        summary.update(speedups("graphs", graphs, base, base_dev))
     if "fp8" in rows and fastpath.fp8_supported(device):
         start = time.perf_counter()
         layers = 0
@@ -246,11 +278,17 @@ def main() -> None:
             layers += fastpath.to_float8(module)
         torch._dynamo.reset()
         for module in (schnell.pipe.transformer, controlnet):
-            fastpath.compile_module(module, "default", "regions")
-        fp8 = bench.row("flux-schnell", "engine, fast path + float8 (approximation)", schnell,
-                        4, None, setup_s=time.perf_counter() - start, fp8_layers=layers,
-                        accelerator=schnell_fast)
+            fastpath.compile_module(module, mode, "regions")
+        fp8 = bench.row("flux-schnell", f"engine, fast path ({mode}) + float8 linears "
+                        "(approximation)", schnell, 4, None, setup_s=time.perf_counter() - start,
+                        fp8_layers=layers, accelerator=schnell_fast, busy=True)
         summary.update(speedups("fp8", fp8, base, base_dev))
+        if not no_fa3:
+            schnell_fast.fast_path = schnell_fast.fast_path.with_(attention="fa3-fp8")
+            fp8_attn = bench.row("flux-schnell", f"engine, fast path ({mode}) + float8 linears "
+                                 "+ float8 FlashAttention-3 (approximation)", schnell, 4, None,
+                                 accelerator=schnell_fast, busy=True)
+            summary.update(speedups("fp8_attention", fp8_attn, base, base_dev))
     elif "fp8" in rows:
         results["fp8"] = f"not run: float8 needs compute capability 8.9+ (device {device})"
     bench.save()
@@ -295,7 +333,7 @@ class Bench:
     def row(self, backbone_name: str, label: str, backbone: Any, steps: int,
             guidance: float | None, *, engine: bool = True, keep_image: bool = False,
             warmup: int = 1, repeats: int | None = None, accelerator: Any = None,
-            **extra: Any) -> dict[str, Any]:
+            busy: bool = False, **extra: Any) -> dict[str, Any]:
         """Time one image of ``backbone`` (the engine's loop, through ``accelerator`` when
         its fast path is on, or the hand-written diffusers loop) and record the row."""
         import torch
@@ -324,6 +362,8 @@ class Bench:
         sync()
         first_s = time.perf_counter() - begin
         timing = timed(run, warmup=warmup, repeats=repeats or self.repeats)
+        if busy:  # the share of one image's wall time spent in GPU kernels
+            extra["gpu"] = gpu_busy(run)
         flops = self.step_flops.get(backbone.name, 0.0)
         row: dict[str, Any] = {"backbone": backbone_name, "row": label, "steps": steps,
                                "end_to_end_s": timing["median_s"], "min_s": timing["min_s"],

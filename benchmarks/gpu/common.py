@@ -51,6 +51,40 @@ def timed(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3) -> dict[s
             "peak_gib": peak}
 
 
+def gpu_busy(fn: Callable[[], Any], gaps: int = 8) -> dict[str, Any]:
+    """How much of one call's wall time the GPU spent in kernels (torch.profiler), and the
+    largest idle gaps between kernels with the kernels on either side: what is left between
+    kernels is launch overhead, host work and synchronisation."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - start
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == cuda and e.time_range.end > e.time_range.start)
+    busy_us, idle, end, previous = 0.0, [], None, ""
+    for begin, stop, name in kernels:
+        if end is not None and begin > end:
+            idle.append((begin - end, previous[:60], name[:60]))
+        if end is None or stop > end:
+            busy_us += stop - max(begin, end if end is not None else begin)
+            end, previous = stop, name
+    idle.sort(reverse=True)
+    span_us = (kernels[-1][1] - kernels[0][0]) if kernels else 0.0
+    return {"profiled_wall_s": wall, "kernel_s": busy_us / 1e6, "kernels": len(kernels),
+            "busy_fraction": busy_us / 1e6 / wall if wall else 0.0,
+            "idle_between_kernels_s": (span_us - busy_us) / 1e6,
+            "before_first_and_after_last_s": wall - span_us / 1e6,
+            "gaps_over_100us": sum(1 for g in idle if g[0] > 100),
+            "largest_gaps": [{"us": round(g, 1), "after": a, "before": b}
+                             for g, a, b in idle[:gaps]]}
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call, by torch's FlopCounterMode (matmuls, convolutions, attention)."""
     import torch
