@@ -75,12 +75,23 @@ def gpu_busy(fn: Callable[[], Any], gaps: int = 8) -> dict[str, Any]:
             busy_us += stop - max(begin, end if end is not None else begin)
             end, previous = stop, name
     idle.sort(reverse=True)
+    by_kind: dict[str, float] = {}
+    for begin, stop, name in kernels:
+        low = name.lower()
+        kind = ("attention" if any(w in low for w in ("flash", "fmha", "attn", "sdpa"))
+                else "matmul" if any(w in low for w in ("gemm", "sm90_xmma", "cutlass",
+                                                         "nvjet", "matmul", "mm_"))
+                else "conv" if "conv" in low
+                else "triton (fused elementwise, norms)" if "triton" in low
+                else "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + (stop - begin) / 1e6
     span_us = (kernels[-1][1] - kernels[0][0]) if kernels else 0.0
     return {"profiled_wall_s": wall, "kernel_s": busy_us / 1e6, "kernels": len(kernels),
             "busy_fraction": busy_us / 1e6 / wall if wall else 0.0,
             "idle_between_kernels_s": (span_us - busy_us) / 1e6,
             "before_first_and_after_last_s": wall - span_us / 1e6,
             "gaps_over_100us": sum(1 for g in idle if g[0] > 100),
+            "kernel_s_by_kind": {k: round(v, 4) for k, v in sorted(by_kind.items())},
             "largest_gaps": [{"us": round(g, 1), "after": a, "before": b}
                              for g, a, b in idle[:gaps]]}
 
