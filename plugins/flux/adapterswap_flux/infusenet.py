@@ -481,11 +481,17 @@ class InfuseNet(Adapter):
         import torch
 
         pipe = backbone.pipe
-        canvas = self.control_canvas(width, height)
-        pixels = pipe.image_processor.preprocess(canvas, height=height, width=width)
-        # contiguous NCHW like diffusers' prepare_image (a channels-last view would pick
-        # other convolution kernels and change the latents in the last digits)
-        pixels = pixels.contiguous().to(device=backbone.execution_device, dtype=pipe.vae.dtype)
+        if self.control_image is None:
+            # the black canvas, preprocessed (0 -> 2 * 0/255 - 1 = -1 exactly), made on the
+            # device: its PIL drawing and preprocessing took ~50 ms of host time per image
+            pixels = blank_pixels(height, width, backbone.execution_device, pipe.vae.dtype)
+        else:
+            canvas = self.control_canvas(width, height)
+            pixels = pipe.image_processor.preprocess(canvas, height=height, width=width)
+            # contiguous NCHW like diffusers' prepare_image (a channels-last view would pick
+            # other convolution kernels and change the latents in the last digits)
+            pixels = pixels.contiguous().to(device=backbone.execution_device,
+                                            dtype=pipe.vae.dtype)
         with torch.no_grad():
             return pipe.vae.encode(pixels).latent_dist
 
@@ -704,3 +710,10 @@ class _RandomIdentity:
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         return torch.randn(1, 512, generator=generator), None
 
+
+def blank_pixels(height: int, width: int, device: Any, dtype: Any) -> Any:
+    """diffusers' preprocessing of InfiniteYou's black control canvas (``(1, 3, H, W)``, all
+    -1), made directly on ``device``."""
+    import torch
+
+    return torch.full((1, 3, int(height), int(width)), -1.0, device=device, dtype=dtype)

@@ -367,3 +367,14 @@ def test_fit_check_names_what_does_not_match():
     other_latents = Config(transformer, in_channels=64)
     assert fits_transformer(other_latents, Config(transformer)) == [
         "in_channels=64 against the transformer's 16"]
+
+
+def test_blank_control_pixels_equal_diffusers_preprocessing_of_the_black_canvas(flux_dev):
+    from adapterswap_flux.face import blank_canvas
+    from adapterswap_flux.infusenet import blank_pixels
+
+    for height, width in ((64, 64), (48, 80)):
+        expected = flux_dev.pipe.image_processor.preprocess(
+            blank_canvas((width, height)), height=height, width=width)
+        made = blank_pixels(height, width, "cpu", expected.dtype)
+        assert made.shape == expected.shape and torch.equal(made, expected)
