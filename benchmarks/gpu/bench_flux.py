@@ -159,6 +159,8 @@ def main() -> None:
                              "rows always run: they are the reference image)")
     parser.add_argument("--cache-policies", default="interval:2,threshold:0.1",
                         help="block-cache policies of the cache rows (flux-dev, 28 steps)")
+    parser.add_argument("--fast-cache-policies", default="interval:2",
+                        help="block caches tried on top of the float8 rows (flux-schnell)")
     parser.add_argument("--no-fp8", action="store_true", help="skip the float8 rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory-option rows")
     parser.add_argument("--sweep", action="store_true", help="also the steps x seeds sweep")
@@ -289,6 +291,17 @@ def main() -> None:
                                  "+ float8 FlashAttention-3 (approximation)", schnell, 4, None,
                                  accelerator=schnell_fast, busy=True)
             summary.update(speedups("fp8_attention", fp8_attn, base, base_dev))
+        for policy in args.fast_cache_policies.split(",") if args.fast_cache_policies else ():
+            try:  # every approximation together: float8, float8 attention, a block cache
+                schnell_fast.enable(schnell_fast.fast_path.with_(cache=policy))
+                row = bench.row("flux-schnell", f"engine, fast path ({mode}) + float8 linears "
+                                f"+ float8 attention + block cache {policy} (approximation)",
+                                schnell, 4, None, accelerator=schnell_fast, busy=True)
+                row["cache"] = schnell_fast.block_cache.stats()
+                summary.update(speedups(f"fp8_cache_{policy}", row, base, base_dev))
+            except Exception as exc:  # noqa: BLE001 - recorded, the other rows stand
+                results.setdefault("errors", []).append(f"block cache {policy}: {exc!r}")
+            bench.save()
     elif "fp8" in rows:
         results["fp8"] = f"not run: float8 needs compute capability 8.9+ (device {device})"
     bench.save()

@@ -59,7 +59,8 @@ def gpu_busy(fn: Callable[[], Any], gaps: int = 8) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 with_stack=True) as prof:
         start = time.perf_counter()
         fn()
         sync()
@@ -70,7 +71,7 @@ def gpu_busy(fn: Callable[[], Any], gaps: int = 8) -> dict[str, Any]:
     busy_us, idle, end, previous = 0.0, [], None, ""
     for begin, stop, name in kernels:
         if end is not None and begin > end:
-            idle.append((begin - end, previous[:60], name[:60]))
+            idle.append((begin - end, previous[:60], name[:60], end, begin))
         if end is None or stop > end:
             busy_us += stop - max(begin, end if end is not None else begin)
             end, previous = stop, name
@@ -92,8 +93,28 @@ def gpu_busy(fn: Callable[[], Any], gaps: int = 8) -> dict[str, Any]:
             "before_first_and_after_last_s": wall - span_us / 1e6,
             "gaps_over_100us": sum(1 for g in idle if g[0] > 100),
             "kernel_s_by_kind": {k: round(v, 4) for k, v in sorted(by_kind.items())},
-            "largest_gaps": [{"us": round(g, 1), "after": a, "before": b}
-                             for g, a, b in idle[:gaps]]}
+            "largest_gaps": [{"us": round(g, 1), "after": a, "before": b,
+                              "host": _host_work(prof, start_us, stop_us)}
+                             for g, a, b, start_us, stop_us in idle[:gaps]]}
+
+
+def _host_work(prof: Any, start_us: float, stop_us: float, top: int = 3) -> list[str]:
+    """What the host ran while the GPU idled from ``start_us`` to ``stop_us``: the longest
+    CPU operations starting in that window, each with its innermost frame of this project's
+    or diffusers' code (the profile is taken ``with_stack``)."""
+    import torch
+
+    cpu = torch.autograd.DeviceType.CPU
+    found = []
+    for e in prof.events():
+        if e.device_type == cpu and start_us <= e.time_range.start < stop_us:
+            frames = [f for f in (getattr(e, "stack", None) or [])
+                      if "adapterswap" in f or "diffusers" in f or "transformers" in f]
+            found.append((e.time_range.end - e.time_range.start,
+                          f"{e.name} {round(e.time_range.end - e.time_range.start)}us "
+                          f"@ {frames[0] if frames else '?'}"))
+    found.sort(reverse=True)
+    return [text[:200] for _, text in found[:top]]
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
