@@ -16,13 +16,21 @@ _SUMMED = ("done", "failed", "total", "skipped", "seconds", "forward_seconds",
            "decode_seconds", "load_seconds", "latency_seconds")
 
 
-def run_spec(spec: Any) -> Any:
+def run_spec(spec: Any, *, ray: dict[str, Any] | None = None) -> Any:
     """Validate, run with a progress bar, rebuild the report; return (summary, report path).
-    With ``spec.probe_exit`` set, run the probe-guided exit (two passes) instead."""
+    With ``spec.probe_exit`` set, run the probe-guided exit (two passes) instead; with ``ray``
+    (``address``, ``workers``), run on a Ray cluster."""
     from adapterswap.sweep.distributed import dist_env
     from adapterswap.sweep.report import build_report
 
     threshold = getattr(spec, "_probe_exit", None)
+    if ray is not None:
+        from adapterswap.errors import UsageError
+
+        if threshold is not None or dist_env() is not None:
+            raise UsageError("--backend ray runs its own workers: start it without torchrun "
+                             "and without --probe-exit")
+        return _execute(spec, ray=ray), build_report(spec.out)
     if dist_env() is not None:
         if threshold is not None:
             from adapterswap.errors import UsageError
@@ -52,16 +60,11 @@ def _execute_distributed(spec: Any) -> Any:
     return run_distributed(spec, echo=lambda message: click.echo(message, err=True))
 
 
-def _execute(spec: Any) -> Any:
-    """Validate and run one spec with a progress bar; return its summary."""
+def _execute(spec: Any, ray: dict[str, Any] | None = None) -> Any:
+    """Validate and run one spec with a progress bar; return its summary. With ``ray``
+    (``address``, ``workers``), the cells run on Ray's workers
+    (:class:`~adapterswap.sweep.ray_backend.RaySweep`) and this process stores them."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
 
     from adapterswap.errors import WeightsNotFoundError
     from adapterswap.sweep.engine import SweepEngine
@@ -72,23 +75,42 @@ def _execute(spec: Any) -> Any:
     console = Console(stderr=True)
     for note in spec.defaults_used:
         console.print(f"note: {note}")
-    with RunStore(spec.out) as store, Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeRemainingColumn(), console=console, transient=False) as progress:
-        engine = SweepEngine(spec, store, log=lambda m: progress.console.print(f"[yellow]{m}"))
-        total = len(spec.cells())
+    total = len(spec.cells())
+    with _progress(console) as progress:
         task = progress.add_task("cells", total=total, completed=0)
+
+        def log(message: str) -> None:
+            progress.console.print(f"[yellow]{message}")
 
         def on_cell(cell: Any, status: str) -> None:
             progress.update(task, advance=1, description=f"{cell.backbone} {cell.steps} steps")
 
-        engine.on_cell = on_cell
         try:
-            summary = engine.run()
+            if ray is not None:
+                from adapterswap.sweep.ray_backend import RaySweep
+
+                summary = RaySweep(spec, **ray, echo=log, on_cell=on_cell).run()
+            else:
+                with RunStore(spec.out) as store:
+                    summary = SweepEngine(spec, store, log=log, on_cell=on_cell).run()
         except WeightsNotFoundError as exc:
             raise _try_tiny(exc, spec) from None
         progress.update(task, completed=total)
     return summary
+
+
+def _progress(console: Any) -> Any:
+    """The sweep's progress bar: cells done of all, time remaining."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console, transient=False)
 
 
 def _try_tiny(exc: Exception, spec: Any) -> Exception:

@@ -166,6 +166,7 @@ def spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_fi
   adapterswap sweep --config sweep.toml --seeds 0,1
   adapterswap sweep --backbone flux-dev --ref face.jpg --cache threshold:0.1 \\
       --out runs/flux-cache
+  adapterswap sweep --config sweep.toml --backend ray --address auto
 """)
 @click.option("--backbone", "backbones", multiple=True, help="Backbone (repeatable).")
 @click.option("--adapter", default=None,
@@ -188,19 +189,29 @@ def spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_fi
                    "contribution falls below THRESHOLD, re-run, and compare.")
 @click.option("--launcher", type=click.Choice(["torchrun"]), default=None,
               help="Start the sweep on several processes with torchrun (one per GPU).")
+@click.option("--backend", type=click.Choice(["ray"]), default=None,
+              help="Run the sweep on a Ray cluster: one actor per GPU, groups handed out "
+                   "as they free up, every cell into the one store (needs adapterswap[ray]).")
+@click.option("--address", default=None, metavar="HOST:PORT",
+              help="Ray cluster to join with --backend ray ('auto': the one this machine "
+                   "joined with `ray start`; default: that one, else a new local Ray).")
 @click.option("--nproc", default=None, type=int,
-              help="Processes for --launcher torchrun (default: the number of GPUs, else 2).")
+              help="Processes for --launcher torchrun, or actors for --backend ray (default: "
+                   "the number of GPUs, else 2).")
 @common_sweep_options
 def sweep_command(backbones: tuple[str, ...], adapter: str | None, steps: str | None,
                   sequential: bool, trajectory: bool, scales: str | None,
                   windows: str | None, adapter_off: bool, probes: bool,
-                  probe_exit: float | None, launcher: str | None, nproc: int | None,
+                  probe_exit: float | None, launcher: str | None, backend: str | None,
+                  address: str | None, nproc: int | None,
                   config: str | None, **flags: Any) -> None:
     """Run a step sweep (backbones x references x prompts x seeds x steps), score every cell,
     and write results.sqlite, results.csv and report.html. Re-running resumes.
 
     On several GPUs: torchrun --nproc-per-node N -m adapterswap sweep ... (or --launcher
-    torchrun): each rank runs a balanced share into its shard; rank 0 merges and reports."""
+    torchrun): each rank runs a balanced share into its shard; rank 0 merges and reports.
+    On a Ray cluster: --backend ray [--address auto]."""
+    ray = _ray_options(backend, address, nproc, launcher)
     if launcher == "torchrun":
         _relaunch_with_torchrun(nproc)
     _run_sweep_command("sweep", backbones, adapter, steps, config, flags, {
@@ -208,7 +219,27 @@ def sweep_command(backbones: tuple[str, ...], adapter: str | None, steps: str | 
         "trajectory": True if trajectory else None,
         "adapter_off": True if adapter_off else None,
         "probes": True if probes else None,
-    }, scales, windows, probe_exit=probe_exit)
+    }, scales, windows, probe_exit=probe_exit, ray=ray)
+
+
+def _ray_options(backend: str | None, address: str | None, nproc: int | None,
+                 launcher: str | None) -> dict[str, Any] | None:
+    """What ``--backend ray`` runs with (``None``: not on Ray); checked before any work, with
+    one line when Ray is not installed."""
+    from adapterswap.errors import InvalidArgumentError
+
+    if backend != "ray":
+        if address is not None:
+            raise InvalidArgumentError("--address", address, "only with --backend ray")
+        return None
+    if launcher is not None:
+        raise InvalidArgumentError("--backend", backend, "is not combined with --launcher")
+    if nproc is not None and nproc < 1:
+        raise InvalidArgumentError("--nproc", nproc, "must be >= 1")
+    from adapterswap.sweep.ray_backend import require_ray
+
+    require_ray()
+    return {"address": address, "workers": nproc}
 
 
 def _relaunch_with_torchrun(nproc: int | None) -> None:
@@ -244,7 +275,8 @@ def _relaunch_with_torchrun(nproc: int | None) -> None:
 def _run_sweep_command(kind: str, backbones: tuple[str, ...], adapter: str | None,
                        steps: str | None, config: str | None, flags: dict[str, Any],
                        extra: dict[str, Any], scales: str | None = None,
-                       windows: str | None = None, probe_exit: float | None = None) -> None:
+                       windows: str | None = None, probe_exit: float | None = None,
+                       ray: dict[str, Any] | None = None) -> None:
     from adapterswap.sweep.spec import (
         SweepSpec,
         parse_float_list,
@@ -273,7 +305,7 @@ def _run_sweep_command(kind: str, backbones: tuple[str, ...], adapter: str | Non
     if dry_run:
         print_dry_run(spec)
         return
-    summary, report = run_spec(spec)
+    summary, report = run_spec(spec, ray=ray)
     print_summary(summary, report)
 
 

@@ -1,0 +1,312 @@
+"""A worker of a multi-worker sweep: runs chunks as one process does, and journals its writes.
+
+:class:`ChunkWorker` keeps its backbone, adapters, encodings and metrics loaded from chunk to
+chunk and runs each chunk through the engine's own parts (model factory, latency meter, step
+loop, cell finisher), so a cell comes out as it would in one process. It writes nothing:
+everything the finisher would store goes into a :class:`RelayStore`, whose journal (cell rows,
+scores, encoded images, metric status, latency rows) each chunk returns for the driver to
+write into the one store (:mod:`adapterswap.sweep.ray_backend`). Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from adapterswap.sweep.engine import SweepEngine
+from adapterswap.sweep.images_io import EncodedImage, encode_image
+from adapterswap.sweep.latency_table import latency_key
+from adapterswap.sweep.plan import GroupPlan, Keyed
+from adapterswap.sweep.spec import Cell, SweepSpec
+
+
+@dataclasses.dataclass
+class CellRecord:
+    """One finished (or failed) cell as the finisher stored it: ``record_cell``'s arguments
+    and the images saved for it (its own and its trajectory strip), encoded."""
+
+    key: str
+    config: dict[str, Any]
+    kwargs: dict[str, Any]
+    images: list[tuple[str, EncodedImage]]
+
+
+class RelayStore:
+    """What a worker's engine writes into instead of the store: reads are answered from what
+    the driver sent (meta, latency rows) and what this worker wrote; writes are journaled
+    (:meth:`take`) for the driver to replay on the one store. Thread-safe (the finisher's
+    background thread writes too)."""
+
+    def __init__(self, out: str | Path, meta: Mapping[str, Any] | None = None) -> None:
+        self.out = Path(out)
+        self.run_id: int | None = None
+        self.mutex = threading.RLock()
+        self._meta = dict(meta or {})
+        self._latency: dict[str, dict[str, Any]] = {}
+        self._metric_status: dict[str, tuple[bool, str | None]] = {}
+        self._done: set[str] = set()
+        self._images: list[tuple[str, EncodedImage]] = []
+        self._journal: list[Any] = []
+
+    def take(self) -> list[Any]:
+        """The journal since the last call: :class:`CellRecord` and ``(method, args)``."""
+        with self.mutex:
+            journal, self._journal = self._journal, []
+            return journal
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        with self.mutex:
+            return copy.deepcopy(self._meta.get(key, default))
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.mutex:
+            self._meta[key] = copy.deepcopy(value)
+            self._journal.append(("set_meta", (key, value)))
+
+    def finished_keys(self) -> set[str]:
+        with self.mutex:
+            return set(self._done)
+
+    def save_image(self, key: str, image: Any) -> str:
+        encoded = image if isinstance(image, EncodedImage) else encode_image(image)
+        with self.mutex:
+            self._images.append((key, encoded))
+        return str(Path("images") / f"{key}{encoded.suffix}")  # RunStore.save_image's path
+
+    def record_cell(self, key: str, config: Mapping[str, Any], **kwargs: Any) -> None:
+        with self.mutex:
+            mine = [(n, i) for n, i in self._images if n == key or n.startswith(f"{key}-")]
+            self._images = [(n, i) for n, i in self._images if (n, i) not in mine]
+            self._journal.append(CellRecord(key, dict(config), kwargs, mine))
+            if kwargs.get("status") == "done":
+                self._done.add(key)
+
+    def set_metric_status(self, metric: str, available: bool, reason: str | None) -> None:
+        with self.mutex:
+            self._metric_status[metric] = (available, reason)
+            self._journal.append(("set_metric_status", (metric, available, reason)))
+
+    def metric_status(self) -> dict[str, tuple[bool, str | None]]:
+        with self.mutex:
+            return dict(self._metric_status)
+
+    def record_latency(self, row: Mapping[str, Any]) -> None:
+        with self.mutex:
+            self._latency[latency_key(row)] = {**row, "key": latency_key(row)}
+            self._journal.append(("record_latency", (dict(row),)))
+
+    def latency(self, key: Mapping[str, Any]) -> dict[str, Any] | None:
+        with self.mutex:
+            return self._latency.get(latency_key(key))
+
+    def add_latency(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Latency rows of the store (timed by this or another worker, or an earlier run)."""
+        with self.mutex:
+            for row in rows:
+                self._latency.setdefault(row["key"], dict(row))
+
+
+@dataclasses.dataclass
+class ChunkResult:
+    """What a worker returns for a chunk: the journal and its running totals."""
+
+    journal: list[Any]
+    stats: dict[str, Any]
+
+
+class ChunkWorker(SweepEngine):
+    """One worker of a multi-worker sweep (the object inside a Ray actor; it needs no Ray).
+
+    It keeps one backbone loaded (with its adapters, encodings and fast path) while chunks of
+    that backbone come, and its metrics for its whole life; each chunk runs through the engine's
+    own parts (:meth:`apply_setting`, latency, :meth:`_group_inputs`,
+    :meth:`ChunkRunner.run_group <adapterswap.sweep.runner.ChunkRunner.run_group>`,
+    :class:`~adapterswap.sweep.finish.CellFinisher`) into a :class:`RelayStore`.
+
+    :param plugins: plugins the driver registered by code (not entry points), registered here
+        too so that the worker knows the same backbones, adapters and metrics.
+    :param workers: how many workers share the sweep: this one expects that share of each
+        backbone's cells when the fast path decides whether compiling repays itself.
+    """
+
+    def __init__(self, spec: SweepSpec, *, meta: Mapping[str, Any] | None = None,
+                 plugins: Sequence[tuple[str, Any]] = (), workers: int = 1,
+                 quiet: bool = True, name: str = "worker") -> None:
+        from adapterswap import plugins as registry
+        from adapterswap.sweep.models import ModelFactory
+
+        if quiet:
+            import contextlib
+
+            from adapterswap.quiet import silenced
+
+            self._quiet = contextlib.ExitStack()
+            self._quiet.enter_context(silenced())
+        for plugin_name, plugin in plugins:
+            if registry.pm.get_plugin(plugin_name) is None:
+                registry.register_plugin(plugin, name=plugin_name)
+        spec = copy.deepcopy(spec)
+        if _cuda_available() and (spec.device is None or str(spec.device).startswith("cuda")):
+            spec.device = "cuda:0"  # Ray shows each actor its own GPU as device 0
+        super().__init__(spec, RelayStore(spec.out, meta), models=ModelFactory.from_spec(spec),
+                         log=lambda message: print(f"{name}: {message}", file=sys.stderr,
+                                                   flush=True))
+        self.workers = max(1, workers)
+        self.setting_cells: dict[tuple[Any, ...], list[Cell]] = {}
+        self.stats: dict[str, Any] = {"load_seconds": 0.0, "latency_seconds": 0.0,
+                                      "busy_seconds": 0.0, "fast_path": {}, "chunks": 0,
+                                      "pid": os.getpid()}
+        self._backbone: Any = None
+        self._metrics: dict[str, Any] | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The device kind and dtype this worker's cells run with (they enter the cell keys),
+        and where it runs."""
+        import platform
+
+        from adapterswap.sweep.provenance import device_kind, resolved_dtype
+
+        return {"device": device_kind(self.spec.device),
+                "dtype": resolved_dtype(self.spec.preset, self.spec.dtype, self.spec.device),
+                "host": platform.node(), "pid": os.getpid()}
+
+    def prepare(self, setting_cells: Mapping[tuple[Any, ...], list[Cell]]) -> None:
+        """The unfinished cells of each (backbone, adapter setting), as one process plans them:
+        latency is timed per setting, the fast path decided per backbone."""
+        self.setting_cells = dict(setting_cells)
+
+    def run_chunk(self, items: Sequence[Keyed], latency_rows: Sequence[Mapping[str, Any]] = ()
+                  ) -> ChunkResult:
+        """Run one chunk (cells of one group) and return what to store."""
+        started = time.perf_counter()
+        items = list(items)
+        first = items[0][0]
+        self.store.add_latency(latency_rows)
+        backbone = self._load(first.backbone)
+        self._start()
+        adapter = self.apply_setting(backbone, first)
+        cells = self.setting_cells.get((first.backbone, first.setting())) or [c for c, _ in items]
+        if self._timed:
+            begin = time.perf_counter()
+            self.meter.measure(backbone, adapter, cells, self._context, functools.partial(
+                self.models.conditioning, adapter, backbone, first.reference),
+                accelerator=self._accelerator)
+            self.stats["latency_seconds"] += time.perf_counter() - begin
+        inputs = self._group_inputs(backbone, adapter, GroupPlan(items), self._prompts)
+        self.runner.run_group(backbone, adapter, items, inputs, step_parallel=self._parallel,
+                              timings=self.meter.timings(cells, self._context),
+                              accelerator=self._accelerator)
+        self.finisher.drain()  # every cell of the chunk is in the journal
+        self._store_notes(self._metrics or {})
+        self.stats["chunks"] += 1
+        self.stats["busy_seconds"] += time.perf_counter() - started
+        return ChunkResult(self.store.take(), self._totals())
+
+    def close(self) -> ChunkResult:
+        """Unload the backbone (saving its compile cache), stop the finisher; the rest of the
+        journal."""
+        if self._backbone is not None:
+            self._release()
+        if self._metrics is not None:
+            self.finisher.close()
+        return ChunkResult(self.store.take(), self._totals())
+
+    # ------------------------------------------------------------------ internals
+    def _start(self) -> None:
+        """Metrics, finisher, step runner and latency meter, once (after the first backbone
+        loads: missing weights fail before the metrics' models load, as in one process)."""
+        if self._metrics is not None:
+            return
+        from adapterswap.sweep.finish import CellFinisher
+        from adapterswap.sweep.latency import DEFAULT_BUDGET_S, TINY_BUDGET_S, LatencyMeter
+        from adapterswap.sweep.runner import ChunkRunner
+
+        begin = time.perf_counter()
+        self._metrics = self.load_metrics()
+        self.stats["load_seconds"] += time.perf_counter() - begin
+        spec = self.spec
+        self.finisher = CellFinisher(self.store, self._metrics, overlap=spec.use_overlap(),
+                                     save_images=spec.save_images,
+                                     image_format=spec.image_format, max_batch=spec.max_batch,
+                                     log=self.log)
+        self.runner = ChunkRunner(self.store, self.finisher, max_batch=spec.max_batch,
+                                  log=self.log)
+        budget = spec.timing_budget_s or (TINY_BUDGET_S if spec.preset == "tiny"
+                                          else DEFAULT_BUDGET_S)
+        self.meter = LatencyMeter(self.store, repeats=spec.timing_repeats, budget_s=budget,
+                                  log=self.log)
+        self._timed = "latency" in self._metrics and spec.timing_repeats > 0
+
+    def _load(self, name: str) -> Any:
+        """The loaded backbone ``name``: the one already loaded, or another after unloading
+        it (one backbone at a time, as in one process)."""
+        if self._backbone is not None and self._backbone.name == name:
+            return self._backbone
+        if self._backbone is not None:
+            self._release()
+        from adapterswap.sweep.latency import timing_context
+
+        begin = time.perf_counter()
+        backbone = self.models.backbone(name)
+        cells = [c for (b, _), group in self.setting_cells.items() if b == name for c in group]
+        self.stats["fast_path"][name] = self.enable_fast_path(backbone,
+                                                              cells[::self.workers])
+        self.stats["load_seconds"] += time.perf_counter() - begin
+        self._backbone = backbone
+        self._accelerator = self.models.accelerator(backbone)
+        self._context = timing_context(backbone, self._accelerator)
+        fast = self._accelerator.fast_path
+        self._parallel = self.spec.use_step_parallel(bool(fast is not None and fast.compile))
+        self._prompts: dict[str, Any] = {}
+        return backbone
+
+    def _release(self) -> None:
+        """Store the backbone's cells, save its compile cache, unload it (as one process does
+        after a backbone's cells)."""
+        backbone, self._backbone = self._backbone, None
+        if self._metrics is not None:
+            self.finisher.drain()
+        key = self._compile_keys.pop(id(backbone), None)
+        if key is not None:
+            from adapterswap.fastpath import compile_cache
+
+            compile_cache.save(key, self.log)
+        if self._accelerator.block_cache is not None:
+            stats = self._accelerator.block_cache.stats()
+            self.stats["fast_path"][backbone.name]["block_cache"] = stats
+            self.store.set_meta(f"block_cache:{backbone.name}", stats)
+        self.models.detach_all(backbone)
+        self.models.forget(backbone)
+        if self._metrics is not None:
+            self.meter.forget(backbone)
+        backbone.unload()
+
+    def _totals(self) -> dict[str, Any]:
+        totals = dict(self.stats)
+        if self._metrics is not None:
+            timer = self.runner.forward_timer
+            totals.update(forward_seconds=timer.total(), forwards=timer.count,
+                          shared_first_steps=self.runner.shared_first_steps,
+                          finish_seconds=self.finisher.seconds,
+                          decode_seconds=self.finisher.decode_seconds,
+                          finish_overlapped=self.finisher.overlap,
+                          confounds=dict(self.runner.confounds))
+        return totals
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return torch.cuda.is_available()
+
+
