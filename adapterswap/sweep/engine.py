@@ -164,12 +164,17 @@ class SweepEngine:
     def versions(self) -> dict[str, str]:
         """Software versions in every cell key; approximations of the fast path (float8, block
         cache) are added so their cells never mix with exact ones."""
-        from adapterswap.plugins import _dists
+        from adapterswap.plugins import _dists, get_backbone
 
         plugins = self._plugins()
         dists = [_dists[p][0] for p in sorted(plugins) if p in _dists]
         versions = software_versions(dists)
         approximations = self.spec.fast_path("cpu").approximations()
+        for name in self.spec.backbones:  # loading options that approximate (memory_budget)
+            from_options = getattr(get_backbone(name), "option_approximations", None)
+            if from_options is not None:
+                approximations += [f"{name}:{a}" for a in
+                                   from_options(self.spec.options_for(name)) or ()]
         if approximations:
             versions["approximation"] = "+".join(approximations)
         return versions
@@ -438,6 +443,13 @@ class SweepEngine:
                      f"{runner.forward_timer.total():.1f} s in all (the first call per shape "
                      "compiles)")
             compile_cache.save(key, self.log)
+        memory = getattr(backbone, "memory_record", None)
+        memory = memory() if memory is not None else None
+        if memory is not None:  # a memory budget's plan, enforcement and peak
+            summary.fast_path[part.backbone]["memory"] = memory
+            self.store.set_meta(f"memory:{part.backbone}", memory)
+            self.log(f"{part.backbone}: memory budget {memory.get('budget_gib')} GiB, peak "
+                     f"{memory.get('peak_gib')} GiB")
         if accelerator.block_cache is not None:
             stats = accelerator.block_cache.stats()
             summary.fast_path[part.backbone]["block_cache"] = stats

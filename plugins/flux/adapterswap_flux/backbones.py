@@ -26,6 +26,7 @@ torch and diffusers are imported inside methods so ``adapterswap list`` stays fa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -76,6 +77,15 @@ class FluxBackbone(Backbone):
         diffusers' cross-device reproducible choice) or ``"execution"``, the device the models
         run on (the GPU on CUDA, where a pipeline called without a generator draws from the
         global CUDA RNG, as InfiniteYou does; InfuseNet's ``reproduce`` sets it).
+    :param memory_budget: GiB of GPU memory the pipeline and its adapter may use (24 or 16 for
+        the cards InfiniteYou users have), with no weights moved per image: the text encoders
+        leave the GPU after encoding, then (where still needed) the transformer's and the
+        adapter's large linears go float8, then transformer blocks stream from pinned host
+        memory (:mod:`adapterswap_flux.budget`, :mod:`adapterswap.fastpath.memory`). The
+        process is capped at the budget (``torch.cuda.set_per_process_memory_fraction``), so
+        going past it is an out-of-memory error. Float8 is an approximation: such a plan's
+        cells are approximate (:meth:`option_approximations`). Needs CUDA; not with
+        ``cpu_offload`` or ``quantize_8bit``. :meth:`memory_record` says what ran.
 
     There is no ``timestep_spacing`` option: every flow-matching schedule starts at sigma 1.
     """
@@ -109,6 +119,10 @@ class FluxBackbone(Backbone):
         "max_sequence_length": "T5 tokens, 1 to 512 (default 512 for dev, 256 for schnell)",
         "generator_device": "where the per-seed generators live: cpu (default) or execution "
                             "(the device the models run on)",
+        "memory_budget": "GiB of GPU memory to run in, e.g. 24 or 16 (CUDA): text encoders off "
+                         "the GPU after encoding, then float8 linears (approximation), then "
+                         "transformer blocks streamed from host memory, as needed; the process "
+                         "is capped at it",
     }
     unsupported_options: ClassVar[dict[str, str]] = {
         "timestep_spacing": "flow matching starts at sigma 1, pure noise, at every step count",
@@ -123,6 +137,11 @@ class FluxBackbone(Backbone):
                                                     type(self).max_sequence_length)
         self.cpu_offload = bool(self.options.get("cpu_offload", False))
         self.quantize_8bit = bool(self.options.get("quantize_8bit", False))
+        #: GiB (the ``memory_budget`` option) or ``None``
+        self.memory_budget: float | None = self.options.get("memory_budget")
+        #: the budget's :class:`~adapterswap.fastpath.memory.Placement` once placed
+        self.placement: Any = None
+        self._memory_plan: Any = None  # planned from the configs, before the weights load
         self._image_ids: dict[tuple[int, int], Any] = {}
 
     @classmethod
@@ -135,7 +154,92 @@ class FluxBackbone(Backbone):
         if name == "generator_device" and value not in GENERATOR_DEVICES:
             raise InvalidArgumentError(name, value,
                                        f"choose one of {', '.join(GENERATOR_DEVICES)}")
+        if name == "memory_budget":
+            from adapterswap.fastpath.memory import check_budget
+
+            value = check_budget(value, name)
         return super().check_option(name, value)
+
+    @classmethod
+    def check_options(cls, options: Any) -> dict[str, Any]:
+        """Each option (:meth:`check_option`), then ``memory_budget`` against the options that
+        also decide where and how the weights live."""
+        checked = super().check_options(options)
+        budget = checked.get("memory_budget")
+        if budget is not None:
+            for other, why in (("cpu_offload", "moves every model on and off the GPU"),
+                               ("quantize_8bit", "stores int8 weights the budget cannot plan")):
+                if checked.get(other):
+                    raise InvalidArgumentError(
+                        "memory_budget", budget,
+                        f"cannot be combined with {other} ({why}); the budget places the "
+                        "models itself: drop one of them")
+        return checked
+
+    @classmethod
+    def option_approximations(cls, options: Any) -> list[str]:
+        """The approximations ``options`` switch on, as cell keys name them: ``fp8`` when a
+        ``memory_budget`` needs float8 linears for FLUX.1 at its published size (the plan on a
+        GPU with float8; a GPU without it streams instead, exactly). ``[]`` otherwise."""
+        budget = cls.check_options(options).get("memory_budget")
+        if budget is None:
+            return []
+        from adapterswap_flux.budget import published_plan
+
+        return published_plan(budget, cls.max_sequence_length).approximations()
+
+    def memory_record(self) -> dict[str, Any] | None:
+        """Under ``memory_budget``: the plan, how it was enforced, the float8 layers, the
+        streaming and the peak ``torch.cuda.max_memory_allocated`` since it was placed (GiB);
+        ``None`` without a budget."""
+        return None if self.placement is None else self.placement.record()
+
+    def _budget_device(self, device: Any = None) -> str:
+        """The CUDA device a ``memory_budget`` runs on, or the one-line refusal."""
+        from adapterswap.backbone import default_device
+
+        device = str(device or self.device or default_device())
+        if not device.startswith("cuda"):
+            raise InvalidArgumentError(
+                "memory_budget", self.memory_budget,
+                f"needs a CUDA device (it caps this process's GPU memory), not {device!r}")
+        return device
+
+    def plan_memory(self, components: Any) -> Any:
+        """The :class:`~adapterswap.fastpath.memory.MemoryPlan` of ``memory_budget`` for these
+        components (loaded, or their configs on the meta device), at the default image size,
+        this backbone's T5 length and dtype, on its device."""
+        from adapterswap.fastpath.kernels import fp8_supported
+        from adapterswap_flux.budget import plan_for
+
+        return plan_for(components, self.memory_budget, dtype=self.dtype,
+                        height=self.default_height, width=self.default_width,
+                        text_tokens=int(self.max_sequence_length),
+                        float8_available=fp8_supported(self.device),
+                        what=f"backbone {self.name!r}")
+
+    def place_under_budget(self, plan: Any = None, *, copy: Any = None,
+                           cap: bool | None = None) -> Any:
+        """Place the loaded pipeline (on the CPU) under ``plan`` (default: planned from its
+        modules) on this backbone's device; ``copy`` and ``cap`` as
+        :class:`~adapterswap.fastpath.memory.Placement` takes them (tests run it on the CPU
+        with a copy function of their own). Returns the placement."""
+        from adapterswap_flux.budget import place
+
+        plan = plan or self._memory_plan or self.plan_memory(self.pipe.components)
+        self.placement = place(self.pipe, plan, self.device, copy=copy, cap=cap)
+        return self.placement
+
+    def place_adapter_modules(self, modules: Any) -> bool:
+        """Under ``memory_budget``: put an attaching adapter's heavy modules (its
+        ``fast_modules()``) in the room the plan keeps for an adapter, float8 where the plan is,
+        chunk by chunk (returns True; the adapter then leaves them where they are). Without a
+        budget, False: the adapter moves them itself. One adapter at a time."""
+        if self.placement is None:
+            return False
+        for module in modules.values():
+            self.placement.adopt("adapter", module)
+        return True
 
     @property
     def generator_device(self) -> str:
@@ -153,7 +257,11 @@ class FluxBackbone(Backbone):
             if not device.startswith("cuda"):
                 raise InvalidArgumentError("cpu_offload", True,
                                            f"model CPU offload needs a CUDA device, not {device!r}")
+        if self.pipe is None and self.memory_budget is not None:
+            self.device = self._budget_device()
         super().load()
+        if self.memory_budget is not None and self.placement is None:
+            self.place_under_budget()  # after load_pipeline: a LoRA backbone fuses first
         return self
 
     def load_pipeline(self, source: str, *, local_files_only: bool) -> Any:
@@ -161,6 +269,12 @@ class FluxBackbone(Backbone):
 
         from adapterswap.weights import load_pipeline
 
+        if self.memory_budget is not None:  # an impossible budget refused before reading weights
+            from adapterswap.weights import pipeline_root
+            from adapterswap_flux.budget import meta_components
+
+            root = pipeline_root(FluxPipeline, source, local_files_only=local_files_only)
+            self._memory_plan = self.plan_memory(meta_components(str(root)))
         components = (self._quantized_components(source, local_files_only)
                       if self.quantize_8bit else {})
         # safetensors only; each component checked against its config (adapterswap.weights)
@@ -176,7 +290,7 @@ class FluxBackbone(Backbone):
                 f"which is a {other} model; use backbone {other!r}")
         if self.cpu_offload:
             pipe.enable_model_cpu_offload(device=self.device)
-        else:
+        elif self.memory_budget is None:  # a budget places the models in load()
             pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -209,8 +323,28 @@ class FluxBackbone(Backbone):
 
     def unload(self) -> None:
         self.set_probe(None)
+        if self.placement is not None:
+            self.placement.remove()  # unhooked, the process cap lifted
+            self.placement = None
         super().unload()
         self.clear_caches()
+
+    def to(self, device: str) -> FluxBackbone:
+        """Move the pipeline (:meth:`Backbone.to`); under ``memory_budget``, placed on its
+        device, it stays there (moving to that same device does nothing)."""
+        if self.placement is None:
+            super().to(device)
+            return self
+        import torch
+
+        target, placed = torch.device(self._budget_device(device)), self.placement.device
+        current = torch.cuda.current_device
+        if placed.type != "cuda" or (target.index if target.index is not None else current()) \
+                != (placed.index if placed.index is not None else current()):
+            raise InvalidArgumentError(
+                "device", str(device), f"backbone {self.name!r} runs under memory_budget="
+                f"{self.memory_budget:g} on {self.device}; load it again to run it elsewhere")
+        return self
 
     def clear_caches(self) -> None:
         self._image_ids.clear()
@@ -248,7 +382,9 @@ class FluxBackbone(Backbone):
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidArgumentError("prompts", prompts, "need one or more strings")
-        with torch.no_grad():
+        encoding = (self.placement.encoding() if self.placement is not None
+                    else contextlib.nullcontext())  # evicted encoders visit the GPU
+        with torch.no_grad(), encoding:
             prompt_embeds, pooled, text_ids = self.pipe.encode_prompt(
                 prompt=prompts, prompt_2=None, device=self.execution_device,
                 num_images_per_prompt=1, max_sequence_length=self.max_sequence_length)
@@ -413,7 +549,8 @@ class FluxBackbone(Backbone):
                **options: Any) -> FluxBackbone:
         """Random weights at FLUX.1's published size (the ``random`` preset), with
         ``options``; ``cpu_offload`` and ``quantize_8bit`` act while loading, so the preset
-        refuses them."""
+        refuses them. With ``memory_budget`` the modules are built on the CPU and placed
+        under the budget (:meth:`from_pipeline`)."""
         from adapterswap.backbone import default_device, default_dtype, parse_dtype
         from adapterswap_flux.published import random_flux_pipeline
 
@@ -424,10 +561,31 @@ class FluxBackbone(Backbone):
                                            "in memory; this option acts while loading weights")
         device = device or default_device()
         dtype = parse_dtype(dtype) or default_dtype(device)
+        budget = options.get("memory_budget")
+        if budget is not None:  # refused off CUDA before building anything
+            cls(device=device, **options)._budget_device()
         variant = "dev" if cls.guidance_mode == "embedded" else "schnell"
-        pipe, _ = random_flux_pipeline(variant, device, dtype, seed)
+        pipe, _ = random_flux_pipeline(variant, "cpu" if budget else device, dtype, seed)
         backbone = cls.from_pipeline(pipe, source="random", device=device, **options)
         backbone.dtype = dtype
+        return backbone
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, *, source: str = "<in-memory>", device: str | None = None,
+                      **options: Any) -> FluxBackbone:
+        """Wrap a built pipeline (:meth:`Backbone.from_pipeline`); with ``memory_budget`` the
+        pipeline, on the CPU, is placed under the budget on ``device`` (CUDA) instead of moved
+        there whole."""
+        if options.get("memory_budget") is None:
+            return super().from_pipeline(pipe, source=source, device=device, **options)
+        import torch
+
+        backbone = cls(source, device=device, **options)
+        backbone.device = backbone._budget_device()
+        first = next(m for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+        backbone.dtype = backbone.dtype or next(first.parameters()).dtype
+        backbone.pipe = pipe
+        backbone.place_under_budget()
         return backbone
 
     @classmethod
@@ -441,12 +599,15 @@ class FluxBackbone(Backbone):
         from adapterswap.presets import tiny_dir
         from adapterswap_flux.tiny import save_tiny_pipeline
 
+        # built on the CPU; under memory_budget placed on the CUDA device (refused without one)
+        device = cls(device=None, **options)._budget_device() \
+            if options.get("memory_budget") is not None else "cpu"
         path = tiny_dir(cls.name, seed, cache_dir)
         if not path.exists():
             _save_atomically(path, lambda tmp: save_tiny_pipeline(cls.tiny_family, tmp, seed))
-        backbone = cls(str(path), device="cpu", dtype=torch.float32, **options).load()
-        backbone.default_height, backbone.default_width = cls.tiny_size
-        return backbone
+        backbone = cls(str(path), device=device, dtype=torch.float32, **options)
+        backbone.default_height, backbone.default_width = cls.tiny_size  # what a budget plans
+        return backbone.load()
 
 
 class FluxDev(FluxBackbone):

@@ -35,7 +35,11 @@ seed gives InfiniteYou's image (:mod:`adapterswap_flux.reproduce`).
 
 Memory: InfuseNet (about 3.0B parameters, 5.9 GB in bf16) lives on the backbone's execution
 device, also when the backbone uses model CPU offload (as in InfiniteYou, whose offload leaves the
-ControlNet on the GPU after its first call); ``quantize_8bit=True`` halves it.
+ControlNet on the GPU after its first call); ``quantize_8bit=True`` halves it. Under the
+backbone's ``memory_budget`` it loads on the CPU and the backbone places it in the room its plan
+keeps for an adapter, its large linears in float8 where the plan has them
+(:meth:`~adapterswap_flux.backbones.FluxBackbone.place_adapter_modules`); cast so, it attaches
+afterwards only to backbones whose budget has float8 too.
 
 Probes (``set_probe``): ``residual/hidden``, the norm of each residual over the norm of the
 image-token hidden state it is added to, for every double and single block it feeds.
@@ -166,6 +170,8 @@ class InfuseNet(Adapter):
         self.control_image_name = ""
         #: control latents (and, for ``reproduce``, posteriors) per backbone and size
         self._control_cache: dict[tuple[Any, ...], Any] = {}
+        #: the name of the backbone whose ``memory_budget`` cast InfuseNet to float8, if any
+        self.float8_from_budget: str | None = None
         self.set_control_image(options.get("control_image"))
 
     @classmethod
@@ -370,9 +376,16 @@ class InfuseNet(Adapter):
 
     def _ensure_loaded(self, backbone: Backbone) -> None:
         if not self.loaded:
-            self.device = self.device or backbone.device
+            self.device = self.device or _load_device(backbone)
             self.dtype = self.dtype or backbone.dtype
             self.load()
+
+    def attach(self, backbone: Backbone) -> None:
+        """:meth:`Adapter.attach`; loading first on the CPU when the backbone runs under a
+        ``memory_budget`` (it places InfuseNet on the GPU itself, chunk by chunk)."""
+        if not self.loaded and self.device is None:
+            self.device = _load_device(backbone)
+        super().attach(backbone)
 
     # ------------------------------------------------------------------ attach / detach
     def fast_modules(self) -> dict[str, Any]:
@@ -396,10 +409,24 @@ class InfuseNet(Adapter):
                 f"its transformer does not fit InfuseNet's residuals ({'; '.join(mismatched)})")
         device = backbone.execution_device
         dtype = backbone.dtype or self.dtype
-        if self.quantize_8bit or self.infusenet.dtype == dtype:
-            self.infusenet.to(device)
-        else:
+        placement = getattr(backbone, "placement", None)
+        float8 = placement is not None and "adapter" in placement.plan.float8
+        if self.float8_from_budget is not None and not float8:
+            raise UsageError(
+                f"adapter {self.name!r} has float8 linears from memory_budget on backbone "
+                f"{self.float8_from_budget!r}; backbone {backbone.name!r} runs without float8: "
+                "load the adapter again to attach it there")
+        cast = not self.quantize_8bit and self.infusenet.dtype != dtype
+        if placement is not None:  # the budget's room for an adapter (float8 where planned)
+            if cast:
+                self.infusenet.to(dtype)
+            backbone.place_adapter_modules(self.fast_modules())
+            self.float8_from_budget = self.float8_from_budget or (backbone.name if float8
+                                                                  else None)
+        elif cast:
             self.infusenet.to(device, dtype)
+        else:
+            self.infusenet.to(device)
         self.resampler.to(device, dtype)
         if self._face is not None:  # loaded only if an image needed it
             self._face.arcface.to(device)
@@ -616,7 +643,7 @@ class InfuseNet(Adapter):
         ``random`` preset, for latency studies; face detection is not timed)."""
         from adapterswap_flux.published import random_infusenet
 
-        kwargs.setdefault("device", backbone.device)
+        kwargs.setdefault("device", _load_device(backbone))
         kwargs.setdefault("dtype", backbone.dtype)
         adapter = cls(**kwargs)
         adapter.infusenet, adapter.resampler = random_infusenet(adapter.device, adapter.dtype,
@@ -688,6 +715,13 @@ def save_tiny_infiniteyou(root: str | Path, transformer_config: Any, seed: int =
         torch.save({"image_proj": resampler.state_dict()}, str(model_dir / "image_proj_model.bin"))
     save_tiny_face_models(root, seed, embedding_dim=embedding_dim)
     return root
+
+
+def _load_device(backbone: Backbone) -> Any:
+    """Where InfuseNet loads for ``backbone``: the CPU under a ``memory_budget`` (the backbone
+    places it on the GPU, float8 where planned, so its 16-bit weights never all sit there),
+    else the backbone's device."""
+    return "cpu" if getattr(backbone, "placement", None) is not None else backbone.device
 
 
 class _RandomIdentity:
