@@ -209,7 +209,8 @@ def sweep_command(backbones: tuple[str, ...], adapter: str | None, steps: str | 
     and write results.sqlite, results.csv and report.html. Re-running resumes.
 
     On several GPUs: torchrun --nproc-per-node N -m adapterswap sweep ... (or --launcher
-    torchrun): each rank runs a balanced share into its shard; rank 0 merges and reports.
+    torchrun): each rank takes groups from a shared queue into its shard; rank 0 merges and
+    reports.
     On a Ray cluster: --backend ray [--address auto]."""
     ray = _ray_options(backend, address, nproc, launcher)
     if launcher == "torchrun":

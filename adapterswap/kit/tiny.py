@@ -25,8 +25,9 @@ at the end (:func:`save_ip_adapter_files`, :func:`save_tiny_image_encoder`,
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -274,6 +275,31 @@ def reload_pipeline(pipeline_class: type[DiffusionPipeline], path: str | Path,
     return pipeline_class.from_pretrained(path, local_files_only=True, **kwargs)
 
 
+@contextlib.contextmanager
+def every_rank_saves() -> Iterator[None]:
+    """Within the block, transformers' ``save_pretrained`` writes on every torch.distributed
+    rank. It writes on rank 0 only once a process group exists (checkpoints of one model
+    shared by all ranks); a tiny preset is built per process, so a rank other than 0 would
+    get a folder without its text encoders."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        yield
+        return
+    original = PreTrainedModel.__dict__.get("should_save_on_this_rank")
+    if original is None and not hasattr(PreTrainedModel, "should_save_on_this_rank"):
+        yield  # an older transformers: it saves where it is asked to
+        return
+    PreTrainedModel.should_save_on_this_rank = lambda self, is_main_process: is_main_process
+    try:
+        yield
+    finally:
+        if original is None:
+            del PreTrainedModel.should_save_on_this_rank
+        else:
+            PreTrainedModel.should_save_on_this_rank = original
+
+
 def build_once(path: Path, build: Callable[[Path], Any]) -> Path:
     """Create ``path`` with ``build(tmp_path)`` unless it exists; atomic, so two processes
     racing for the same tiny preset never see a half-written directory."""
@@ -286,7 +312,8 @@ def build_once(path: Path, build: Callable[[Path], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        build(tmp)
+        with every_rank_saves():
+            build(tmp)
         os.replace(tmp, path)
     except OSError:
         if not path.exists():

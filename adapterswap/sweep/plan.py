@@ -7,7 +7,10 @@ every decision can be tested, printed and broadcast (``distributed``) before any
 The order is the engine's: cells -> by backbone (each loaded once) -> by adapter setting (the
 adapter attached once) -> groups (one reference and prompt: encodings reused) -> chunks (at most
 ``max_batch`` images per forward: step-parallel, or one step count at a time) -> the first-step
-sharing plan of a chunk. For several ranks, whole groups are shared out by estimated cost.
+sharing plan of a chunk. Several ranks (torchrun) and Ray workers take groups and chunks
+dynamically (:mod:`adapterswap.sweep.workqueue`, :mod:`adapterswap.sweep.scheduler`);
+:func:`assign` and :func:`rank_shares` remain the static, cost-balanced split (longest
+processing time first).
 """
 
 from __future__ import annotations

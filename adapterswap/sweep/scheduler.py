@@ -1,7 +1,8 @@
 """Dynamic scheduling of a sweep over workers that come and go: pure, no Ray, no torch.
 
-The driver of a multi-worker sweep (:mod:`adapterswap.sweep.ray_backend`; torchrun could use
-it too) plans once and asks this scheduler, each time a worker has room, for its next chunk:
+The driver of a multi-worker sweep (:mod:`adapterswap.sweep.ray_backend`) plans once and asks
+this scheduler, each time a worker has room, for its next chunk (torchrun's shared queue,
+:mod:`adapterswap.sweep.workqueue`, starts from its groups and follows the same rules):
 
 1. chunks of a worker that died, retried first (a chunk is dropped after ``max_attempts``
    workers died running it: :meth:`ChunkScheduler.lose` returns it as given up, so the driver
@@ -105,6 +106,11 @@ class ChunkScheduler:
         #: how many chunks were stolen (for the summary and the tests)
         self.stolen = 0
         self.retried = 0
+
+    def groups(self) -> list[list[Chunk]]:
+        """Every group's chunks, in the order new groups are handed out (longest first): the
+        plan a shared queue (:mod:`adapterswap.sweep.workqueue`) starts from."""
+        return [list(self._groups[g]) for g in self._queue]
 
     # ------------------------------------------------------------------ handing out
     def next_chunk(self, worker: object, loaded: str | None = None) -> Chunk | None:

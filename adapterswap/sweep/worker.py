@@ -135,11 +135,13 @@ class ChunkWorker(SweepEngine):
         too so that the worker knows the same backbones, adapters and metrics.
     :param workers: how many workers share the sweep: this one expects that share of each
         backbone's cells when the fast path decides whether compiling repays itself.
+    :param device: the device to run on (a torchrun rank's ``cuda:LOCAL_RANK``); default: the
+        spec's, and ``cuda:0`` on CUDA (Ray shows each actor its own GPU as device 0).
     """
 
     def __init__(self, spec: SweepSpec, *, meta: Mapping[str, Any] | None = None,
                  plugins: Sequence[tuple[str, Any]] = (), workers: int = 1,
-                 quiet: bool = True, name: str = "worker") -> None:
+                 quiet: bool = True, name: str = "worker", device: str | None = None) -> None:
         from adapterswap import plugins as registry
         from adapterswap.sweep.models import ModelFactory
 
@@ -154,7 +156,9 @@ class ChunkWorker(SweepEngine):
             if registry.pm.get_plugin(plugin_name) is None:
                 registry.register_plugin(plugin, name=plugin_name)
         spec = copy.deepcopy(spec)
-        if _cuda_available() and (spec.device is None or str(spec.device).startswith("cuda")):
+        if device is not None:
+            spec.device = device
+        elif _cuda_available() and (spec.device is None or str(spec.device).startswith("cuda")):
             spec.device = "cuda:0"  # Ray shows each actor its own GPU as device 0
         super().__init__(spec, RelayStore(spec.out, meta), models=ModelFactory.from_spec(spec),
                          log=lambda message: print(f"{name}: {message}", file=sys.stderr,
