@@ -9,27 +9,22 @@ import multiprocessing
 import threading
 import time
 
+import cell_grid
 import pytest
 
 from adapterswap.sweep import workqueue
 from adapterswap.sweep.latency import LatencyMeter, TimingContext, latency_key
 from adapterswap.sweep.scheduler import ChunkScheduler
-from adapterswap.sweep.spec import Cell
 from adapterswap.sweep.worker import RelayStore
 from adapterswap.sweep.workqueue import SharedLatencyMeter, WorkQueue, timing_config
 
 
-def make_cell(backbone="toy-dev", reference="r0", seed=0, steps=1, size=16):
-    return Cell(backbone=backbone, adapter="none", scale=None, start=0.0, end=1.0,
-                reference=reference, prompt="p", seed=seed, steps=steps, height=size,
-                width=size, guidance_scale=None, source="", adapter_source="", dtype="fp32")
+def make_cell(*args, **kwargs):
+    return cell_grid.make_cell(*args, **{"adapter": "none", **kwargs})
 
 
-def grid(backbones=("toy-dev", "toy-fast"), references=("r0", "r1"), seeds=(0, 1, 2),
-         steps=(1, 2, 4), size=16):
-    cells = [make_cell(b, r, s, n, size) for b in backbones for r in references for s in seeds
-             for n in steps]
-    return [(c, f"{c.backbone}/{c.reference}/{c.seed}/{c.steps}/{c.height}") for c in cells]
+def grid(*args, **kwargs):
+    return cell_grid.grid(*args, **{"adapter": "none", **kwargs})
 
 
 def new_queue(tmp_path, keyed, finished=frozenset(), max_batch=16, rows=()):

@@ -9,7 +9,7 @@ that hold them keep working.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adapterswap.errors import InvalidArgumentError
 from adapterswap.fastpath.switches import COMPILE_SCOPES
@@ -46,17 +46,22 @@ def compile_module(module: torch.nn.Module, mode: str, scope: str,
                 counts[type(sub).__name__] = counts.get(type(sub).__name__, 0) + 1
         if counts:
             return [f"{name}[{n}]" for name, n in sorted(counts.items())]
-    if scope == "regions":
-        compiled = []
-        for name, child in module.named_children():
-            if isinstance(child, torch.nn.ModuleList) and len(child) > 1:
-                for block in child:
-                    block.compile(mode=mode)
-                compiled.append(f"{name}[{len(child)}]")
-        if compiled:
-            return compiled
-    module.compile(mode=mode)
-    return ["forward"]
+    lists = [] if scope != "regions" else [
+        (name, child) for name, child in module.named_children()
+        if isinstance(child, torch.nn.ModuleList) and len(child) > 1]
+    return _compile_lists(module, lists, mode)
+
+
+def _compile_lists(module: torch.nn.Module, lists: list[tuple[str, Any]],
+                   mode: str) -> list[str]:
+    """Compile every block of ``lists`` (name, blocks), or ``module`` whole without any."""
+    for _, blocks in lists:
+        for block in blocks:
+            block.compile(mode=mode)
+    if not lists:
+        module.compile(mode=mode)
+        return ["forward"]
+    return [f"{name}[{len(blocks)}]" for name, blocks in lists]
 
 
 def compile_encoder(module: torch.nn.Module, mode: str = "default") -> list[str]:
@@ -64,23 +69,22 @@ def compile_encoder(module: torch.nn.Module, mode: str = "default") -> list[str]
     lists of blocks of one class wherever they sit (T5's ``encoder.block``, CLIP's
     ``encoder.layers``: their blocks share one shape, so they share the compiled code), or,
     without any, the whole forward. Returns what was compiled."""
+    return _compile_lists(module, outer_block_lists(module), mode)
+
+
+def outer_block_lists(module: torch.nn.Module) -> list[tuple[str, Any]]:
+    """The outermost lists of more than one block of one class under ``module`` (T5's
+    ``encoder.block``, CLIP's ``encoder.layers``), by name, in the order they run."""
     import torch
 
-    compiled: list[str] = []
-    inside: list[str] = []
+    found: list[tuple[str, Any]] = []
     for name, child in module.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
+        if any(name.startswith(prefix + ".") for prefix, _ in found):
             continue
         if isinstance(child, torch.nn.ModuleList) and len(child) > 1 and \
                 len({type(block) for block in child}) == 1:
-            for block in child:
-                block.compile(mode=mode)
-            compiled.append(f"{name}[{len(child)}]")
-            inside.append(name)
-    if compiled:
-        return compiled
-    module.compile(mode=mode)
-    return ["forward"]
+            found.append((name, child))
+    return found
 
 
 def mark_step() -> None:

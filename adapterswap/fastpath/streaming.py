@@ -96,18 +96,10 @@ def host_slots(module: Any, *, exclude: Sequence[Any] = (), pin: bool = False) -
 def outer_blocks(module: Any) -> list[str]:
     """Names of the blocks of ``module``'s outermost lists of more than one block of one class
     (a text encoder's layers: ``encoder.block.0``, ...), in the order they run."""
-    import torch
+    from adapterswap.fastpath.compiling import outer_block_lists
 
-    names: list[str] = []
-    inside: list[str] = []
-    for name, child in module.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
-        if isinstance(child, torch.nn.ModuleList) and len(child) > 1 and \
-                len({type(block) for block in child}) == 1:
-            names += [f"{name}.{index}" for index in range(len(child))]
-            inside.append(name)
-    return names
+    return [f"{name}.{index}" for name, blocks in outer_block_lists(module)
+            for index in range(len(blocks))]
 
 
 def _slots_nbytes(slots: Sequence[Slot]) -> int:
