@@ -129,9 +129,16 @@ def check_weights(spec: Any) -> None:
     from adapterswap.devices import default_device
     from adapterswap.errors import WeightsNotFoundError
     from adapterswap.fastpath.flash import check_attention
+    from adapterswap.plugins import get_backbone
     from adapterswap.sweep.models import ModelFactory
 
-    check_attention(spec.attention, spec.device or default_device())
+    # the device the models will run on: the tiny preset stays on the CPU unless told
+    device = spec.device or ("cpu" if spec.preset == "tiny" else default_device())
+    check_attention(spec.attention, device)
+    for name in spec.backbones:  # options that cannot run there (a memory budget off CUDA)
+        check_device = getattr(get_backbone(name), "check_run_device", None)
+        if check_device is not None:
+            check_device(spec.options_for(name), device)
     try:
         models = ModelFactory.from_spec(spec)
         models.check_weights(spec.backbones)

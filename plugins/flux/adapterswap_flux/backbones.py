@@ -194,6 +194,14 @@ class FluxBackbone(Backbone):
         ``None`` without a budget."""
         return None if self.placement is None else self.placement.record()
 
+    @classmethod
+    def check_run_device(cls, options: Any, device: str) -> None:
+        """Before a store or a model exists: refuse, in one line, options that cannot run on
+        ``device`` (a ``memory_budget`` needs CUDA)."""
+        options = cls.check_options(options or {})
+        if options.get("memory_budget") is not None:
+            cls(device=device, **options)._budget_device()
+
     def _budget_device(self, device: Any = None) -> str:
         """The CUDA device a ``memory_budget`` runs on, or the one-line refusal."""
         from adapterswap.backbone import default_device

@@ -183,6 +183,22 @@ def test_generate_with_a_budget_on_the_cpu_is_refused_in_one_line(monkeypatch, t
     assert bad.exit_code == 2 and "must be a number of GiB > 0" in bad.stderr
 
 
+def test_a_sweep_with_a_budget_on_the_cpu_is_refused_before_its_store_exists(monkeypatch,
+                                                                           tmp_path):
+    from adapterswap.cli import main
+
+    _no_cuda(monkeypatch)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["sweep", "--preset", "tiny", "--backbone",
+                                       "flux-schnell", "--backbone-option", "memory_budget=24",
+                                       "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: invalid memory_budget=24.0: needs "
+                                                   "a CUDA device"), lines
+    assert not out.exists()
+
+
 def test_a_sweep_spec_refuses_a_conflicting_budget_before_loading(tmp_path):
     from adapterswap.sweep.spec import SweepSpec
 
