@@ -18,7 +18,8 @@ def _version(dist: str) -> str:
 
 
 def environment() -> dict[str, Any]:
-    """Python, torch, CUDA, diffusers and transformers versions and the offline setting."""
+    """Python, torch, CUDA, diffusers and transformers versions, the offline setting, and the
+    optional kernels and backends: float8, FlashAttention-3, Ray."""
     from adapterswap.config import config_path
 
     env: dict[str, Any] = {
@@ -41,6 +42,17 @@ def environment() -> dict[str, Any]:
             env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception as exc:  # a broken torch install is exactly what doctor should report
         env["cuda_available"] = f"torch failed to import: {exc}"
+        return env
+    from adapterswap.fastpath.flash import fa3_unavailable
+    from adapterswap.fastpath.kernels import fp8_supported
+
+    env["fp8"] = "available" if fp8_supported("cuda") else \
+        "unavailable: needs a CUDA GPU of compute capability 8.9+"
+    missing = fa3_unavailable("cuda")
+    env["attention_fa3"] = f"fa3-fwd {_version('fa3-fwd')}" if missing is None else \
+        f"unavailable: {missing}"
+    ray = _version("ray")
+    env["ray"] = ray if ray != "not installed" else "not installed (pip install 'adapterswap[ray]')"
     return env
 
 

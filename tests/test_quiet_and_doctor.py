@@ -329,3 +329,20 @@ def test_lpips_and_csd_weights_status(tmp_path, monkeypatch):
     csd.write_bytes(b"weights")
     assert StyleSimilarity.weights_status({"csd_weights": str(csd.parent)}) == (
         True, f"CSD weights {csd}")
+
+
+def test_doctor_says_whether_the_optional_kernels_and_ray_can_run():
+    from adapterswap.doctor import environment
+
+    env = environment()
+    import torch
+
+    if not torch.cuda.is_available():  # this machine: both kernels unavailable, with why
+        assert env["fp8"].startswith("unavailable: needs a CUDA GPU")
+        assert env["attention_fa3"].startswith("unavailable: needs FlashAttention-3")
+    from importlib import metadata
+
+    try:
+        assert env["ray"] == metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        assert env["ray"].startswith("not installed (pip install")
