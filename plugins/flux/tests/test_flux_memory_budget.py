@@ -164,39 +164,27 @@ def test_a_non_cuda_device_is_refused_before_any_model_loads(monkeypatch, flux_s
         cls.tiny(0, cache_dir="/nonexistent/not-built", memory_budget=24)
 
 
-def test_generate_with_a_budget_on_the_cpu_is_refused_in_one_line(monkeypatch, tmp_path):
+@pytest.mark.parametrize("command, option, out", [
+    ("generate", "--option", "x.png"), ("sweep", "--backbone-option", "run")])
+def test_a_budget_on_the_cpu_is_refused_in_one_line_before_any_output(monkeypatch, tmp_path,
+                                                                      command, option, out):
+    """``generate`` before its image, ``sweep`` before its store exists."""
     from adapterswap.cli import main
 
     _no_cuda(monkeypatch)
-    out = tmp_path / "x.png"
-    result = CliRunner().invoke(main, ["generate", "--preset", "tiny", "--backbone",
-                                       "flux-schnell", "--option", "memory_budget=24",
+    out = tmp_path / out
+    result = CliRunner().invoke(main, [command, "--preset", "tiny", "--backbone",
+                                       "flux-schnell", option, "memory_budget=24",
                                        "--out", str(out)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: invalid memory_budget=24.0: needs "
                                                    "a CUDA device"), lines
     assert not out.exists()
-    bad = CliRunner().invoke(main, ["generate", "--preset", "tiny", "--backbone",
-                                    "flux-schnell", "--option", "memory_budget=0",
+    bad = CliRunner().invoke(main, [command, "--preset", "tiny", "--backbone",
+                                    "flux-schnell", option, "memory_budget=0",
                                     "--out", str(out)])
     assert bad.exit_code == 2 and "must be a number of GiB > 0" in bad.stderr
-
-
-def test_a_sweep_with_a_budget_on_the_cpu_is_refused_before_its_store_exists(monkeypatch,
-                                                                           tmp_path):
-    from adapterswap.cli import main
-
-    _no_cuda(monkeypatch)
-    out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["sweep", "--preset", "tiny", "--backbone",
-                                       "flux-schnell", "--backbone-option", "memory_budget=24",
-                                       "--out", str(out)])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: invalid memory_budget=24.0: needs "
-                                                   "a CUDA device"), lines
-    assert not out.exists()
 
 
 def test_a_sweep_spec_refuses_a_conflicting_budget_before_loading(tmp_path):
