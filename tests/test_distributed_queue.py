@@ -142,7 +142,11 @@ def test_a_configuration_is_timed_by_one_rank_and_the_other_waits_for_its_rows(
                                 args=(f"backbone-{r}", None, cells, CONTEXT, lambda: None))
                for r in (0, 1)]
     threads[0].start()
-    time.sleep(0.05)  # rank 0 claims first
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # rank 0 claims first (its timing takes 0.6 s)
+        if queue.db.execute("SELECT COUNT(*) FROM timing").fetchone()[0]:
+            break
+        time.sleep(0.01)
     threads[1].start()
     for thread in threads:
         thread.join(30)

@@ -435,30 +435,40 @@ class SweepEngine:
                 summary.done += done
                 summary.failed += failed
         finisher.drain()  # every cell of this backbone stored before unloading
+        self.backbone_done(backbone, accelerator, summary.fast_path[part.backbone], meter,
+                           forwards_s=runner.forward_timer.total())
+
+    def backbone_done(self, backbone: Any, accelerator: Any, fast_path: dict[str, Any],
+                      meter: Any, forwards_s: float | None = None) -> None:
+        """After a backbone's cells are stored: save its compile cache, record what its block
+        cache and memory budget did (in ``fast_path``, the summary's entry, and the store's
+        meta), then unload it. One process and a multi-worker sweep's workers alike."""
+        name = backbone.name
         key = self._compile_keys.pop(id(backbone), None)
         if key is not None:
             from adapterswap.fastpath import compile_cache
 
-            self.log(f"{backbone.name}: compiled run's forwards took "
-                     f"{runner.forward_timer.total():.1f} s in all (the first call per shape "
-                     "compiles)")
+            if forwards_s is not None:
+                self.log(f"{name}: compiled run's forwards took {forwards_s:.1f} s in all "
+                         "(the first call per shape compiles)")
             compile_cache.save(key, self.log)
         memory = getattr(backbone, "memory_record", None)
         memory = memory() if memory is not None else None
         if memory is not None:  # a memory budget's plan, enforcement and peak
-            summary.fast_path[part.backbone]["memory"] = memory
-            self.store.set_meta(f"memory:{part.backbone}", memory)
-            self.log(f"{part.backbone}: memory budget {memory.get('budget_gib')} GiB, peak "
+            fast_path["memory"] = memory
+            self.store.set_meta(f"memory:{name}", memory)
+            self.log(f"{name}: memory budget {memory.get('budget_gib')} GiB, peak "
                      f"{memory.get('peak_gib')} GiB")
         if accelerator.block_cache is not None:
             stats = accelerator.block_cache.stats()
-            summary.fast_path[part.backbone]["block_cache"] = stats
-            self.store.set_meta(f"block_cache:{part.backbone}", stats)
-            self.log(f"{part.backbone}: block cache computed {stats['computed_steps']} "
+            fast_path["block_cache"] = stats
+            self.store.set_meta(f"block_cache:{name}", stats)
+            self.log(f"{name}: block cache computed {stats['computed_steps']} "
                      f"steps, reused {stats['cached_steps']}")
         self.models.detach_all(backbone)
         self.models.forget(backbone)
-        meter.forget(backbone)
+        if meter is not None:
+            meter.forget(backbone)
         backbone.unload()
 
     def _group_inputs(self, backbone: Any, adapter: Any, group: GroupPlan,

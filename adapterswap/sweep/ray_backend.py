@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from adapterswap.errors import AdapterswapError, UsageError
+from adapterswap.errors import AdapterswapError, InvalidArgumentError, UsageError
 from adapterswap.sweep.engine import SweepEngine, SweepSummary
 from adapterswap.sweep.scheduler import Chunk, ChunkScheduler
 from adapterswap.sweep.spec import Cell, SweepSpec
@@ -91,13 +91,13 @@ class RaySweep:
                  on_cell: Callable[[Cell, str], None] | None = None,
                  on_chunk: Callable[[RaySweep, int, Chunk], None] | None = None) -> None:
         if workers is not None and workers < 1:
-            from adapterswap.errors import InvalidArgumentError
-
             raise InvalidArgumentError("--nproc", workers, "must be >= 1")
         self.spec = spec
         self.address = address
         self.workers = workers
-        self.depth = max(1, depth)
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise InvalidArgumentError("depth", depth, "must be an integer >= 1")
+        self.depth = depth
         self.echo = echo or (lambda message: print(message, file=sys.stderr, flush=True))
         self.on_cell = on_cell or (lambda cell, status: None)
         self.on_chunk = on_chunk or (lambda sweep, worker, chunk: None)
@@ -228,13 +228,16 @@ class RaySweep:
         live = set(range(len(self.actors)))
         loaded: dict[int, str | None] = dict.fromkeys(live)
         pending: dict[Any, tuple[int, Chunk]] = {}
+        sent: dict[int, set[str]] = {w: set() for w in live}  # latency rows each actor has
 
         def fill(worker: int) -> None:
             while sum(1 for w, _ in pending.values() if w == worker) < self.depth:
                 chunk = scheduler.next_chunk(worker, loaded[worker])
                 if chunk is None:
                     return
-                rows = [r for r in store.latency_rows() if r["backbone"] == chunk.backbone]
+                rows = [r for r in store.latency_rows() if r["backbone"] == chunk.backbone
+                        and r["key"] not in sent[worker]]
+                sent[worker].update(r["key"] for r in rows)
                 ref = self.actors[worker].run_chunk.remote(list(chunk.items), rows)
                 pending[ref] = (worker, chunk)
                 loaded[worker] = chunk.backbone

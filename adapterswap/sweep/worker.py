@@ -83,8 +83,11 @@ class RelayStore:
 
     def record_cell(self, key: str, config: Mapping[str, Any], **kwargs: Any) -> None:
         with self.mutex:
-            mine = [(n, i) for n, i in self._images if n == key or n.startswith(f"{key}-")]
-            self._images = [(n, i) for n, i in self._images if (n, i) not in mine]
+            mine, others = [], []
+            for name, image in self._images:
+                (mine if name == key or name.startswith(f"{key}-") else others).append(
+                    (name, image))
+            self._images = others
             self._journal.append(CellRecord(key, dict(config), kwargs, mine))
             if kwargs.get("status") == "done":
                 self._done.add(key)
@@ -163,7 +166,11 @@ class ChunkWorker(SweepEngine):
         super().__init__(spec, RelayStore(spec.out, meta), models=ModelFactory.from_spec(spec),
                          log=lambda message: print(f"{name}: {message}", file=sys.stderr,
                                                    flush=True))
-        self.workers = max(1, workers)
+        if workers < 1:
+            from adapterswap.errors import InvalidArgumentError
+
+            raise InvalidArgumentError("workers", workers, "must be >= 1")
+        self.workers = workers
         self.setting_cells: dict[tuple[Any, ...], list[Cell]] = {}
         self.stats: dict[str, Any] = {"load_seconds": 0.0, "latency_seconds": 0.0,
                                       "busy_seconds": 0.0, "fast_path": {}, "chunks": 0,
@@ -278,20 +285,8 @@ class ChunkWorker(SweepEngine):
         backbone, self._backbone = self._backbone, None
         if self._metrics is not None:
             self.finisher.drain()
-        key = self._compile_keys.pop(id(backbone), None)
-        if key is not None:
-            from adapterswap.fastpath import compile_cache
-
-            compile_cache.save(key, self.log)
-        if self._accelerator.block_cache is not None:
-            stats = self._accelerator.block_cache.stats()
-            self.stats["fast_path"][backbone.name]["block_cache"] = stats
-            self.store.set_meta(f"block_cache:{backbone.name}", stats)
-        self.models.detach_all(backbone)
-        self.models.forget(backbone)
-        if self._metrics is not None:
-            self.meter.forget(backbone)
-        backbone.unload()
+        self.backbone_done(backbone, self._accelerator, self.stats["fast_path"][backbone.name],
+                           self.meter if self._metrics is not None else None)
 
     def _totals(self) -> dict[str, Any]:
         totals = dict(self.stats)
