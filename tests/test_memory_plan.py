@@ -287,3 +287,27 @@ def test_moving_in_chunks_without_float8_changes_nothing():
     expected = run(blocks, x)
     assert move_in_chunks(blocks, "cpu", float8=False) == 0
     assert torch.equal(run(blocks, x), expected)
+
+
+def test_a_streamed_block_holding_a_block_list_goes_home_as_one_chunk(monkeypatch):
+    """FLUX's double blocks hold ModuleLists (``ff.net``): a block that streams is one chunk
+    sent to host memory whole, not entered like a block list and left where it was placed."""
+    from adapterswap.fastpath import streaming
+
+    class Holder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)])
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Holder(), Holder()])
+
+    model = Model()
+    homed = []
+    real = streaming.host_slots
+    monkeypatch.setattr(streaming, "host_slots",
+                        lambda module, **kw: homed.append(module) or real(module, **kw))
+    move_in_chunks(model, "cpu", float8=False, host=[model.blocks[1]])
+    assert homed == [model.blocks[1]]

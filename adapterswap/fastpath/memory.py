@@ -321,9 +321,10 @@ def move_in_chunks(module: Any, device: Any, *, float8: bool, host: Sequence[Any
     def visit(parent: Any) -> None:
         nonlocal cast
         for name, child in list(parent.named_children()):
-            if any(isinstance(m, torch.nn.ModuleList) for m in child.modules()):
+            if id(child) not in home and any(isinstance(m, torch.nn.ModuleList)
+                                             for m in child.modules()):
                 visit(child)  # a block list, or a module that holds one: block by block
-                continue
+                continue  # (a block that streams is one chunk, whatever it holds)
             child.to(device)
             if float8 and float8_eligible(child):
                 setattr(parent, name, float8_linear_class()(child))

@@ -232,9 +232,13 @@ class BlockStreamer:
         self.max_loaded = max(self.max_loaded, len(self._loaded))
 
     def _release(self, index: int) -> None:
+        event = self._loaded.pop(index, None)
+        if event is not None:  # a prefetch that never ran: its memory returns to the compute
+            import torch  # stream's allocator only after the copy into it has finished
+
+            torch.cuda.current_stream(self.device).wait_event(event)
         for slot in self._slots[index]:
             slot.point_to(slot.home)
-        self._loaded.pop(index, None)
 
 
 class HostResident:
