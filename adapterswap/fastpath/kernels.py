@@ -121,6 +121,16 @@ def float8_linear_class() -> type:
     return Float8Linear
 
 
+def float8_eligible(module: Any, min_features: int = 1024) -> bool:
+    """Whether :func:`to_float8` casts ``module``: an ``nn.Linear`` whose sides are both at
+    least ``min_features`` and multiples of 16."""
+    import torch
+
+    return (type(module) is torch.nn.Linear and module.in_features >= min_features
+            and module.out_features >= min_features and module.in_features % 16 == 0
+            and module.out_features % 16 == 0)
+
+
 def to_float8(module: torch.nn.Module, *, min_features: int = 1024,
               fast_accum: bool = True) -> int:
     """Replace, in place, every ``nn.Linear`` under ``module`` whose sides are both at least
@@ -129,14 +139,11 @@ def to_float8(module: torch.nn.Module, *, min_features: int = 1024,
     ``fast_accum`` (default on, as in torchao's float8 inference) lets Hopper's tensor cores
     accumulate float8 products in their faster, reduced-precision mode; pass ``False`` for the
     full-precision accumulation (``benchmarks/gpu/bench_fastpath.py`` measures both)."""
-    import torch
 
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if (type(child) is torch.nn.Linear and child.in_features >= min_features
-                    and child.out_features >= min_features and child.in_features % 16 == 0
-                    and child.out_features % 16 == 0):
+            if float8_eligible(child, min_features):
                 setattr(parent, name, float8_linear_class()(child, fast_accum))
                 replaced += 1
     return replaced

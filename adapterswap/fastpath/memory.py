@@ -101,12 +101,11 @@ class Part:
 
 
 def float8_eligible(module: Any) -> bool:
-    """Whether :func:`~adapterswap.fastpath.kernels.to_float8` casts ``module``."""
-    import torch
+    """Whether :func:`~adapterswap.fastpath.kernels.to_float8` casts ``module`` (at
+    :data:`FLOAT8_MIN_FEATURES`)."""
+    from adapterswap.fastpath.kernels import float8_eligible as eligible
 
-    return (type(module) is torch.nn.Linear and module.in_features >= FLOAT8_MIN_FEATURES
-            and module.out_features >= FLOAT8_MIN_FEATURES and module.in_features % 16 == 0
-            and module.out_features % 16 == 0)
+    return eligible(module, FLOAT8_MIN_FEATURES)
 
 
 def module_bytes(module: Any, *, dtype_bytes: int | None = None) -> tuple[int, int]:

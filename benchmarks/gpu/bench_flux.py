@@ -47,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from adapterswap_flux import published  # noqa: E402
-from common import count_flops, gpu_busy, sync, timed, timed_sweep, write  # noqa: E402
+from common import count_flops, gpu_busy, psnr, sync, timed, timed_sweep, write  # noqa: E402
 
 ROWS = ("dev", "cache", "schnell", "fast", "sweep", "fa3", "graphs", "fp8", "memory")
 
@@ -349,7 +349,6 @@ class Bench:
             busy: bool = False, **extra: Any) -> dict[str, Any]:
         """Time one image of ``backbone`` (the engine's loop, through ``accelerator`` when
         its fast path is on, or the hand-written diffusers loop) and record the row."""
-        import torch
 
         from adapterswap.denoise import denoise
 
@@ -391,11 +390,8 @@ class Bench:
         if keep_image:
             self.reference_images[backbone_name] = image
         elif reference is not None and engine and reference.shape == image.shape:
-            diff = (image - reference).abs()
-            mse = float((diff ** 2).mean())
-            row.update(max_abs_pixel_diff_vs_eager=float(diff.max()),
-                       psnr_db_vs_eager=float(10 * torch.log10(torch.tensor(1.0 / max(mse,
-                                                                                  1e-12)))))
+            row.update(max_abs_pixel_diff_vs_eager=float((image - reference).abs().max()),
+                       psnr_db_vs_eager=psnr(image, reference))
         self.results["rows"].append(row)
         print(row, flush=True)
         self.save()

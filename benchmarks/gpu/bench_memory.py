@@ -46,7 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_flux import build, build_infusenet, engine_adapter, free, id_tokens, tiny_configs  # noqa: E402
-from common import sync, write  # noqa: E402
+from common import psnr, sync, write  # noqa: E402
 
 PROMPT = "a portrait photo of a person, soft studio light"
 
@@ -252,14 +252,6 @@ class Bench:
         elif since_placed is not None:
             row["peak_before_gib"] = since_placed
         return row, images
-
-
-def psnr(image: Any, reference: Any) -> float:
-    """PSNR (dB) of two images in [0, 1]."""
-    import math
-
-    mse = float(((image - reference) ** 2).mean())
-    return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
 if __name__ == "__main__":

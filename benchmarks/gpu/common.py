@@ -117,6 +117,14 @@ def _host_work(prof: Any, start_us: float, stop_us: float, top: int = 3) -> list
     return [text[:200] for _, text in found[:top]]
 
 
+def psnr(image: Any, reference: Any) -> float:
+    """PSNR (dB) of two images in [0, 1] (capped at 120 dB for identical ones)."""
+    import math
+
+    mse = float(((image - reference) ** 2).mean())
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call, by torch's FlopCounterMode (matmuls, convolutions, attention)."""
     import torch
