@@ -19,6 +19,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def indexed_device(device: Any) -> Any:
+    """``device`` as a ``torch.device`` with its index: a bare ``"cuda"`` becomes the current
+    CUDA device (``torch.cuda.set_per_process_memory_fraction`` and other per-device calls
+    refuse a device without an index); other devices are returned as ``torch.device``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def default_dtype(device: str) -> Any:
     """bf16 on CUDA, fp32 elsewhere (CPU half precision is slow and lossy)."""
     import torch

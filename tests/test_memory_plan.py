@@ -311,3 +311,36 @@ def test_a_streamed_block_holding_a_block_list_goes_home_as_one_chunk(monkeypatc
                         lambda module, **kw: homed.append(module) or real(module, **kw))
     move_in_chunks(model, "cpu", float8=False, host=[model.blocks[1]])
     assert homed == [model.blocks[1]]
+
+
+def test_the_cap_names_the_cuda_device_by_index(monkeypatch):
+    """``memory_budget`` on a bare ``"cuda"`` device: torch's per-device calls refuse a device
+    without an index (``set_per_process_memory_fraction`` raised "Expected a torch.device with a
+    specified index" on the H200), so the placement resolves it to the current device first.
+    The fakes below refuse an index-less device as torch does."""
+    from adapterswap.devices import indexed_device
+
+    calls = []
+
+    def needs_index(name):
+        def call(*args):
+            device = args[-1]
+            if isinstance(device, torch.device) and device.index is None or device == "cuda":
+                raise ValueError(f"Expected a torch.device with a specified index, got {device}")
+            calls.append((name, *args))
+            return type("Props", (), {"total_memory": 80 * GIB})()
+        return call
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    for name in ("get_device_properties", "set_per_process_memory_fraction",
+                 "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, needs_index(name))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert indexed_device("cuda") == torch.device("cuda", 1)
+    assert indexed_device("cuda:0") == torch.device("cuda", 0)
+    assert indexed_device("cpu") == torch.device("cpu")
+    plan = plan_memory(40, [DENOISER], Activations(0, 0, 0), float8_available=False)
+    placement = Placement(plan, "cuda", cap=True)
+    assert placement.device == torch.device("cuda", 1)
+    assert placement.fraction == pytest.approx(40 / 80)
+    assert ("set_per_process_memory_fraction", 0.5, torch.device("cuda", 1)) in calls

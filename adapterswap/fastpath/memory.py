@@ -47,6 +47,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapterswap.devices import indexed_device
 from adapterswap.errors import InvalidArgumentError, UsageError
 
 GIB = 1 << 30
@@ -290,6 +291,7 @@ def cap_process_memory(budget_gib: float, device: Any) -> float:
     the peak counter. Returns the fraction; a budget over the card's memory is refused."""
     import torch
 
+    device = indexed_device(device)
     total = torch.cuda.get_device_properties(device).total_memory
     budget = budget_gib * GIB
     if budget > total:
@@ -354,10 +356,9 @@ class Placement:
 
     def __init__(self, plan: MemoryPlan, device: Any, *, copy: Any = None,
                  cap: bool | None = None) -> None:
-        import torch
 
         self.plan = plan
-        self.device = torch.device(device)
+        self.device = indexed_device(device)
         self._copy = copy
         self.cuda = self.device.type == "cuda"
         self.fraction = cap_process_memory(plan.budget_gib, self.device) \

@@ -31,6 +31,8 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from adapterswap.devices import indexed_device
+
 if TYPE_CHECKING:
     import torch
 
@@ -126,10 +128,9 @@ class BlockStreamer:
 
     def __init__(self, blocks: Sequence[Any], device: Any, *, copy: CopyFn | None = None,
                  pin: bool | None = None, cyclic: bool = True) -> None:
-        import torch
 
         self.blocks = list(blocks)
-        self.device = torch.device(device)
+        self.device = indexed_device(device)
         self.cyclic = cyclic
         self._copy = copy or copy_tensor
         self._cuda = self.device.type == "cuda"
@@ -253,10 +254,9 @@ class HostResident:
     def __init__(self, module: Any, device: Any, *, blocks: Sequence[Any] = (),
                  copy: CopyFn | None = None, pin: bool | None = None,
                  on_visit: Callable[[str], None] | None = None) -> None:
-        import torch
 
         self.module = module
-        self.device = torch.device(device)
+        self.device = indexed_device(device)
         self._copy = copy or copy_tensor
         pin = self.device.type == "cuda" if pin is None else pin
         self.streamer = BlockStreamer(blocks, device, copy=copy, pin=pin, cyclic=False)
