@@ -322,19 +322,21 @@ def test_the_cap_names_the_cuda_device_by_index(monkeypatch):
 
     calls = []
 
-    def needs_index(name):
+    def needs_index(name, result=None):
         def call(*args):
             device = args[-1]
             if isinstance(device, torch.device) and device.index is None or device == "cuda":
                 raise ValueError(f"Expected a torch.device with a specified index, got {device}")
             calls.append((name, *args))
-            return type("Props", (), {"total_memory": 80 * GIB})()
+            return result
         return call
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    for name in ("get_device_properties", "set_per_process_memory_fraction",
-                 "reset_peak_memory_stats"):
+    for name in ("set_per_process_memory_fraction", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, needs_index(name))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", needs_index(
+        "get_device_properties", type("Props", (), {"total_memory": 80 * GIB})()))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", needs_index("memory_allocated", GIB))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     assert indexed_device("cuda") == torch.device("cuda", 1)
     assert indexed_device("cuda:0") == torch.device("cuda", 0)
@@ -343,4 +345,5 @@ def test_the_cap_names_the_cuda_device_by_index(monkeypatch):
     placement = Placement(plan, "cuda", cap=True)
     assert placement.device == torch.device("cuda", 1)
     assert placement.fraction == pytest.approx(40 / 80)
+    assert placement.allocated_before == GIB  # what the process held before, recorded
     assert ("set_per_process_memory_fraction", 0.5, torch.device("cuda", 1)) in calls

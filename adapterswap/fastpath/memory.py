@@ -304,6 +304,12 @@ def cap_process_memory(budget_gib: float, device: Any) -> float:
     return fraction
 
 
+def _allocated(device: Any) -> int:
+    import torch
+
+    return int(torch.cuda.memory_allocated(device))
+
+
 def move_in_chunks(module: Any, device: Any, *, float8: bool, host: Sequence[Any] = ()) -> int:
     """Move ``module`` to ``device`` one chunk at a time (each block of its block lists, each
     other child), casting large linears to float8 as they arrive, so the device never holds
@@ -361,6 +367,8 @@ class Placement:
         self.device = indexed_device(device)
         self._copy = copy
         self.cuda = self.device.type == "cuda"
+        #: what this process already held on the device before placing (the cap counts it)
+        self.allocated_before = _allocated(self.device) if self.cuda else None
         self.fraction = cap_process_memory(plan.budget_gib, self.device) \
             if (self.cuda if cap is None else cap) else None
         self.float8_layers: dict[str, int] = {}
@@ -432,6 +440,8 @@ class Placement:
                 "float8_layers": dict(self.float8_layers),
                 "streaming": {k: s.stats() for k, s in self.streamers.items()},
                 "encoder_visits": {k: r.visits for k, r in self.evicted.items()},
+                "allocated_before_gib": None if self.allocated_before is None
+                else _gib(self.allocated_before),
                 "peak_gib": None if peak is None else _gib(peak)}
 
     def remove(self) -> None:

@@ -25,8 +25,11 @@ then 1 warm-up + ``--images`` images, one seed each (0, 1, ...), timed end to en
 canvas VAE-encoded per image, 4 steps, decode; prompt embeddings given), ``peak_gib`` =
 ``torch.cuda.max_memory_allocated`` over those images (reset before), ``peak_since_placed_gib``
 over everything since the plan was placed (placement, encoding, images), s/image (median),
-PSNR (dB) of each image against the baseline's image of its seed, and the plan and what it
-did (float8 layers, streamed blocks, evicted encoders, streaming statistics).
+PSNR (dB) of each image against the baseline's image of its seed, the plan and what it did
+(float8 layers, streamed blocks, evicted encoders, streaming statistics), and
+``allocated_before_gib``: what the process still held on the GPU before the row (the cap
+counts it; a first run on the H200 left a compiled row's modules uncollected, and the next row
+ran out of memory under 16 GiB).
 
 On the CPU (``--tiny``) no process cap exists: each budget is scaled to the tiny pipeline
 (``budget / 16`` times the least budget it can meet) and placed through the same planner and
@@ -134,11 +137,14 @@ class Bench:
         from adapterswap.fastpath import Accelerator, FastPath
 
         label = f"memory_budget={budget:g}, {'fast path (compiled)' if compiled else 'eager'}"
+        free()  # the previous row's modules (and a compiled row's graphs) are gone by now
+        before = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
         fresh = FluxPipeline(**{**pipe.components,
                                 "transformer": copy.deepcopy(pipe.transformer)})
         fresh.set_progress_bar_config(disable=True)
         adapter = engine_adapter(copy.deepcopy(controlnet), resampler, "cpu", pipe.vae.dtype)
-        row: dict[str, Any] = {"row": label, "budget_gib": budget}
+        row: dict[str, Any] = {"row": label, "budget_gib": budget,
+                               "allocated_before_gib": before}
         backbone = None
         try:
             started = time.perf_counter()
