@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterswap.sweep.distributed import assign, merge
-from adapterswap.sweep.spec import SweepSpec
+from adapterswap.sweep.distributed import merge
 from adapterswap.sweep.store import RunStore
 from adapterswap.sweep.workqueue import WorkQueue, queue_path
 
@@ -63,23 +62,6 @@ def single_run(tmp_path_factory):
     result = single(out)
     assert result.returncode == 0, result.stderr
     return out
-
-
-def test_assignment_is_deterministic_balanced_and_keeps_groups():
-    import toy_plugin  # noqa: F401  (registered by conftest)
-
-    spec = SweepSpec(backbones=["toy-dev", "toy-fast"], preset="tiny", seeds=[0, 1, 2, 3],
-                     steps=[1, 2, 4, 8], references=["synthetic:0", "synthetic:1"],
-                     prompts=["a", "b", "c"], out="unused").validate()
-    keyed = [(c, c.key({})) for c in spec.cells()]
-    owner = assign(keyed, 3)
-    assert owner == assign(list(reversed(keyed)), 3)
-    for cell, _key in keyed:  # a group never spans ranks
-        group_ranks = {owner[k] for c, k in keyed if c.group() == cell.group()}
-        assert len(group_ranks) == 1
-    loads = [sum(c.steps for c, k in keyed if owner[k] == r) for r in range(3)]
-    assert max(loads) - min(loads) <= max(sum(c.steps for c, _ in keyed if c.group() == g)
-                                          for g in {c.group() for c, _ in keyed})
 
 
 #: Test hooks in the ranks (by environment): ``SLOW`` ({rank: seconds} added to each denoiser

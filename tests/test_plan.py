@@ -1,20 +1,17 @@
-"""The pure planner: no torch, stable order, chunks, the first-step sharing plan, rank shares."""
+"""The pure planner: no torch, stable order, chunks, the first-step sharing plan."""
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 import textwrap
 
 from adapterswap.sweep.plan import (
     FirstStepPlan,
-    assign,
     chunks,
     first_step_key,
     first_step_plan,
     plan_sweep,
-    rank_shares,
 )
 from adapterswap.sweep.spec import Cell
 
@@ -44,7 +41,6 @@ def test_the_planner_imports_no_torch() -> None:
                  source="", adapter_source="", dtype="")
         result = plan.plan_sweep([(c, "k")], set())
         plan.chunks([c], step_parallel=False, max_batch=2)
-        plan.rank_shares([(c, "k")], set(), 2)
         assert result.backbones[0].settings[0].groups[0].first is c
         assert "torch" not in sys.modules, sorted(m for m in sys.modules if "torch" in m)
     """)
@@ -67,9 +63,6 @@ def test_plan_groups_by_backbone_setting_and_group_in_spec_order() -> None:
             assert len({c.group() for c, _ in group.items}) == 1
     todo = plan.todo
     assert [k for _, k in todo] == [k for _, k in keyed if k not in finished]  # order kept
-    shard = plan_sweep(keyed, finished, only_keys={"k000", "k005", "k040"})
-    assert (shard.total, shard.skipped) == (3, 1)
-    assert [k for _, k in shard.todo] == ["k005", "k040"]
 
 
 def test_chunks_step_parallel_or_one_step_count_at_a_time() -> None:
@@ -101,16 +94,3 @@ def test_first_step_plan_computes_each_key_once() -> None:
     assert first_step_key(0, "s", None, False) == (0, "s", None)
     assert first_step_key(0, "s", "in", True) != first_step_key(0, "s", "out", True)
 
-
-def test_shares_are_whole_groups_each_cell_once_and_skip_finished() -> None:
-    keyed = [(dataclasses.replace(c, height=64 * (1 + i % 3)), k)
-             for i, (c, k) in enumerate(grid())]
-    owner = assign(keyed, 3)
-    assert owner == assign(list(reversed(keyed)), 3)
-    for c, _ in keyed:
-        assert len({owner[k] for d, k in keyed if d.group() == c.group()}) == 1
-    finished = {k for _, k in keyed[:6]}
-    shares = rank_shares(keyed, finished, 3)
-    flat = [k for share in shares for k in share]
-    assert sorted(flat) == sorted(k for _, k in keyed if k not in finished)
-    assert len(flat) == len(set(flat))

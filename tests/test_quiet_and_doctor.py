@@ -251,6 +251,16 @@ def test_engine_measures_loading_and_latency(runner, tmp_path):
     assert summary.load_seconds > 0 and summary.latency_seconds > 0
     assert summary.load_seconds + summary.latency_seconds + summary.forward_seconds \
         <= summary.seconds
+    # the run's row keeps the same accounting (what a benchmark or a reader looks up later)
+    with RunStore(spec.out, lock=False) as store:
+        stored = store.latest_run()["summary"]
+    assert stored["seconds"] == pytest.approx(summary.seconds)
+    assert stored["done"] == summary.done == 2 and stored["decode_seconds"] > 0
+    finish = 0.0 if stored["finish_overlapped"] else stored["finish_seconds"]
+    assert stored["load_seconds"] + stored["latency_seconds"] + stored["forward_seconds"] \
+        + finish + stored["other_seconds"] == pytest.approx(stored["seconds"])
+    with RunStore(tmp_path, lock=False) as store:  # the CLI's run too
+        assert store.latest_run()["summary"]["seconds"] == pytest.approx(total, abs=0.05)
 
 
 # -- doctor tells the truth ----------------------------------------------------------------------

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterswap.sweep.plan import assign, cell_cost
+from adapterswap.sweep.plan import cell_cost
 from adapterswap.sweep.spec import Cell
 from adapterswap.sweep.store import RunStore
 from adapterswap.sweep.workqueue import WorkQueue, queue_path
 
-__all__ = ["DistEnv", "QueuePlan", "assign", "barrier", "broadcast_plan", "cell_cost", "destroy",
+__all__ = ["DistEnv", "QueuePlan", "barrier", "broadcast_plan", "cell_cost", "destroy",
            "dist_env", "finished_everywhere", "init_process_group", "merge", "plan_queue",
            "run_distributed", "shard_dir", "stored_latency_rows"]
 
@@ -126,10 +126,7 @@ def plan_queue(engine: Any, keyed: Sequence[tuple[Cell, str]], versions: dict[st
                              latency_rows=stored_latency_rows(spec.out))
     queue.close()
     with RunStore(spec.out) as merged:
-        merged.set_meta("spec", spec.to_dict())
-        merged.set_meta("versions", versions)
-        merged.set_meta("cell_keys", [k for _, k in keyed])
-        run_id = engine.begin_run(keyed, versions, store=merged)
+        run_id = engine.record_run(keyed, versions, store=merged)
     return QueuePlan(queue.token or "", run_id, scheduler.total, scheduler.skipped)
 
 
@@ -177,20 +174,7 @@ def run_distributed(spec: Any, *, echo: Callable[[str], None] = print) -> tuple[
         dist.all_gather_object(summaries, summary, group=_control)
         report = None
         total = SweepSummary(total=plan.total, skipped=plan.skipped)
-        for part in summaries:
-            total.done += part.done
-            total.failed += part.failed
-            if part.seconds >= total.seconds:  # the slowest rank's time and its parts
-                total.seconds = part.seconds
-                for name in ("load_seconds", "latency_seconds", "forward_seconds",
-                             "finish_seconds", "decode_seconds", "finish_overlapped"):
-                    setattr(total, name, getattr(part, name))
-            total.forwards += part.forwards
-            total.shared_first_steps += part.shared_first_steps
-            total.fast_path.update(part.fast_path)
-            total.unavailable_metrics.update(part.unavailable_metrics)
-            for flag, count in part.confounds.items():
-                total.confounds[flag] = total.confounds.get(flag, 0) + count
+        total.add([vars(part) for part in summaries])  # times: the slowest rank's
         if env.rank == 0:
             merge(spec.out)
             with RunStore(spec.out) as merged:
@@ -199,7 +183,7 @@ def run_distributed(spec: Any, *, echo: Callable[[str], None] = print) -> tuple[
                 if plan.run_id is not None:
                     merged.update_run(plan.run_id, metrics=engine.metric_records(status))
                     merged.end_run(plan.run_id, "done" if not total.failed
-                                   else "done-with-failures")
+                                   else "done-with-failures", summary=total.record())
             report = build_report(spec.out)
         barrier()
         return total, report
@@ -212,6 +196,7 @@ def run_rank(engine: Any, keyed: Sequence[tuple[Cell, str]], plan: QueuePlan, en
     """Take chunks from the queue until none is left, storing each into this rank's shard
     (``engine.store``); returns this rank's summary."""
     from adapterswap.sweep.engine import SweepSummary
+    from adapterswap.sweep.worker import replay_journal
 
     started = time.perf_counter()
     spec, store = engine.spec, engine.store
@@ -236,11 +221,11 @@ def run_rank(engine: Any, keyed: Sequence[tuple[Cell, str]], plan: QueuePlan, en
         while (claim := queue.claim(env.rank, loaded)) is not None:
             items = [(cells[key], key) for key in claim.keys if key in cells]
             if items:
-                write_journal(store, worker.run_chunk(items).journal, summary)
+                replay_journal(store, worker.run_chunk(items).journal, summary)
             queue.finish(claim, env.rank)
             loaded, claims, stolen = claim.backbone, claims + 1, stolen + claim.stolen
         result = worker.close()
-        write_journal(store, result.journal, summary)
+        replay_journal(store, result.journal, summary)
     finally:
         queue.close()
     if env.rank == 0:  # the references beside the merged store (the report shows them)
@@ -249,15 +234,9 @@ def run_rank(engine: Any, keyed: Sequence[tuple[Cell, str]], plan: QueuePlan, en
             if cell.reference and (cell.reference, cell.adapter) not in seen:
                 seen.add((cell.reference, cell.adapter))
                 engine.reference_for(cell)
-    stats = result.stats
-    for name in ("load_seconds", "latency_seconds", "forward_seconds", "finish_seconds",
-                 "decode_seconds", "finish_overlapped", "forwards", "shared_first_steps"):
-        if name in stats:
-            setattr(summary, name, stats[name])
-    summary.fast_path = dict(stats.get("fast_path", {}))
+    summary.add([result.stats])
     summary.unavailable_metrics = {m: r for m, (ok, r) in worker.store.metric_status().items()
                                    if not ok and m in spec.metrics}
-    summary.confounds = dict(stats.get("confounds", {}))
     summary.seconds = time.perf_counter() - started
     echo(f"rank {env.rank}/{env.world_size}: {summary.done} cells done, {summary.failed} "
          f"failed ({claims} chunks, {stolen} taken from another rank's group)")
@@ -281,27 +260,6 @@ def _rank_worker(spec: Any, queue: WorkQueue, env: DistEnv, meta: Mapping[str, A
 
     return RankWorker(spec, meta=meta, workers=env.world_size, quiet=False,
                       name=f"rank {env.rank}", device=spec.device)
-
-
-def write_journal(store: RunStore, journal: Sequence[Any], summary: Any) -> None:
-    """Write a worker's journal (:class:`~adapterswap.sweep.worker.RelayStore`) into this
-    rank's shard: each cell with its images, metric status, meta, latency rows."""
-    from adapterswap.sweep.worker import CellRecord
-
-    for entry in journal:
-        if isinstance(entry, CellRecord):
-            for name, image in entry.images:
-                store.save_image(name, image)
-            store.record_cell(entry.key, entry.config, **entry.kwargs)
-            if entry.kwargs.get("status", "done") == "done":
-                summary.done += 1
-            else:
-                summary.failed += 1
-            continue
-        method, args = entry
-        if method not in ("set_meta", "set_metric_status", "record_latency"):
-            raise RuntimeError(f"a worker journaled an unknown write {method!r}")
-        getattr(store, method)(*args)
 
 
 def _record_timers(merged: RunStore, out: str | Path) -> None:

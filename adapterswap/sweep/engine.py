@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
@@ -46,6 +45,7 @@ from adapterswap.sweep.runner import (
 )
 from adapterswap.sweep.spec import Cell, SweepSpec
 from adapterswap.sweep.store import RunStore
+from adapterswap.sweep.summary import SweepSummary, step_totals
 
 __all__ = ["SweepEngine", "SweepSummary", "run_sweep", "software_versions", "tensor_to_pil",
            "is_out_of_memory", "free_device_memory", "Sample"]
@@ -60,53 +60,6 @@ def software_versions(plugin_names: Sequence[str] = ()) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[dist] = "not-installed"
     return versions
-
-
-@dataclass
-class SweepSummary:
-    """What a run did: counts, where things are, and unavailable metrics."""
-
-    total: int
-    skipped: int
-    done: int = 0
-    failed: int = 0
-    unavailable_metrics: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-    #: seconds inside denoiser forwards (adapter + denoiser), timed without host syncs
-    forward_seconds: float = 0.0
-    forwards: int = 0
-    #: seconds from the first forward's start to the last one's end (device time on CUDA)
-    forward_span_seconds: float = 0.0
-    #: image rows whose first step was not computed: it had the same inputs as another row's
-    #: (same seed, schedules that start alike: flow matching), so its output was reused
-    shared_first_steps: int = 0
-    #: seconds finishing cells (decode, scoring, storing) on the host, and seconds decoding
-    #: (device time from CUDA events when the decode is queued on the side stream)
-    finish_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    #: True when cells were finished on the background thread, beside the forwards: then
-    #: ``finish_seconds`` is not part of the engine thread's wall time
-    finish_overlapped: bool = False
-    #: seconds loading models (backbones, adapters, fast path set-up) and metrics
-    load_seconds: float = 0.0
-    #: seconds of latency timing (warm-ups and timed single-image runs)
-    latency_seconds: float = 0.0
-    #: what the fast path did per backbone (attention, compiled parts, float8 layers, the
-    #: compile profile that decided, block-cache counts)
-    fast_path: dict[str, Any] = field(default_factory=dict)
-    #: cells run with a confound, per flag (``schedule_starts_far_from_noise``,
-    #: ``window_never_opens``): see :func:`adapterswap.denoise.schedule_confounds`
-    confounds: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def other_seconds(self) -> float:
-        """The wall time outside the measured parts (planning, provenance, prompt and
-        reference encoding, waiting for finishing jobs, unloading), so that load + latency +
-        forwards + finishing (when inline) + other = :attr:`seconds`. On CUDA the forwards
-        are device time, which can overlap host work, so this can dip below zero there."""
-        finish = 0.0 if self.finish_overlapped else self.finish_seconds
-        return (self.seconds - self.load_seconds - self.latency_seconds
-                - self.forward_seconds - finish)
 
 
 class SweepEngine:
@@ -201,12 +154,20 @@ class SweepEngine:
                                           options=self.spec.metric_options.get(name, {}))
         return records
 
-    def begin_run(self, keyed: Sequence[tuple[Cell, str]], versions: dict[str, str], *,
-                  store: RunStore | None = None) -> int:
-        """Record this invocation in ``runs`` of this engine's store, or of ``store`` (the
-        merged store of a distributed sweep); see :meth:`RunStore.begin_run`."""
+    def record_run(self, keyed: Sequence[tuple[Cell, str]], versions: dict[str, str], *,
+                   store: RunStore | None = None, run_id: int | None = None) -> int:
+        """Record the sweep in this engine's store, or in ``store`` (the merged store of a
+        distributed sweep): its spec, versions and cell keys in the meta, and this invocation
+        in ``runs`` (:meth:`RunStore.begin_run`) unless it is recorded already as ``run_id``.
+        Returns the run's id."""
+        store = store or self.store
+        store.set_meta("spec", self.spec.to_dict())
+        store.set_meta("versions", versions)
+        store.set_meta("cell_keys", [k for _, k in keyed])
+        if run_id is not None:
+            return run_id
         provenance = self.provenance()
-        return (store or self.store).begin_run(
+        return store.begin_run(
             spec=self.spec.to_dict(), versions=versions, code_hash=provenance.code_hash,
             weights=provenance.weights, reference_hashes=provenance.references,
             device=provenance.device, dtype=provenance.dtype, metrics=self.metric_records(),
@@ -316,11 +277,10 @@ class SweepEngine:
         return self.models.reference_image(cell.reference, name) if name else None
 
     # ------------------------------------------------------------------ run
-    def run(self, *, only_keys: set[str] | None = None,
-            finished_elsewhere: set[str] | None = None,
+    def run(self, *, finished_elsewhere: set[str] | None = None,
             run_id: int | None = None) -> SweepSummary:
-        """Run every unfinished cell (or, for a distributed shard, those in ``only_keys``);
-        cells in ``finished_elsewhere`` (other shards, the merged store) are skipped too.
+        """Run every unfinished cell; cells in ``finished_elsewhere`` (other shards, the
+        merged store) are skipped too.
 
         :param run_id: record cells under this ``runs`` row of another store (a distributed
             shard: rank 0 recorded the run in the merged store); default: add one here.
@@ -329,14 +289,10 @@ class SweepEngine:
         versions = self.versions()
         keyed = self.keyed_cells(versions)
         finished = self.store.finished_keys() | (finished_elsewhere or set())
-        plan = plan_sweep(keyed, finished, only_keys)
+        plan = plan_sweep(keyed, finished)
         summary = SweepSummary(total=plan.total, skipped=plan.skipped)
-        self.store.set_meta("spec", self.spec.to_dict())
-        self.store.set_meta("versions", versions)
-        self.store.set_meta("cell_keys", [k for _, k in keyed])
         own_run = self._own_run = run_id is None
-        if own_run:
-            run_id = self.begin_run(keyed, versions)
+        run_id = self.record_run(keyed, versions, run_id=run_id)
         self.store.run_id = run_id
         status = "failed"
         try:
@@ -346,9 +302,9 @@ class SweepEngine:
             status = "interrupted"
             raise
         finally:
+            summary.seconds = time.perf_counter() - start
             if own_run:
-                self.store.end_run(run_id, status)
-        summary.seconds = time.perf_counter() - start
+                self.store.end_run(run_id, status, summary=summary.record())
         return summary
 
     def _run(self, plan: Any, summary: SweepSummary) -> None:
@@ -387,20 +343,13 @@ class SweepEngine:
                 self.log(f"while stopping, a finishing job failed too: {exc}")
             raise
         finisher.close()
-        summary.done += finisher.queue.done
-        summary.failed += finisher.queue.failed
         self._store_notes(metrics)
-        summary.forward_seconds = runner.forward_timer.total()
-        summary.forwards = runner.forward_timer.count
-        summary.forward_span_seconds = runner.forward_timer.span()
-        summary.shared_first_steps = runner.shared_first_steps
+        summary.add([{"done": finisher.queue.done, "failed": finisher.queue.failed,
+                      "forward_span_seconds": runner.forward_timer.span(),
+                      **step_totals(runner, finisher)}])
         if runner.shared_first_steps:
             self.log(f"first step shared: {runner.shared_first_steps} image rows reused the "
                      "output of a row with the same seed and starting timestep")
-        summary.finish_seconds = finisher.seconds
-        summary.decode_seconds = finisher.decode_seconds
-        summary.finish_overlapped = finisher.overlap
-        summary.confounds = dict(runner.confounds)
 
     def _run_backbone(self, part: BackbonePlan, runner: ChunkRunner, finisher: CellFinisher,
                       meter: LatencyMeter, summary: SweepSummary, *, timed: bool,

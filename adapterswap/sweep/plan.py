@@ -1,4 +1,4 @@
-"""Pure planning of a sweep: which cells run, in what order, together, and on which rank.
+"""Pure planning of a sweep: which cells run, in what order, and together.
 
 Nothing here touches a model or imports torch: the planner works on :class:`Cell` values and
 their keys, and on host-side keys that the runner computes (the first-step sharing plan), so
@@ -8,9 +8,8 @@ The order is the engine's: cells -> by backbone (each loaded once) -> by adapter
 adapter attached once) -> groups (one reference and prompt: encodings reused) -> chunks (at most
 ``max_batch`` images per forward: step-parallel, or one step count at a time) -> the first-step
 sharing plan of a chunk. Several ranks (torchrun) and Ray workers take groups and chunks
-dynamically (:mod:`adapterswap.sweep.workqueue`, :mod:`adapterswap.sweep.scheduler`);
-:func:`assign` and :func:`rank_shares` remain the static, cost-balanced split (longest
-processing time first).
+dynamically, longest group first by :func:`cell_cost` (:mod:`adapterswap.sweep.workqueue`,
+:mod:`adapterswap.sweep.scheduler`).
 """
 
 from __future__ import annotations
@@ -94,13 +93,12 @@ def _grouped(items: Iterable[Keyed], key: Any) -> dict[Any, list[Keyed]]:
     return out
 
 
-def plan_sweep(keyed: Sequence[Keyed], finished: set[str] | frozenset[str] = frozenset(),
-               only_keys: set[str] | None = None) -> SweepPlan:
-    """Plan the unfinished cells of ``keyed`` (or, for a rank's share, those in
-    ``only_keys``): by backbone, by adapter setting, by group, in the spec's order."""
-    mine = [(c, k) for c, k in keyed if only_keys is None or k in only_keys]
-    todo = [(c, k) for c, k in mine if k not in finished]
-    plan = SweepPlan(total=len(mine), skipped=len(mine) - len(todo))
+def plan_sweep(keyed: Sequence[Keyed], finished: set[str] | frozenset[str] = frozenset()
+               ) -> SweepPlan:
+    """Plan the unfinished cells of ``keyed``: by backbone, by adapter setting, by group, in
+    the spec's order."""
+    todo = [(c, k) for c, k in keyed if k not in finished]
+    plan = SweepPlan(total=len(keyed), skipped=len(keyed) - len(todo))
     for backbone, items in _grouped(todo, lambda c: c.backbone).items():
         settings = []
         for setting, setting_items in _grouped(items, lambda c: c.setting()).items():
@@ -172,28 +170,3 @@ def cell_cost(cell: Cell) -> float:
     """Estimated cost of a cell: denoising steps x pixels."""
     return float(cell.steps) * cell.height * cell.width
 
-
-def assign(keyed: Sequence[Keyed], world_size: int) -> dict[str, int]:
-    """Deterministic rank of each key: whole groups, longest-processing-time first (the
-    costliest group goes to the least loaded rank; ties by rank and by smallest key)."""
-    groups = _grouped(keyed, lambda c: c.group())
-    ordered = sorted(groups.values(),
-                     key=lambda g: (-sum(cell_cost(c) for c, _ in g), min(k for _, k in g)))
-    loads = [0.0] * world_size
-    owner: dict[str, int] = {}
-    for group in ordered:
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        loads[rank] += sum(cell_cost(c) for c, _ in group)
-        for _, key in group:
-            owner[key] = rank
-    return owner
-
-
-def rank_shares(keyed: Sequence[Keyed], finished: set[str] | frozenset[str],
-                world_size: int) -> list[list[str]]:
-    """The keys each rank runs: the unfinished cells of ``keyed``, by :func:`assign`."""
-    owner = assign([(c, k) for c, k in keyed if k not in finished], world_size)
-    shares: list[list[str]] = [[] for _ in range(world_size)]
-    for cell_key, rank in owner.items():
-        shares[rank].append(cell_key)
-    return [sorted(share) for share in shares]

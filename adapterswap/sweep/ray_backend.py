@@ -36,20 +36,15 @@ from adapterswap.sweep.engine import SweepEngine, SweepSummary
 from adapterswap.sweep.scheduler import Chunk, ChunkScheduler
 from adapterswap.sweep.spec import Cell, SweepSpec
 from adapterswap.sweep.store import RunStore
-from adapterswap.sweep.worker import CellRecord, ChunkResult, ChunkWorker
+from adapterswap.sweep.worker import ChunkResult, ChunkWorker, replay_journal
 
 __all__ = ["RAY_MISSING", "RaySweep", "direct_plugins", "require_ray", "run_ray"]
 
 RAY_MISSING = "--backend ray needs Ray: pip install 'adapterswap[ray]'"
 #: Variables of the driver's environment that reach the actors (plugin selection, offline).
 FORWARDED_ENV = ("ADAPTERSWAP_", "HF_", "TRANSFORMERS_OFFLINE")
-#: Store writes a worker may journal for the driver (anything else is refused).
-JOURNALED = ("set_meta", "set_metric_status", "record_latency")
 #: Seconds to wait for every actor to start (a cluster still adding nodes, a busy GPU).
 START_TIMEOUT_S = 600.0
-#: Summary times taken from the busiest worker (parallel workers' times do not add up).
-_TIMES = ("load_seconds", "latency_seconds", "forward_seconds", "finish_seconds",
-          "decode_seconds", "finish_overlapped")
 
 
 def require_ray() -> Any:
@@ -194,10 +189,7 @@ class RaySweep:
         self.scheduler = scheduler = ChunkScheduler(
             keyed, finished, max_batch=spec.max_batch,
             step_parallel=spec.use_step_parallel(compiled=bool(spec.compile)))
-        store.set_meta("spec", spec.to_dict())
-        store.set_meta("versions", versions)
-        store.set_meta("cell_keys", [k for _, k in keyed])
-        run_id = engine.begin_run(keyed, versions)
+        run_id = engine.record_run(keyed, versions)
         summary = SweepSummary(total=scheduler.total, skipped=scheduler.skipped)
         setting_cells: dict[tuple[Any, ...], list[Cell]] = {}
         references = set()
@@ -218,8 +210,8 @@ class RaySweep:
             raise
         finally:  # after an error the actors are killed, not closed (they may be mid-chunk)
             self._finish(ray, store, engine, summary, close=status.startswith("done"))
-            store.end_run(run_id, status)
-        summary.seconds = time.perf_counter() - started
+            summary.seconds = time.perf_counter() - started
+            store.end_run(run_id, status, summary=summary.record())
         return summary
 
     def _loop(self, ray: Any, store: RunStore, scheduler: ChunkScheduler,
@@ -295,41 +287,22 @@ class RaySweep:
                                 timings=None, extra=None,
                                 error=f"{self.scheduler.max_attempts} workers died running it "
                                       f"(last: {reason})")
-                    self._count(key, "failed", cells, summary)
+                    summary.failed += 1
+                    self._written(key, "failed", cells)
 
     def _write(self, store: RunStore, worker: int, journal: list[Any], cells: dict[str, Cell],
                summary: SweepSummary) -> None:
         """Replay a worker's journal on the one store: each cell at most once, its images
-        first."""
+        first; the metrics' notes are kept, every worker's joined at the end."""
         assert self.scheduler is not None
-        for entry in journal:
-            if isinstance(entry, CellRecord):
-                if not self.scheduler.accept(entry.key):
-                    self.duplicates += 1
-                    continue
-                for name, image in entry.images:
-                    path = store.save_image(name, image)
-                    if name == entry.key and path != entry.kwargs.get("image"):
-                        raise RuntimeError(f"image of {name} stored at {path}, recorded as "
-                                           f"{entry.kwargs.get('image')}")
-                store.record_cell(entry.key, entry.config, **entry.kwargs)
-                self._count(entry.key, entry.kwargs.get("status", "done"), cells, summary)
-                continue
-            method, args = entry
-            if method not in JOURNALED:
-                raise RuntimeError(f"worker {worker} journaled an unknown write {method!r}")
-            if method == "set_meta" and args[0] == "metric_notes":
-                self._notes[worker] = list(args[1])  # every worker's, joined at the end
-                continue
-            getattr(store, method)(*args)
+        self.duplicates += replay_journal(
+            store, journal, summary, accept=self.scheduler.accept,
+            on_cell=lambda key, status: self._written(key, status, cells),
+            on_notes=lambda notes: self._notes.update({worker: notes}),
+            writer=f"worker {worker}")
 
-    def _count(self, key: str, status: str, cells: dict[str, Cell],
-               summary: SweepSummary) -> None:
+    def _written(self, key: str, status: str, cells: dict[str, Cell]) -> None:
         self.written.append(key)
-        if status == "done":
-            summary.done += 1
-        else:
-            summary.failed += 1
         if key in cells:
             self.on_cell(cells[key], status)
 
@@ -353,18 +326,7 @@ class RaySweep:
         store.update_run(store.run_id, metrics=engine.metric_records(status))
         summary.unavailable_metrics = {m: r for m, (ok, r) in status.items()
                                        if not ok and m in self.spec.metrics}
-        stats = list(self._stats.values())
-        for part in stats:
-            summary.forwards += part.get("forwards", 0)
-            summary.shared_first_steps += part.get("shared_first_steps", 0)
-            summary.fast_path.update(part.get("fast_path", {}))
-            for flag, count in part.get("confounds", {}).items():
-                summary.confounds[flag] = summary.confounds.get(flag, 0) + count
-        if stats:
-            busiest = max(stats, key=lambda part: part.get("busy_seconds", 0.0))
-            for name in _TIMES:
-                if name in busiest:
-                    setattr(summary, name, busiest[name])
+        summary.add(list(self._stats.values()), slowest_by="busy_seconds")
 
 
 def run_ray(spec: SweepSpec, *, address: str | None = None, workers: int | None = None,

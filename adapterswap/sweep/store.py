@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS runs (
     status TEXT NOT NULL, spec TEXT NOT NULL, versions TEXT NOT NULL, code_hash TEXT NOT NULL,
     weights TEXT NOT NULL, reference_hashes TEXT NOT NULL, device TEXT NOT NULL,
     dtype TEXT NOT NULL, metrics TEXT NOT NULL, adapters TEXT NOT NULL,
-    cell_keys TEXT NOT NULL, argv TEXT, host TEXT, invocation TEXT
+    cell_keys TEXT NOT NULL, argv TEXT, host TEXT, invocation TEXT, summary TEXT
 );
 CREATE TABLE IF NOT EXISTS probes (
     cell TEXT NOT NULL REFERENCES cells(key), step INTEGER NOT NULL, block TEXT NOT NULL,
@@ -143,8 +143,9 @@ class RunStore:
             if column not in have:
                 self.db.execute(f"ALTER TABLE cells ADD COLUMN {column} {kind}")
         runs = {r[1] for r in self.db.execute("PRAGMA table_info(runs)")}
-        if "invocation" not in runs:
-            self.db.execute("ALTER TABLE runs ADD COLUMN invocation TEXT")
+        for column in ("invocation", "summary"):
+            if column not in runs:
+                self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} TEXT")
         migrate_latency(self.db)
 
     # ------------------------------------------------------------------ locking
@@ -427,17 +428,21 @@ class RunStore:
                 db.execute(f"UPDATE runs SET {name} = ? WHERE id = ?",
                            (json.dumps(value, sort_keys=True), run_id))
 
-    def end_run(self, run_id: int, status: str) -> None:
-        """Mark a run ``done``, ``failed`` or ``interrupted``."""
+    def end_run(self, run_id: int, status: str,
+                summary: Mapping[str, Any] | None = None) -> None:
+        """Mark a run ``done``, ``failed`` or ``interrupted``; ``summary``: what it did and
+        where its time went (:class:`~adapterswap.sweep.engine.SweepSummary` as a dict)."""
         with self.transaction() as db:
-            db.execute("UPDATE runs SET status = ?, finished_at = ? WHERE id = ?",
-                       (status, time.time(), run_id))
+            db.execute("UPDATE runs SET status = ?, finished_at = ?, summary = ? WHERE id = ?",
+                       (status, time.time(),
+                        json.dumps(summary, sort_keys=True, default=str)
+                        if summary is not None else None, run_id))
 
     def runs(self) -> list[dict[str, Any]]:
         """Every run, oldest first, with its JSON fields decoded."""
         columns = ("id", "started_at", "finished_at", "status", "spec", "versions", "code_hash",
                    "weights", "reference_hashes", "device", "dtype", "metrics", "adapters",
-                   "cell_keys", "argv", "host", "invocation")
+                   "cell_keys", "argv", "host", "invocation", "summary")
         with self.mutex:
             found = self.db.execute(f"SELECT {', '.join(columns)} FROM runs ORDER BY id")\
                 .fetchall()
@@ -445,7 +450,7 @@ class RunStore:
         for values in found:
             run = dict(zip(columns, values))
             for name in ("spec", "versions", "weights", "reference_hashes", "metrics",
-                         "adapters", "cell_keys", "argv"):
+                         "adapters", "cell_keys", "argv", "summary"):
                 run[name] = json.loads(run[name]) if run[name] else None
             out.append(run)
         return out

@@ -5,7 +5,9 @@ chunk and runs each chunk through the engine's own parts (model factory, latency
 loop, cell finisher), so a cell comes out as it would in one process. It writes nothing:
 everything the finisher would store goes into a :class:`RelayStore`, whose journal (cell rows,
 scores, encoded images, metric status, latency rows) each chunk returns for the driver to
-write into the one store (:mod:`adapterswap.sweep.ray_backend`). Nothing here imports Ray.
+write into the one store (:mod:`adapterswap.sweep.ray_backend`), or a torchrun rank into its
+shard (:mod:`adapterswap.sweep.distributed`), through :func:`replay_journal`. Nothing here
+imports Ray.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,10 @@ from adapterswap.sweep.images_io import EncodedImage, encode_image
 from adapterswap.sweep.latency_table import latency_key
 from adapterswap.sweep.plan import GroupPlan, Keyed
 from adapterswap.sweep.spec import Cell, SweepSpec
+from adapterswap.sweep.summary import step_totals
+
+#: Store writes a worker may journal (anything else is refused when the journal is replayed).
+JOURNALED = ("set_meta", "set_metric_status", "record_latency")
 
 
 @dataclasses.dataclass
@@ -115,6 +121,52 @@ class RelayStore:
         with self.mutex:
             for row in rows:
                 self._latency.setdefault(row["key"], dict(row))
+
+
+def replay_journal(store: Any, journal: Sequence[Any], summary: Any, *,
+                   accept: Callable[[str], bool] | None = None,
+                   on_cell: Callable[[str, str], None] | None = None,
+                   on_notes: Callable[[list[str]], None] | None = None,
+                   writer: str = "a worker") -> int:
+    """Write a worker's journal (:meth:`RelayStore.take`) into ``store``: each cell with its
+    images first (as one process does), counted in ``summary``'s done or failed; the metric
+    status, meta and latency rows as they came. Returns how many cells were refused.
+
+    :param accept: whether to write a cell's result (the Ray driver writes each cell once:
+        :meth:`~adapterswap.sweep.scheduler.ChunkScheduler.accept`); default: every cell.
+    :param on_cell: called with each written cell's key and status.
+    :param on_notes: given the metrics' notes instead of the store's meta (the Ray driver joins
+        every worker's at the end).
+    :param writer: who journaled, for the error on a write that is not :data:`JOURNALED`.
+    """
+    refused = 0
+    for entry in journal:
+        if isinstance(entry, CellRecord):
+            if accept is not None and not accept(entry.key):
+                refused += 1
+                continue
+            for name, image in entry.images:
+                path = store.save_image(name, image)
+                if name == entry.key and path != entry.kwargs.get("image"):
+                    raise RuntimeError(f"image of {name} stored at {path}, recorded as "
+                                       f"{entry.kwargs.get('image')}")
+            store.record_cell(entry.key, entry.config, **entry.kwargs)
+            status = entry.kwargs.get("status", "done")
+            if status == "done":
+                summary.done += 1
+            else:
+                summary.failed += 1
+            if on_cell is not None:
+                on_cell(entry.key, status)
+            continue
+        method, args = entry
+        if method not in JOURNALED:
+            raise RuntimeError(f"{writer} journaled an unknown write {method!r}")
+        if on_notes is not None and method == "set_meta" and args[0] == "metric_notes":
+            on_notes(list(args[1]))
+            continue
+        getattr(store, method)(*args)
+    return refused
 
 
 @dataclasses.dataclass
@@ -291,13 +343,7 @@ class ChunkWorker(SweepEngine):
     def _totals(self) -> dict[str, Any]:
         totals = dict(self.stats)
         if self._metrics is not None:
-            timer = self.runner.forward_timer
-            totals.update(forward_seconds=timer.total(), forwards=timer.count,
-                          shared_first_steps=self.runner.shared_first_steps,
-                          finish_seconds=self.finisher.seconds,
-                          decode_seconds=self.finisher.decode_seconds,
-                          finish_overlapped=self.finisher.overlap,
-                          confounds=dict(self.runner.confounds))
+            totals.update(step_totals(self.runner, self.finisher))
         return totals
 
 

@@ -1,0 +1,140 @@
+"""Where a user waits: a CLI sweep from process start to exit against the work it has to do
+(issue #20 part 4).
+
+    python benchmarks/gpu/bench_cli.py --out results/cli.json     # one GPU, published sizes
+    python benchmarks/gpu/bench_cli.py --tiny --out /tmp/cli.json # CPU smoke test
+
+Each row runs ``python -m adapterswap sweep ...`` as a new process (``--preset random``:
+random weights at the published sizes, real latency, nothing downloaded) and times it from
+the parent, start to exit, after one ``-X importtime`` run of the same command (which warms
+what a machine that has run a sweep before has warm). The sweep stores its own time
+accounting in the run's row (``runs.summary``): loading models and metrics, latency timing,
+denoiser forwards, decoding.
+Reported per row:
+
+- ``wall_s``: process start to exit;
+- ``work_s``: weights load + sum of denoiser forwards + decodes, the issue's denominator, and
+  ``ratio`` = wall / work (target <= 1.3);
+- ``work_with_latency_s`` / ``ratio_with_latency``: the same with the separate latency passes
+  counted as work (they are forwards the ``latency`` metric asked for);
+- ``outside_engine_s``: wall minus the engine's own seconds (imports, validation, weight
+  checks, the report), and ``imports_s``: ``python -X importtime`` of the same command in a
+  further process, summed over top-level imports.
+
+Rows: flux-schnell + InfuseNet (steps 1,2,4 x 4 seeds = 12 cells) and SDXL + style
+IP-Adapter (its default grid x 2 seeds = 12 cells), eager, then flux again with
+``--timing-repeats 0`` (no latency passes) to show what those cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import write  # noqa: E402
+
+ROWS = {
+    "flux-schnell 12 cells": ["--backbone", "flux-schnell", "--steps", "1,2,4",
+                              "--seeds", "0,1,2,3"],
+    "sdxl 12 cells": ["--backbone", "sdxl", "--seeds", "0,1"],
+    "flux-schnell 12 cells, --timing-repeats 0": ["--backbone", "flux-schnell", "--steps",
+                                                  "1,2,4", "--seeds", "0,1,2,3",
+                                                  "--timing-repeats", "0"],
+}
+
+
+def sweep(extra: list[str], out: Path, preset: str, *, importtime: bool = False
+          ) -> tuple[float, str]:
+    """Run one CLI sweep as a new process; (wall seconds, stderr)."""
+    command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m",
+               "adapterswap", "sweep", "--preset", preset, *extra, "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n"
+                         f"{done.stderr[-3000:]}")
+    return wall, done.stderr
+
+
+def imports_seconds(stderr: str) -> float:
+    """The sum of top-level imports' cumulative times from ``-X importtime`` output."""
+    total = 0
+    for line in stderr.splitlines():
+        found = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$", line)
+        if found and not found.group(2).startswith(" "):
+            total += int(found.group(1))
+    return total / 1e6
+
+
+def run_summary(out: Path) -> dict[str, Any]:
+    from adapterswap.sweep.store import RunStore
+
+    with RunStore(out, lock=False) as store:
+        run = store.latest_run()
+    if not run or not run.get("summary"):
+        raise SystemExit(f"{out}: the run stored no summary")
+    return run["summary"]
+
+
+def row(label: str, extra: list[str], preset: str, root: Path) -> dict[str, Any]:
+    out = root / re.sub(r"[^a-z0-9]+", "-", label.lower())
+    # first the -X importtime process: it also warms what a machine that ran a sweep before
+    # has (the random preset's saved weights, the OS file cache); then the timed one
+    imports_wall, imports_err = sweep(extra, root / (out.name + "-importtime"), preset,
+                                      importtime=True)
+    wall, _ = sweep(extra, out, preset)
+    summary = run_summary(out)
+    work = summary["load_seconds"] + summary["forward_seconds"] + summary["decode_seconds"]
+    with_latency = work + summary["latency_seconds"]
+    result = {
+        "row": label, "command": "adapterswap sweep --preset " + preset + " " + " ".join(extra),
+        "wall_s": wall, "engine_s": summary["seconds"],
+        "outside_engine_s": wall - summary["seconds"],
+        "load_s": summary["load_seconds"], "forward_s": summary["forward_seconds"],
+        "forwards": summary["forwards"], "decode_s": summary["decode_seconds"],
+        "finish_s": summary["finish_seconds"], "finish_overlapped": summary["finish_overlapped"],
+        "latency_s": summary["latency_seconds"], "cells": summary["done"],
+        "work_s": work, "ratio": wall / work,
+        "work_with_latency_s": with_latency, "ratio_with_latency": wall / with_latency,
+        "imports_s": imports_seconds(imports_err), "importtime_run_wall_s": imports_wall,
+    }
+    print({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()},
+          flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/gpu/results/cli.json")
+    parser.add_argument("--tiny", action="store_true", help="tiny preset on the CPU (smoke)")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated row numbers (0-based) to run; default all")
+    args = parser.parse_args()
+    preset = "tiny" if args.tiny else "random"
+    chosen = list(ROWS.items())
+    if args.rows:
+        chosen = [chosen[int(i)] for i in args.rows.split(",")]
+    results: dict[str, Any] = {"preset": preset, "rows": []}  # write() adds the card
+    with tempfile.TemporaryDirectory() as root:
+        for label, extra in chosen:
+            results["rows"].append(row(label, extra, preset, Path(root)))
+            write(results, args.out, quiet=True)
+    results["summary"] = {r["row"]: {"ratio": r["ratio"],
+                                     "ratio_with_latency": r["ratio_with_latency"]}
+                          for r in results["rows"]}
+    write(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
