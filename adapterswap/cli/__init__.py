@@ -57,5 +57,14 @@ del _command
 
 
 def run() -> None:
-    """Console-script entry point."""
-    main(prog_name="adapterswap")
+    """Console-script entry point (also ``python -m adapterswap``): the command, then, once
+    torch was imported, an exit without the interpreter's seconds of teardown
+    (:mod:`adapterswap.cli.fast_exit`)."""
+    from adapterswap.cli.fast_exit import fast_exit, wanted
+
+    try:
+        main(prog_name="adapterswap")
+    except SystemExit as exc:
+        if not wanted():
+            raise
+        fast_exit(exc.code)
