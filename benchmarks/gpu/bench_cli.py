@@ -23,7 +23,8 @@ Reported per row:
 
 Rows: flux-schnell + InfuseNet (steps 1,2,4 x 4 seeds = 12 cells) and SDXL + style
 IP-Adapter (its default grid x 2 seeds = 12 cells), eager, then flux again with
-``--timing-repeats 0`` (no latency passes) to show what those cost.
+``--timing-repeats 0`` (no latency passes) to show what those cost, and once more with
+``ADAPTERSWAP_FULL_EXIT=1`` (the interpreter's teardown kept) to show what the fast exit saves.
 """
 
 from __future__ import annotations
@@ -49,15 +50,22 @@ ROWS = {
     "flux-schnell 12 cells, --timing-repeats 0": ["--backbone", "flux-schnell", "--steps",
                                                   "1,2,4", "--seeds", "0,1,2,3",
                                                   "--timing-repeats", "0"],
+    "flux-schnell 12 cells, --timing-repeats 0, ordinary exit": [
+        "--backbone", "flux-schnell", "--steps", "1,2,4", "--seeds", "0,1,2,3",
+        "--timing-repeats", "0"],
 }
+#: Environment of a row beyond the parent's: the interpreter's teardown kept, to measure what
+#: the entry point's fast exit (adapterswap.cli.fast_exit) saves.
+ROW_ENV = {"flux-schnell 12 cells, --timing-repeats 0, ordinary exit":
+           {"ADAPTERSWAP_FULL_EXIT": "1"}}
 
 
-def sweep(extra: list[str], out: Path, preset: str, *, importtime: bool = False
-          ) -> tuple[float, str]:
+def sweep(extra: list[str], out: Path, preset: str, *, importtime: bool = False,
+          env: dict[str, str] | None = None) -> tuple[float, str]:
     """Run one CLI sweep as a new process; (wall seconds, stderr)."""
     command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m",
                "adapterswap", "sweep", "--preset", preset, *extra, "--out", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
@@ -91,14 +99,16 @@ def row(label: str, extra: list[str], preset: str, root: Path) -> dict[str, Any]
     out = root / re.sub(r"[^a-z0-9]+", "-", label.lower())
     # first the -X importtime process: it also warms what a machine that ran a sweep before
     # has (the random preset's saved weights, the OS file cache); then the timed one
+    env = ROW_ENV.get(label)
     imports_wall, imports_err = sweep(extra, root / (out.name + "-importtime"), preset,
-                                      importtime=True)
-    wall, _ = sweep(extra, out, preset)
+                                      importtime=True, env=env)
+    wall, _ = sweep(extra, out, preset, env=env)
     summary = run_summary(out)
     work = summary["load_seconds"] + summary["forward_seconds"] + summary["decode_seconds"]
     with_latency = work + summary["latency_seconds"]
     result = {
-        "row": label, "command": "adapterswap sweep --preset " + preset + " " + " ".join(extra),
+        "row": label, "env": env or {},
+        "command": "adapterswap sweep --preset " + preset + " " + " ".join(extra),
         "wall_s": wall, "engine_s": summary["seconds"],
         "outside_engine_s": wall - summary["seconds"],
         "load_s": summary["load_seconds"], "forward_s": summary["forward_seconds"],
