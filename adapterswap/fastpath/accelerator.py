@@ -109,6 +109,10 @@ class Accelerator:
         device = backbone.execution_device
         on_cuda = str(device).startswith("cuda")
         check_attention(fast.attention, device)
+        mode = fast.compile_mode or (self.profile.compile_mode if fast.compile else None)
+        check = getattr(backbone, "check_fast_path", None)  # switches its placement refuses
+        if check is not None:
+            check(fast, mode if fast.compile else None)
         modules = dict(backbone.fast_modules())
         for adapter in adapters:
             modules.update({f"{adapter.name}.{k}": m for k, m in adapter.fast_modules().items()})
@@ -122,7 +126,6 @@ class Accelerator:
                 report["fp8_layers"] += to_float8(module)
         if fast.fuse_qkv and on_cuda and not fast.fp8:
             report["fused_qkv"] = [n for n, m in modules.items() if fuse_qkv(m)]
-        mode = fast.compile_mode or (self.profile.compile_mode if fast.compile else None)
         if fast.compile:
             for name, module in modules.items():
                 scope = (fast.compile_scope or self.profile.compile_scope) \

@@ -188,6 +188,31 @@ class FluxBackbone(Backbone):
 
         return published_plan(budget, cls.max_sequence_length).approximations()
 
+    def check_fast_path(self, fast: Any, compile_mode: str | None) -> None:
+        """Refuse, in one line, fast-path switches that a ``memory_budget``'s placement cannot
+        take: CUDA graphs replay fixed addresses while streamed blocks arrive in new ones each
+        step (stale weights, silently); fusing Q/K/V or casting to float8 makes new weights
+        the streamer does not move; compiling the text encoders traces modules that visit the
+        GPU by hooks."""
+        from adapterswap.fastpath import CUDAGRAPH_MODES
+
+        placement = self.placement
+        if placement is None:
+            return
+        refused = []
+        if placement.streamers and compile_mode in CUDAGRAPH_MODES:
+            refused.append(f"compile mode {compile_mode!r} (CUDA graphs)")
+        if placement.streamers and fast.fuse_qkv:
+            refused.append("fuse_qkv")
+        if placement.evicted and fast.compile and fast.compile_encoders:
+            refused.append("compiled text encoders")
+        if placement.streamers and fast.fp8:  # the plan casts before it streams
+            refused.append("fp8")
+        if refused:
+            raise InvalidArgumentError(
+                "memory_budget", self.memory_budget, f"streams or evicts weights, which "
+                f"{', '.join(refused)} cannot run with; leave them off")
+
     def memory_record(self) -> dict[str, Any] | None:
         """Under ``memory_budget``: the plan, how it was enforced, the float8 layers, the
         streaming and the peak ``torch.cuda.max_memory_allocated`` since it was placed (GiB);

@@ -349,3 +349,26 @@ def test_a_sweep_stores_the_budget_s_plan_and_peak(tmp_path, monkeypatch):
     assert summary.fast_path["flux-schnell"]["memory"] == record
     with RunStore(str(tmp_path / "run")) as store:
         assert store.meta("memory:flux-schnell") == record
+
+
+@pytest.mark.parametrize("switches, refused", [
+    ({"compile": True, "compile_mode": "reduce-overhead"}, "CUDA graphs"),
+    ({"fuse_qkv": True}, "fuse_qkv"),
+    ({"fp8": True}, "fp8"),
+    ({"compile": True, "compile_encoders": True}, "compiled text encoders"),
+])
+def test_fast_path_switches_a_placement_cannot_take_are_refused(placed_schnell, switches,
+                                                                refused):
+    """Streamed blocks arrive at new addresses each step: CUDA graphs would replay stale
+    weights; fused or float8 weights would be new tensors the streamer never moves; evicted
+    encoders visit by hooks a compiled encoder would trace. Each is one line, before any
+    module changes; the exact switches still run."""
+    from adapterswap.fastpath import Accelerator, FastPath
+
+    accelerator = Accelerator(placed_schnell)
+    transformer = placed_schnell.pipe.transformer
+    before = {n: type(m) for n, m in transformer.named_modules()}
+    with pytest.raises(InvalidArgumentError, match=f"memory_budget=.*{refused}.*leave them off"):
+        accelerator.enable(FastPath(**switches))
+    assert {n: type(m) for n, m in transformer.named_modules()} == before
+    assert accelerator.enable(FastPath())["compiled"] == []
