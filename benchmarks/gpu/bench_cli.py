@@ -95,13 +95,14 @@ def run_summary(out: Path) -> dict[str, Any]:
     return run["summary"]
 
 
-def row(label: str, extra: list[str], preset: str, root: Path) -> dict[str, Any]:
-    out = root / re.sub(r"[^a-z0-9]+", "-", label.lower())
+def row(label: str, extra: list[str], preset: str, root: Path, index: int,
+        importtime: bool = True) -> dict[str, Any]:
+    out = root / f"{index}-{re.sub(r'[^a-z0-9]+', '-', label.lower())}"
     # first the -X importtime process: it also warms what a machine that ran a sweep before
     # has (the random preset's saved weights, the OS file cache); then the timed one
     env = ROW_ENV.get(label)
     imports_wall, imports_err = sweep(extra, root / (out.name + "-importtime"), preset,
-                                      importtime=True, env=env)
+                                      importtime=True, env=env) if importtime else (None, "")
     wall, _ = sweep(extra, out, preset, env=env)
     summary = run_summary(out)
     work = summary["load_seconds"] + summary["forward_seconds"] + summary["decode_seconds"]
@@ -117,7 +118,8 @@ def row(label: str, extra: list[str], preset: str, root: Path) -> dict[str, Any]
         "latency_s": summary["latency_seconds"], "cells": summary["done"],
         "work_s": work, "ratio": wall / work,
         "work_with_latency_s": with_latency, "ratio_with_latency": wall / with_latency,
-        "imports_s": imports_seconds(imports_err), "importtime_run_wall_s": imports_wall,
+        "imports_s": imports_seconds(imports_err) if importtime else None,
+        "importtime_run_wall_s": imports_wall,
     }
     print({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()},
           flush=True)
@@ -129,7 +131,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/gpu/results/cli.json")
     parser.add_argument("--tiny", action="store_true", help="tiny preset on the CPU (smoke)")
     parser.add_argument("--rows", default=None,
-                        help="comma-separated row numbers (0-based) to run; default all")
+                        help="comma-separated row numbers (0-based) to run, repeats allowed "
+                             "(interleave two rows to compare them); default all")
+    parser.add_argument("--no-importtime", action="store_true",
+                        help="no -X importtime process per row: one untimed warm-up sweep "
+                             "first, then only the timed ones")
     args = parser.parse_args()
     preset = "tiny" if args.tiny else "random"
     chosen = list(ROWS.items())
@@ -137,12 +143,17 @@ def main() -> None:
         chosen = [chosen[int(i)] for i in args.rows.split(",")]
     results: dict[str, Any] = {"preset": preset, "rows": []}  # write() adds the card
     with tempfile.TemporaryDirectory() as root:
-        for label, extra in chosen:
-            results["rows"].append(row(label, extra, preset, Path(root)))
+        if args.no_importtime:  # what the importtime processes warm otherwise
+            sweep(chosen[0][1], Path(root) / "warm-up", preset)
+        for index, (label, extra) in enumerate(chosen):
+            results["rows"].append(row(label, extra, preset, Path(root), index,
+                                       importtime=not args.no_importtime))
             write(results, args.out, quiet=True)
-    results["summary"] = {r["row"]: {"ratio": r["ratio"],
-                                     "ratio_with_latency": r["ratio_with_latency"]}
-                          for r in results["rows"]}
+    summary: dict[str, Any] = {}
+    for r in results["rows"]:  # repeated rows: every measurement, in run order
+        for key in ("ratio", "ratio_with_latency", "wall_s", "outside_engine_s"):
+            summary.setdefault(r["row"], {}).setdefault(key, []).append(r[key])
+    results["summary"] = summary
     write(results, args.out)
 
 
