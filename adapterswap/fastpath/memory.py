@@ -176,17 +176,15 @@ class MemoryPlan:
 
     def streamed_in(self, part: str) -> list[str]:
         """Names (relative to ``part``'s module) of its blocks that stream."""
-        prefix = f"{part}."
-        return [s[len(prefix):] for s in self.streamed if s.startswith(prefix)]
+        return [s[len(part) + 1:] for s in self.streamed if s.startswith(f"{part}.")]
 
     def to_dict(self) -> dict[str, Any]:
         """The plan for records (JSON): sizes in GiB."""
         return {"budget_gib": self.budget_gib, "limit_gib": _gib(self.limit_bytes),
                 "float8": list(self.float8), "streamed": list(self.streamed),
                 "evicted": list(self.evicted), "resident_gib": _gib(self.resident_bytes),
-                "window_gib": _gib(self.window_bytes),
-                "planned_peaks_gib": {k: _gib(v) for k, v in self.peaks.items()},
-                "approximations": self.approximations()}
+                "window_gib": _gib(self.window_bytes), "approximations": self.approximations(),
+                "planned_peaks_gib": {k: _gib(v) for k, v in self.peaks.items()}}
 
     def describe(self) -> str:
         """One line: what the plan does."""
@@ -361,6 +359,7 @@ class Placement:
         self.fraction = cap_process_memory(plan.budget_gib, self.device) \
             if (self.cuda if cap is None else cap) else None
         self.float8_layers: dict[str, int] = {}
+        self._encoding = False
         self.streamers: dict[str, Any] = {}
         self.evicted: dict[str, Any] = {}
         #: ``(part, "arrive" | "leave")`` of evicted encoders, in order (logs, tests)
@@ -406,15 +405,18 @@ class Placement:
 
     @contextlib.contextmanager
     def encoding(self) -> Iterator[None]:
-        """The evicted encoders on the device for the block (they leave at its end)."""
+        """The evicted encoders on the device for the block (they leave at its end); a nested
+        block uses the visit in progress."""
         with contextlib.ExitStack() as stack:
-            for resident in self.evicted.values():
-                stack.enter_context(resident.visiting())
+            if not self._encoding:
+                for resident in self.evicted.values():
+                    stack.enter_context(resident.visiting())
+                stack.callback(setattr, self, "_encoding", False)
+                self._encoding = True
             yield
 
     def peak_bytes(self) -> int | None:
-        """``torch.cuda.max_memory_allocated`` on the device since the plan was placed (or
-        since the caller last reset it); ``None`` off CUDA."""
+        """``torch.cuda.max_memory_allocated`` since placing (or a reset); ``None`` off CUDA."""
         import torch
 
         return int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else None
@@ -422,20 +424,18 @@ class Placement:
     def record(self) -> dict[str, Any]:
         """What ran under the budget, for records: the plan, how it was enforced, the float8
         layers, the streaming and the measured peak."""
-        peak = self.peak_bytes()
+        peak, before = self.peak_bytes(), self.allocated_before
         return {"budget_gib": self.plan.budget_gib, "plan": self.plan.to_dict(),
                 "enforced": (f"torch.cuda.set_per_process_memory_fraction({self.fraction:.4f})"
                              if self.fraction is not None else None),
                 "float8_layers": dict(self.float8_layers),
                 "streaming": {k: s.stats() for k, s in self.streamers.items()},
                 "encoder_visits": {k: r.visits for k, r in self.evicted.items()},
-                "allocated_before_gib": None if self.allocated_before is None
-                else _gib(self.allocated_before),
+                "allocated_before_gib": None if before is None else _gib(before),
                 "peak_gib": None if peak is None else _gib(peak)}
 
     def remove(self) -> None:
-        """Unhook streamers and evicted encoders (weights stay where they are) and lift the
-        cap."""
+        """Unhook streamers and evicted encoders (weights stay put) and lift the cap."""
         import torch
 
         for streamer in self.streamers.values():

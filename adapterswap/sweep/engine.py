@@ -365,7 +365,7 @@ class SweepEngine:
         context = timing_context(backbone, accelerator)
         fast = accelerator.fast_path
         parallel = self.spec.use_step_parallel(bool(fast is not None and fast.compile))
-        prompts: dict[str, Any] = {}
+        prompts = self._encode_prompts(backbone, part)
         for setting in part.settings:
             adapter = self.apply_setting(backbone, setting.first)
             first = setting.first
@@ -419,6 +419,25 @@ class SweepEngine:
         if meter is not None:
             meter.forget(backbone)
         backbone.unload()
+
+    @staticmethod
+    def _encode_prompts(backbone: Any, part: BackbonePlan) -> dict[str, Any]:
+        """Every distinct prompt of a backbone's groups, encoded once, before its first group,
+        inside the backbone's ``encoding_session`` where it has one (under a memory budget the
+        text encoders then visit the GPU once for all prompts, not once per prompt)."""
+        import contextlib
+
+        session = getattr(backbone, "encoding_session", None)
+        prompts: dict[str, Any] = {}
+        with session() if session is not None else contextlib.nullcontext():
+            for setting in part.settings:
+                for group in setting.groups:
+                    first = group.first
+                    if first.prompt not in prompts:
+                        prompts[first.prompt] = backbone.encode_prompt(
+                            [first.prompt],
+                            guidance_scale=backbone.resolve_guidance_scale(first.guidance_scale))
+        return prompts
 
     def _group_inputs(self, backbone: Any, adapter: Any, group: GroupPlan,
                       prompts: dict[str, Any]) -> GroupInputs:

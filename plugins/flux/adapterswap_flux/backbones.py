@@ -188,6 +188,12 @@ class FluxBackbone(Backbone):
 
         return published_plan(budget, cls.max_sequence_length).approximations()
 
+    def encoding_session(self) -> Any:
+        """A block in which several prompts are encoded with one visit of the evicted text
+        encoders (the engine encodes a backbone's prompts in one); without a budget, nothing."""
+        return self.placement.encoding() if self.placement is not None \
+            else contextlib.nullcontext()
+
     def check_fast_path(self, fast: Any, compile_mode: str | None) -> None:
         """Refuse, in one line, fast-path switches that a ``memory_budget``'s placement cannot
         take: CUDA graphs replay fixed addresses while streamed blocks arrive in new ones each

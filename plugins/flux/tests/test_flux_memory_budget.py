@@ -372,3 +372,27 @@ def test_fast_path_switches_a_placement_cannot_take_are_refused(placed_schnell, 
         accelerator.enable(FastPath(**switches))
     assert {n: type(m) for n, m in transformer.named_modules()} == before
     assert accelerator.enable(FastPath())["compiled"] == []
+
+
+def test_a_budgeted_sweep_encodes_all_its_prompts_in_one_encoder_visit(placed_schnell,
+                                                                        tmp_path):
+    """The engine encodes a backbone's distinct prompts before its first group, inside the
+    backbone's encoding session: the evicted text encoders visit the GPU once for three
+    prompts, not once per prompt."""
+    from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.models import ModelFactory
+    from adapterswap.sweep.spec import SweepSpec
+    from adapterswap.sweep.store import RunStore
+
+    prompts = ["a photo", "a red bicycle", "a fox in the snow"]
+    spec = SweepSpec(backbones=["flux-schnell"], adapter="none", preset="tiny",
+                     out=str(tmp_path / "run"), steps=[1], seeds=[0], prompts=prompts,
+                     metrics=[], timing_repeats=0).validate()
+    models = ModelFactory.from_spec(spec)
+    models.backbone = lambda name: placed_schnell
+    placement = placed_schnell.placement
+    with RunStore(spec.out) as store:
+        summary = SweepEngine(spec, store, models=models).run()
+    assert summary.done == 3 and not summary.failed
+    assert placement.visits == [("text_encoder", "arrive"), ("text_encoder_2", "arrive"),
+                                ("text_encoder_2", "leave"), ("text_encoder", "leave")]
