@@ -113,6 +113,26 @@ def test_runs_table_and_cells_point_at_their_run(tmp_path):
             store.record_cell("k3", CONFIG, status="done", scores={}, extra={"nope": 1})
 
 
+def test_a_store_from_before_run_summaries_gains_the_column_and_keeps_its_runs(tmp_path):
+    """A ``runs`` table written before ``invocation`` and ``summary`` existed: opening it adds
+    both columns, its run reads back with no summary, and a new run stores one."""
+    with RunStore(tmp_path) as store:
+        old = _begin(store, ["k1"])
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:  # the older schema
+        db.execute("ALTER TABLE runs DROP COLUMN summary")
+        db.execute("ALTER TABLE runs DROP COLUMN invocation")
+        assert "summary" not in {r[1] for r in db.execute("PRAGMA table_info(runs)")}
+    with RunStore(tmp_path) as store:
+        assert store.runs()[0]["id"] == old and store.runs()[0]["summary"] is None
+        new = _begin(store, ["k2"])
+        store.end_run(new, "done", summary={"done": 1, "seconds": 2.5,
+                                             "fast_path": {"sd15": {"attention": "auto"}}})
+        runs = store.runs()
+    assert [r["status"] for r in runs] == ["running", "done"]
+    assert runs[1]["summary"] == {"done": 1, "seconds": 2.5,
+                                  "fast_path": {"sd15": {"attention": "auto"}}}
+
+
 class _FailingCommit:
     """A connection whose COMMIT fails once, as on a full disk."""
 
