@@ -34,6 +34,8 @@ SCRIPT = textwrap.dedent("""
     pool = ThreadPoolExecutor(1)
     pool.submit(lambda: (time.sleep(0.2), (out / "pool").write_text("done")))
     sys.stdout.write("buffered output")  # a pipe: block-buffered, not yet written
+    import ctypes
+    ctypes.CDLL(None).printf(b" and a C line\\n")  # in the C library's buffer
     print("wanted", wanted(), file=sys.stderr)
     fast_exit(sys.argv[2] if sys.argv[2] == "text" else int(sys.argv[2]))
 """)
@@ -43,11 +45,12 @@ SCRIPT = textwrap.dedent("""
 def test_fast_exit_keeps_threads_handlers_output_and_status(tmp_path, code):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "ADAPTERSWAP_FULL_EXIT"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ADAPTERSWAP_FULL_EXIT", "PYTHONUNBUFFERED")}
     done = subprocess.run([sys.executable, str(script), str(tmp_path), code],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == {"0": 0, "3": 3, "text": 1}[code], done.stderr
-    assert done.stdout == "buffered output"
+    assert done.stdout == "buffered output and a C line\n"
     assert "wanted True" in done.stderr
     if code == "text":  # sys.exit's rule: a message is printed and the status is 1
         assert "text" in done.stderr.splitlines()[-1]
@@ -67,7 +70,25 @@ def test_the_fast_exit_is_wanted_only_after_torch_and_can_be_turned_off(monkeypa
     assert not fe.wanted()
     monkeypatch.setenv("ADAPTERSWAP_FULL_EXIT", "0")
     assert fe.wanted()
+    monkeypatch.setenv("CUDA_INJECTION64_PATH", "/opt/nsight/libinjection.so")  # nsys, ncu
+    assert not fe.wanted()
+    monkeypatch.delenv("CUDA_INJECTION64_PATH")
+    previous = sys.getprofile()
+    sys.setprofile(lambda frame, event, arg: None)  # as python -m cProfile does
+    try:
+        assert not fe.wanted()
+    finally:
+        sys.setprofile(previous)
     assert [fe.exit_status(c) for c in (None, 0, 2)] == [0, 0, 2]
+
+
+def test_a_closed_stdout_keeps_the_status(tmp_path):
+    """Started with stdout closed (``sys.stdout`` is None): the status still comes through."""
+    code = ("import sys; sys.stdout = None\n"
+            "from adapterswap.cli.fast_exit import fast_exit; fast_exit(4)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 4, done.stderr
 
 
 def test_a_cli_sweep_through_the_entry_point_stores_everything(tmp_path):

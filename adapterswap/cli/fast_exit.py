@@ -12,11 +12,14 @@ in the same order, then ends the process with :func:`os._exit`:
    first;
 2. run every :mod:`atexit` handler (logging's flush and close, torch's and Ray's shutdowns,
    coverage's data file);
-3. flush the standard streams.
+3. flush the standard streams, Python's and the C library's (what C or C++ code printed);
+   a flush that fails (a closed pipe) makes a successful exit status 120, as Python's does.
 
-What it skips is the freeing of memory the operating system takes back anyway. Profilers that
-write their output after the program returns (``python -m cProfile``) would lose it: set
-``ADAPTERSWAP_FULL_EXIT=1`` to exit the ordinary way. Only the console entry point uses it
+What it skips is the freeing of memory the operating system takes back anyway, C++
+destructors and the C library's exit handlers. Tools that write their output then exit the
+ordinary way: a Python profiler (``sys.getprofile()`` set: ``python -m cProfile``) or a
+process under Nsight Systems, Nsight Compute or compute-sanitizer (their injection
+variables); ``ADAPTERSWAP_FULL_EXIT=1`` asks for it too. Only the console entry point uses it
 (``adapterswap`` and ``python -m adapterswap``); code that calls :func:`adapterswap.cli.main`
 (tests, ``CliRunner``) exits as before.
 """
@@ -31,6 +34,9 @@ from typing import Any, NoReturn
 
 #: Modules whose presence makes the interpreter's teardown slow enough to skip.
 HEAVY_MODULES = ("torch",)
+#: Environment variables of tools that write their output when the process exits normally
+#: (Nsight Systems, Nsight Compute and compute-sanitizer inject through CUDA_INJECTION64_PATH).
+PROFILER_VARIABLES = ("CUDA_INJECTION64_PATH", "NSYS_PROFILING_SESSION_ID")
 
 
 def exit_status(code: Any) -> int:
@@ -45,9 +51,11 @@ def exit_status(code: Any) -> int:
 
 
 def wanted() -> bool:
-    """Whether to skip the teardown: a heavy module was imported and the user did not ask
-    for an ordinary exit."""
+    """Whether to skip the teardown: a heavy module was imported, no profiler waits for the
+    ordinary exit and the user did not ask for one."""
     if os.environ.get("ADAPTERSWAP_FULL_EXIT", "").strip() not in ("", "0"):
+        return False
+    if sys.getprofile() is not None or any(v in os.environ for v in PROFILER_VARIABLES):
         return False
     return any(name in sys.modules for name in HEAVY_MODULES)
 
@@ -66,7 +74,14 @@ def fast_exit(code: Any) -> NoReturn:
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed or broken pipe: nothing more to say there
-            pass
+            if stream is not None:  # None: started with the stream closed
+                stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: as Python's exit says it
+            status = status or 120
+    try:  # what C and C++ code wrote through the C library's buffers
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # pragma: no cover - no C library to ask
+        pass
     os._exit(status)

@@ -65,7 +65,8 @@ def sweep(extra: list[str], out: Path, preset: str, *, importtime: bool = False,
     """Run one CLI sweep as a new process; (wall seconds, stderr)."""
     command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m",
                "adapterswap", "sweep", "--preset", preset, *extra, "--out", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    env = {**{k: v for k, v in os.environ.items() if k != "ADAPTERSWAP_FULL_EXIT"},
+           "PYTHONUNBUFFERED": "1", **(env or {})}  # the exit is the row's, not the caller's
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
