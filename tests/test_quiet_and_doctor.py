@@ -263,6 +263,33 @@ def test_engine_measures_loading_and_latency(runner, tmp_path):
         assert store.latest_run()["summary"]["seconds"] == pytest.approx(total, abs=0.05)
 
 
+def test_an_interrupted_run_stores_the_forwards_it_made(tmp_path):
+    """Ctrl-C mid-sweep: the run's row says ``interrupted`` and its summary keeps the
+    forwards and finishing done so far (not zeros, with every second called "other")."""
+    from adapterswap.sweep.engine import SweepEngine
+    from adapterswap.sweep.spec import SweepSpec
+    from adapterswap.sweep.store import RunStore
+
+    spec = SweepSpec(backbones=["toy-dev"], preset="tiny", steps=[1, 2, 4], seeds=[0, 1],
+                     metrics=["sharpness"], timing_repeats=0,
+                     out=str(tmp_path / "run")).validate()
+    seen = []
+
+    def on_cell(cell, status):
+        seen.append(status)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with RunStore(spec.out) as store, pytest.raises(KeyboardInterrupt):
+        SweepEngine(spec, store, on_cell=on_cell).run()
+    with RunStore(spec.out, lock=False) as store:
+        run = store.latest_run()
+        stored = len(store.finished_keys())
+    assert run["status"] == "interrupted" and stored >= 2
+    assert run["summary"]["forwards"] > 0 and run["summary"]["forward_seconds"] > 0
+    assert run["summary"]["seconds"] > 0
+
+
 # -- doctor tells the truth ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("offline", [True, False])

@@ -135,10 +135,11 @@ def check_weights(spec: Any) -> None:
     # the device the models will run on: the tiny preset stays on the CPU unless told
     device = spec.device or ("cpu" if spec.preset == "tiny" else default_device())
     check_attention(spec.attention, device)
-    for name in spec.backbones:  # options that cannot run there (a memory budget off CUDA)
+    for name in spec.backbones:  # options that cannot run there (a memory budget off CUDA,
+        # or with the fast path's switches)
         check_device = getattr(get_backbone(name), "check_run_device", None)
         if check_device is not None:
-            check_device(spec.options_for(name), device)
+            check_device(spec.options_for(name), device, fast=spec.fast_path(device))
     try:
         models = ModelFactory.from_spec(spec)
         models.check_weights(spec.backbones)

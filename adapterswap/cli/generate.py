@@ -123,6 +123,12 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
     from adapterswap.fastpath.flash import check_attention
 
     check_attention(attention, device or default_device())
+    check_device = getattr(backbone_cls, "check_run_device", None)  # a budget's conflicts
+    if check_device is not None:
+        from adapterswap.fastpath import FastPath
+
+        check_device(b_opts, device or default_device(),
+                     fast=FastPath(attention=attention, fp8=fp8, cache=cache))
     if num_inference_steps is not None:
         if num_inference_steps < 1:
             raise InvalidArgumentError("--steps", num_inference_steps, "must be an integer >= 1")

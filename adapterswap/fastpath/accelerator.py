@@ -91,8 +91,11 @@ class Accelerator:
         if self._pipe is not None and self._pipe is not backbone.pipe:
             self.fast_path, self.block_cache, self._graphs = None, None, False  # reloaded
         previous = self.fast_path
+        check = getattr(backbone, "check_fast_path", None)  # switches its placement refuses
         if previous is not None and previous.same_modules(fast):
             check_attention(fast.attention, backbone.execution_device)
+            if check is not None:
+                check(fast, None)
             encoders = previous.compile_encoders or (fast.compile and fast.compile_encoders)
             self.fast_path = previous.with_(attention=fast.attention, cache=fast.cache,
                                             compile_encoders=encoders)
@@ -110,9 +113,10 @@ class Accelerator:
         on_cuda = str(device).startswith("cuda")
         check_attention(fast.attention, device)
         mode = fast.compile_mode or (self.profile.compile_mode if fast.compile else None)
-        check = getattr(backbone, "check_fast_path", None)  # switches its placement refuses
-        if check is not None:
-            check(fast, mode if fast.compile else None)
+        if check is not None and fast.compile:  # may give a mode its placement can run
+            mode = check(fast, mode, chosen=fast.compile_mode is not None)
+        elif check is not None:
+            check(fast, None)
         modules = dict(backbone.fast_modules())
         for adapter in adapters:
             modules.update({f"{adapter.name}.{k}": m for k, m in adapter.fast_modules().items()})

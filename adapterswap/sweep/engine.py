@@ -341,6 +341,10 @@ class SweepEngine:
                 finisher.close()
             except Exception as exc:  # the first error is the one to report
                 self.log(f"while stopping, a finishing job failed too: {exc}")
+            try:  # the run's stored summary keeps the forwards and finishing done so far
+                summary.add([step_totals(runner, finisher)])
+            except Exception:  # noqa: BLE001 - a broken device: the first error is reported
+                pass
             raise
         finisher.close()
         self._store_notes(metrics)

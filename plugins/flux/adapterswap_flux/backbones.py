@@ -62,6 +62,26 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 GENERATOR_DEVICES = ("cpu", "execution")
 
 
+
+def budget_conflicts(fast: Any, compile_mode: str | None, *, streams: bool,
+                     evicts: bool) -> list[str]:
+    """The fast-path switches a memory budget's placement cannot run with: CUDA graphs replay
+    fixed addresses while streamed blocks arrive in new ones each step (stale weights,
+    silently); fusing Q/K/V or casting to float8 makes new weights the streamer never moves;
+    compiling the text encoders traces modules that visit the GPU by hooks."""
+    from adapterswap.fastpath import CUDAGRAPH_MODES
+
+    refused = []
+    if streams and compile_mode in CUDAGRAPH_MODES:
+        refused.append(f"compile mode {compile_mode!r} (CUDA graphs)")
+    if streams and fast.fuse_qkv:
+        refused.append("fuse_qkv")
+    if streams and fast.fp8:  # the plan casts before it streams
+        refused.append("fp8")
+    if evicts and fast.compile and fast.compile_encoders:
+        refused.append("compiled text encoders")
+    return refused
+
 class FluxBackbone(Backbone):
     """Shared implementation of the FLUX.1 backbones (not registered itself).
 
@@ -194,30 +214,26 @@ class FluxBackbone(Backbone):
         return self.placement.encoding() if self.placement is not None \
             else contextlib.nullcontext()
 
-    def check_fast_path(self, fast: Any, compile_mode: str | None) -> None:
+    def check_fast_path(self, fast: Any, compile_mode: str | None, *,
+                        chosen: bool = True) -> str | None:
         """Refuse, in one line, fast-path switches that a ``memory_budget``'s placement cannot
-        take: CUDA graphs replay fixed addresses while streamed blocks arrive in new ones each
-        step (stale weights, silently); fusing Q/K/V or casting to float8 makes new weights
-        the streamer does not move; compiling the text encoders traces modules that visit the
-        GPU by hooks."""
+        take (:func:`budget_conflicts`); returns the compile mode to use: a CUDA-graph mode
+        the card's compile profile chose (``chosen`` False) becomes ``default`` where blocks
+        stream, rather than a refusal of what the user never asked for."""
         from adapterswap.fastpath import CUDAGRAPH_MODES
 
         placement = self.placement
         if placement is None:
-            return
-        refused = []
-        if placement.streamers and compile_mode in CUDAGRAPH_MODES:
-            refused.append(f"compile mode {compile_mode!r} (CUDA graphs)")
-        if placement.streamers and fast.fuse_qkv:
-            refused.append("fuse_qkv")
-        if placement.evicted and fast.compile and fast.compile_encoders:
-            refused.append("compiled text encoders")
-        if placement.streamers and fast.fp8:  # the plan casts before it streams
-            refused.append("fp8")
+            return compile_mode
+        streams, evicts = bool(placement.streamers), bool(placement.evicted)
+        if streams and not chosen and compile_mode in CUDAGRAPH_MODES:
+            compile_mode = "default"
+        refused = budget_conflicts(fast, compile_mode, streams=streams, evicts=evicts)
         if refused:
             raise InvalidArgumentError(
                 "memory_budget", self.memory_budget, f"streams or evicts weights, which "
                 f"{', '.join(refused)} cannot run with; leave them off")
+        return compile_mode
 
     def memory_record(self) -> dict[str, Any] | None:
         """Under ``memory_budget``: the plan, how it was enforced, the float8 layers, the
@@ -226,12 +242,26 @@ class FluxBackbone(Backbone):
         return None if self.placement is None else self.placement.record()
 
     @classmethod
-    def check_run_device(cls, options: Any, device: str) -> None:
+    def check_run_device(cls, options: Any, device: str, fast: Any = None) -> None:
         """Before a store or a model exists: refuse, in one line, options that cannot run on
-        ``device`` (a ``memory_budget`` needs CUDA)."""
+        ``device`` (a ``memory_budget`` needs CUDA) or with the fast path ``fast`` (what the
+        budget's plan at the published size streams or evicts: :func:`budget_conflicts`)."""
         options = cls.check_options(options or {})
-        if options.get("memory_budget") is not None:
-            cls(device=device, **options)._budget_device()
+        budget = options.get("memory_budget")
+        if budget is None:
+            return
+        cls(device=device, **options)._budget_device()
+        if fast is not None and (fast.fp8 or fast.fuse_qkv or fast.compile_encoders
+                                 or fast.compile_mode):
+            from adapterswap_flux.budget import published_plan
+
+            plan = published_plan(budget, cls.max_sequence_length)
+            refused = budget_conflicts(fast, fast.compile_mode if fast.compile else None,
+                                       streams=bool(plan.streamed), evicts=bool(plan.evicted))
+            if refused:
+                raise InvalidArgumentError(
+                    "memory_budget", budget, f"streams or evicts weights at the published "
+                    f"size, which {', '.join(refused)} cannot run with; leave them off")
 
     def _budget_device(self, device: Any = None) -> str:
         """The CUDA device a ``memory_budget`` runs on, or the one-line refusal."""

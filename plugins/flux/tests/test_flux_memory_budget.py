@@ -396,3 +396,31 @@ def test_a_budgeted_sweep_encodes_all_its_prompts_in_one_encoder_visit(placed_sc
     assert summary.done == 3 and not summary.failed
     assert placement.visits == [("text_encoder", "arrive"), ("text_encoder_2", "arrive"),
                                 ("text_encoder_2", "leave"), ("text_encoder", "leave")]
+
+
+def test_a_profile_s_cuda_graph_mode_becomes_default_where_blocks_stream(placed_schnell):
+    """The card's compile profile may pick a CUDA-graph mode the user never asked for: under
+    a streaming placement it becomes ``default``; asked for by name, it is refused."""
+    from adapterswap.fastpath import FastPath
+
+    fast = FastPath(compile=True)
+    assert placed_schnell.check_fast_path(fast, "reduce-overhead", chosen=False) == "default"
+    assert placed_schnell.check_fast_path(fast, "default", chosen=False) == "default"
+    with pytest.raises(InvalidArgumentError, match="CUDA graphs"):
+        placed_schnell.check_fast_path(fast, "reduce-overhead", chosen=True)
+
+
+def test_switches_a_budget_cannot_take_are_refused_before_loading():
+    """What the published-size plan of a budget streams or evicts is known before any weight
+    is read: ``--fp8`` beside a budget that streams (16 GiB) is refused then, in one line;
+    beside one that only evicts and casts (24 GiB) it runs."""
+    from adapterswap.fastpath import FastPath
+
+    schnell = get_backbone("flux-schnell")
+    with pytest.raises(InvalidArgumentError, match=r"memory_budget.*16.*published size.*fp8"):
+        schnell.check_run_device({"memory_budget": 16}, "cuda", fast=FastPath(fp8=True))
+    schnell.check_run_device({"memory_budget": 24}, "cuda", fast=FastPath(fp8=True))
+    schnell.check_run_device({"memory_budget": 16}, "cuda", fast=FastPath())
+    with pytest.raises(InvalidArgumentError, match="compiled text encoders"):
+        schnell.check_run_device({"memory_budget": 24}, "cuda",
+                                 fast=FastPath(compile=True, compile_encoders=True))
