@@ -239,7 +239,13 @@ class FluxBackbone(Backbone):
         """Under ``memory_budget``: the plan, how it was enforced, the float8 layers, the
         streaming and the peak ``torch.cuda.max_memory_allocated`` since it was placed (GiB);
         ``None`` without a budget."""
-        return None if self.placement is None else self.placement.record()
+        if self.placement is None:
+            return None
+        record = self.placement.record()
+        keyed = getattr(self, "_keyed_approximations", None)
+        if keyed is not None and keyed != record["plan"]["approximations"]:
+            record["keyed_approximations"] = keyed  # an fp8 label on an exact plan
+        return record
 
     @classmethod
     def check_run_device(cls, options: Any, device: str, fast: Any = None) -> None:
@@ -286,6 +292,23 @@ class FluxBackbone(Backbone):
                         text_tokens=int(self.max_sequence_length),
                         float8_available=fp8_supported(self.device),
                         what=f"backbone {self.name!r}")
+
+    def _check_keyed_approximations(self, plan: Any) -> None:
+        """Cells are keyed before any weight is read, by the budget's plan at the published
+        size (:meth:`option_approximations`). A plan for these weights (their configs, this
+        device) that uses float8 where that plan does not would run an approximation under an
+        exact label: refused in one line. The other way round (a GPU without float8, smaller
+        weights) runs exactly under an ``fp8`` label, which only overstates the approximation:
+        the memory record says so."""
+        keyed = type(self).option_approximations({"memory_budget": self.memory_budget})
+        actual = plan.approximations()
+        if set(actual) - set(keyed):
+            raise InvalidArgumentError(
+                "memory_budget", self.memory_budget,
+                f"these weights need {', '.join(actual)} under it, which the published-size "
+                f"plan that keys the cells does not ({', '.join(keyed) or 'exact'}); give a "
+                "larger budget")
+        self._keyed_approximations = keyed
 
     def place_under_budget(self, plan: Any = None, *, copy: Any = None,
                            cap: bool | None = None) -> Any:
@@ -344,6 +367,7 @@ class FluxBackbone(Backbone):
 
             root = pipeline_root(FluxPipeline, source, local_files_only=local_files_only)
             self._memory_plan = self.plan_memory(meta_components(str(root)))
+            self._check_keyed_approximations(self._memory_plan)
         components = (self._quantized_components(source, local_files_only)
                       if self.quantize_8bit else {})
         # safetensors only; each component checked against its config (adapterswap.weights)

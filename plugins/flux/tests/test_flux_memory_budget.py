@@ -424,3 +424,25 @@ def test_switches_a_budget_cannot_take_are_refused_before_loading():
     with pytest.raises(InvalidArgumentError, match="compiled text encoders"):
         schnell.check_run_device({"memory_budget": 24}, "cuda",
                                  fast=FastPath(compile=True, compile_encoders=True))
+
+
+def test_weights_whose_plan_needs_float8_where_the_keys_say_exact_are_refused():
+    """Cells are keyed by the budget's plan at the published size; the plan for the actual
+    weights (their configs) must not add float8 to cells keyed exact. An exact plan under an
+    ``fp8`` key (a GPU without float8, smaller weights) runs, and its record says so."""
+    class Plan:
+        def __init__(self, approximations):
+            self._approximations = approximations
+
+        def approximations(self):
+            return list(self._approximations)
+
+    schnell = get_backbone("flux-schnell")
+    roomy = schnell(device="cuda", memory_budget=80)
+    assert schnell.option_approximations({"memory_budget": 80}) == []
+    with pytest.raises(InvalidArgumentError, match=r"memory_budget.*80.*need fp8.*exact"):
+        roomy._check_keyed_approximations(Plan(["fp8"]))
+    roomy._check_keyed_approximations(Plan([]))
+    tight = schnell(device="cuda", memory_budget=24)
+    tight._check_keyed_approximations(Plan([]))  # exact under an fp8 key: runs
+    assert tight._keyed_approximations == ["fp8"]
