@@ -113,10 +113,9 @@ class Accelerator:
         on_cuda = str(device).startswith("cuda")
         check_attention(fast.attention, device)
         mode = fast.compile_mode or (self.profile.compile_mode if fast.compile else None)
-        if check is not None and fast.compile:  # may give a mode its placement can run
-            mode = check(fast, mode, chosen=fast.compile_mode is not None)
-        elif check is not None:
-            check(fast, None)
+        if check is not None:  # refuses what its placement cannot run; may give the mode
+            mode = check(fast, mode if fast.compile else None,
+                         chosen=fast.compile_mode is not None) or mode
         modules = dict(backbone.fast_modules())
         for adapter in adapters:
             modules.update({f"{adapter.name}.{k}": m for k, m in adapter.fast_modules().items()})

@@ -11,30 +11,25 @@ the first of these that fits, exact ones first:
 3. **float8** (an approximation): besides 2, the large linear layers of the denoiser and of the
    adapters in float8 e4m3 with per-channel weight and per-token activation scales
    (:func:`~.kernels.to_float8`, the fast path's ``fp8``);
-4. **streaming** (exact beyond 3): besides 3, some denoiser blocks, in the order the backbone
-   prefers, in pinned host memory, each copied on a side CUDA stream while the block before it
-   runs (:class:`~.streaming.BlockStreamer`): time on every step, no extra rounding. Float8 is
-   tried before streaming because it halves the bytes a step would have to copy; on a GPU
-   without float8 (compute capability below 8.9) step 3 is skipped and 4 streams 16-bit blocks.
+4. **streaming** (exact beyond 3): besides 3, some denoiser blocks in pinned host memory,
+   each copied on a side CUDA stream while the one before runs (:class:`~.streaming.
+   BlockStreamer`). Float8 comes first: it halves the bytes a step copies; on a GPU without
+   float8 (compute capability < 8.9) step 3 is skipped and 4 streams 16-bit blocks.
 
 A plan fits when each phase's planned peak (weights on the device + blocks in flight + the
 backbone's estimate of the phase's activations: ``encode``, ``denoise``, ``decode``) stays under
-the budget less :data:`HEADROOM_SHARE` (the CUDA context, library workspaces and the
-allocator's fragmentation, which ``torch.cuda.max_memory_allocated`` does not count). No plan
-fitting is refused before any weight is read, naming the smallest budget that would do.
+the budget less :data:`HEADROOM_SHARE`. No plan fitting is refused before any weight is read,
+naming the smallest budget that would do.
 
-**Enforcement.** :class:`Placement` caps the process with
-``torch.cuda.set_per_process_memory_fraction(budget / card memory)`` (past it is an
-out-of-memory error) and resets the peak counter for :meth:`Placement.record`.
+**Enforcement.** :class:`Placement` caps the process (``torch.cuda.
+set_per_process_memory_fraction``: past it is an out-of-memory error).
 
-**Fidelity.** Steps 1, 2 and 4 change no pixel. Float8 is an approximation
-(:meth:`MemoryPlan.approximations` says ``fp8``; its cells are keyed apart): every large matrix
-product rounded to 3 mantissa bits (47 dB PSNR from bf16 on random FLUX + InfuseNet weights
-on an H200); measure it on real weights with ``adapterswap compare``.
+**Fidelity.** Steps 1, 2 and 4 change no pixel. Float8 is an approximation (``fp8``, keyed
+apart): 47 dB PSNR from bf16 on random FLUX + InfuseNet weights on an H200 (one run each);
+measure it on real weights with ``adapterswap compare``.
 
-The backbone plugin supplies the family knowledge: its modules as :class:`Part` (sizes from the
-modules or from their configs on the meta device: :func:`measure`), the order its blocks may
-stream in, the estimate of activations (:class:`Activations`), and where the parts go.
+The backbone plugin supplies its modules as :class:`Part` (:func:`measure`: modules, or their
+configs on the meta device), its blocks' stream order, :class:`Activations` and the placing.
 """
 
 from __future__ import annotations
@@ -204,6 +199,11 @@ def _gib(nbytes: int) -> float:
     return round(nbytes / GIB, 3)
 
 
+def _denoiser_blocks(parts: Sequence[Part]) -> tuple[Part | None, list[Block]]:
+    denoiser = next((p for p in parts if p.role == "denoiser"), None)
+    return denoiser, list(denoiser.blocks) if denoiser is not None else []
+
+
 def _peaks(parts: Sequence[Part], act: Activations, *, evict: bool, float8: bool,
            streamed: Sequence[Block]) -> tuple[int, int, dict[str, int]]:
     """Resident bytes, streaming window and each phase's peak of one candidate plan."""
@@ -240,8 +240,7 @@ def plan_memory(budget_gib: float, parts: Sequence[Part], activations: Activatio
     that would do when none fits."""
     budget_gib = check_budget(budget_gib)
     limit = int(budget_gib * GIB * (1 - headroom))
-    denoiser = next((p for p in parts if p.role == "denoiser"), None)
-    blocks = list(denoiser.blocks) if denoiser is not None else []
+    denoiser, blocks = _denoiser_blocks(parts)
     candidates = [(False, False, 0), (True, False, 0)]  # (evict, float8, blocks streamed)
     if float8_available:
         candidates.append((True, True, 0))
@@ -271,8 +270,7 @@ def least_budget_gib(parts: Sequence[Part], activations: Activations, *,
                      float8_available: bool = True, headroom: float = HEADROOM_SHARE) -> float:
     """The smallest budget :func:`plan_memory` meets: encoders evicted, float8 (where
     available) and every denoiser block streamed."""
-    denoiser = next((p for p in parts if p.role == "denoiser"), None)
-    blocks = list(denoiser.blocks) if denoiser is not None else []
+    blocks = _denoiser_blocks(parts)[1]
     peaks = _peaks(parts, activations, evict=True, float8=float8_available, streamed=blocks)[2]
     return max(peaks.values()) / GIB / (1 - headroom)
 
@@ -371,6 +369,7 @@ class Placement:
         planned blocks streaming from host memory."""
         from adapterswap.fastpath.streaming import BlockStreamer, HostResident
 
+        self._reserve(name)  # a part the plan does not know is refused, not placed unplanned
         if name in self.plan.evicted:
             self.evicted[name] = HostResident(
                 module, self.device, blocks=blocks, copy=self._copy,
@@ -388,13 +387,9 @@ class Placement:
     def adopt(self, name: str, module: Any) -> int:
         """Place an adapter's module in the room the plan reserved for part ``name`` (float8
         if planned); refused when it is larger than the reserve. Returns the layers cast."""
-        reserve = self.plan.part(name)
-        if reserve is None:
-            raise UsageError(f"the memory plan ({self.plan.describe()}) reserved no room for "
-                             f"{name!r}")
-        float8 = name in self.plan.float8
+        reserve, float8 = self._reserve(name), name in self.plan.float8
         actual = module_bytes(module)[1 if float8 else 0]
-        if actual > reserve.size(float8) * 1.02:
+        if actual > reserve.size(float8) * 1.02:  # 2%: a reserve sized from configs, not it
             raise UsageError(
                 f"{name!r} needs {actual / GIB:.2f} GiB on the GPU, more than the "
                 f"{reserve.size(float8) / GIB:.2f} GiB memory_budget={self.plan.budget_gib:g} "
@@ -402,6 +397,12 @@ class Placement:
         cast = move_in_chunks(module, self.device, float8=float8)
         self.float8_layers[name] = self.float8_layers.get(name, 0) + cast
         return cast
+
+    def _reserve(self, name: str) -> Part:
+        if (reserve := self.plan.part(name)) is None:
+            raise UsageError(f"the memory plan ({self.plan.describe()}) reserved no room for "
+                             f"{name!r}")
+        return reserve
 
     @contextlib.contextmanager
     def encoding(self) -> Iterator[None]:
@@ -415,16 +416,14 @@ class Placement:
                 self._encoding = True
             yield
 
-    def peak_bytes(self) -> int | None:
-        """``torch.cuda.max_memory_allocated`` since placing (or a reset); ``None`` off CUDA."""
-        import torch
-
-        return int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else None
-
     def record(self) -> dict[str, Any]:
         """What ran under the budget, for records: the plan, how it was enforced, the float8
-        layers, the streaming and the measured peak."""
-        peak, before = self.peak_bytes(), self.allocated_before
+        layers, the streaming and the peak ``torch.cuda.max_memory_allocated`` since placing
+        (or the caller's last reset; ``None`` off CUDA)."""
+        import torch
+
+        peak = int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else None
+        before = self.allocated_before
         return {"budget_gib": self.plan.budget_gib, "plan": self.plan.to_dict(),
                 "enforced": (f"torch.cuda.set_per_process_memory_fraction({self.fraction:.4f})"
                              if self.fraction is not None else None),

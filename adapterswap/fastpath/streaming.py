@@ -141,9 +141,6 @@ class BlockStreamer:
         self._handles: list[Any] = []
         self.loads = self.waits = self.max_loaded = 0
 
-    def __len__(self) -> int:
-        return len(self.blocks)
-
     @property
     def block_nbytes(self) -> list[int]:
         """Bytes of each block's weights (what one load copies)."""

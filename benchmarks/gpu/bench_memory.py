@@ -24,7 +24,8 @@ Per row: text encoding once (as a sweep encodes each prompt once; its time and p
 then 1 warm-up + ``--images`` images, one seed each (0, 1, ...), timed end to end (control
 canvas VAE-encoded per image, 4 steps, decode; prompt embeddings given), ``peak_gib`` =
 ``torch.cuda.max_memory_allocated`` over those images (reset before), ``peak_since_placed_gib``
-over everything since the plan was placed (placement, encoding, images), s/image (median),
+over everything since the plan was placed (placement, encoding, the warm-up, the images;
+before the run of 2026-12-03 it repeated ``peak_gib`` by mistake), s/image (median),
 PSNR (dB) of each image against the baseline's image of its seed, the plan and what it did
 (float8 layers, streamed blocks, evicted encoders, streaming statistics), and
 ``allocated_before_gib``: what the process still held on the GPU before the row (the cap
@@ -242,6 +243,7 @@ class Bench:
             return result.images.float().cpu(), time.perf_counter() - start
 
         _, first_s = image(0)  # warm-up (a compiled row compiles here)
+        warm_peak = peak()  # encoding and the warm-up
         peak_reset()
         times, images = [], {}
         for seed in range(self.args.images):
@@ -251,8 +253,10 @@ class Bench:
                "first_image_s": first_s, "text_encode_s": encode_s,
                "text_encode_peak_gib": encode_peak, "peak_gib": peak()}
         record = getattr(backbone, "memory_record", lambda: None)()
-        if record is not None:
-            row["peak_since_placed_gib"] = record["peak_gib"]
+        if record is not None:  # placement, encoding, warm-up and the timed images
+            peaks = [p for p in (since_placed, warm_peak, row["peak_gib"]) if p is not None]
+            row["peak_since_placed_gib"] = max(peaks) if peaks else None  # None off CUDA
+            row["warm_up_peak_gib"] = warm_peak
             row["plan"] = record["plan"]
             row["enforced"] = record["enforced"]
         elif since_placed is not None:

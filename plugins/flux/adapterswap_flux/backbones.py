@@ -62,7 +62,6 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 GENERATOR_DEVICES = ("cpu", "execution")
 
 
-
 def budget_conflicts(fast: Any, compile_mode: str | None, *, streams: bool,
                      evicts: bool) -> list[str]:
     """The fast-path switches a memory budget's placement cannot run with: CUDA graphs replay
@@ -428,12 +427,10 @@ class FluxBackbone(Backbone):
         if self.placement is None:
             super().to(device)
             return self
-        import torch
+        from adapterswap.devices import indexed_device
 
-        target, placed = torch.device(self._budget_device(device)), self.placement.device
-        current = torch.cuda.current_device
-        if placed.type != "cuda" or (target.index if target.index is not None else current()) \
-                != (placed.index if placed.index is not None else current()):
+        target, placed = self._budget_device(device), self.placement.device
+        if placed.type != "cuda" or indexed_device(target) != placed:
             raise InvalidArgumentError(
                 "device", str(device), f"backbone {self.name!r} runs under memory_budget="
                 f"{self.memory_budget:g} on {self.device}; load it again to run it elsewhere")
@@ -475,9 +472,7 @@ class FluxBackbone(Backbone):
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidArgumentError("prompts", prompts, "need one or more strings")
-        encoding = (self.placement.encoding() if self.placement is not None
-                    else contextlib.nullcontext())  # evicted encoders visit the GPU
-        with torch.no_grad(), encoding:
+        with torch.no_grad(), self.encoding_session():  # evicted encoders visit the GPU
             prompt_embeds, pooled, text_ids = self.pipe.encode_prompt(
                 prompt=prompts, prompt_2=None, device=self.execution_device,
                 num_images_per_prompt=1, max_sequence_length=self.max_sequence_length)
@@ -671,13 +666,10 @@ class FluxBackbone(Backbone):
         there whole."""
         if options.get("memory_budget") is None:
             return super().from_pipeline(pipe, source=source, device=device, **options)
-        import torch
+        from adapterswap.devices import default_device
 
-        backbone = cls(source, device=device, **options)
-        backbone.device = backbone._budget_device()
-        first = next(m for m in pipe.components.values() if isinstance(m, torch.nn.Module))
-        backbone.dtype = backbone.dtype or next(first.parameters()).dtype
-        backbone.pipe = pipe
+        backbone = super().from_pipeline(pipe, source=source, device="cpu", **options)
+        backbone.device = backbone._budget_device(device or default_device())
         backbone.place_under_budget()
         return backbone
 
