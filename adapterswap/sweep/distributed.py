@@ -37,12 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterswap.sweep.plan import cell_cost
 from adapterswap.sweep.spec import Cell
 from adapterswap.sweep.store import RunStore
 from adapterswap.sweep.workqueue import WorkQueue, queue_path
 
-__all__ = ["DistEnv", "QueuePlan", "barrier", "broadcast_plan", "cell_cost", "destroy",
+__all__ = ["DistEnv", "QueuePlan", "barrier", "broadcast_plan", "destroy",
            "dist_env", "finished_everywhere", "init_process_group", "merge", "plan_queue",
            "run_distributed", "shard_dir", "stored_latency_rows"]
 

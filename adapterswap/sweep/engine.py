@@ -80,7 +80,6 @@ class SweepEngine:
         self.models = models or ModelFactory.from_spec(
             spec, reference_folder=store.out / "references")
         self._provenance: Provenance | None = None
-        self._own_run = True
         #: the compile-cache key of each backbone compiled in this run (saved after its cells)
         self._compile_keys: dict[int, Any] = {}
 
@@ -155,17 +154,14 @@ class SweepEngine:
         return records
 
     def record_run(self, keyed: Sequence[tuple[Cell, str]], versions: dict[str, str], *,
-                   store: RunStore | None = None, run_id: int | None = None) -> int:
+                   store: RunStore | None = None) -> int:
         """Record the sweep in this engine's store, or in ``store`` (the merged store of a
         distributed sweep): its spec, versions and cell keys in the meta, and this invocation
-        in ``runs`` (:meth:`RunStore.begin_run`) unless it is recorded already as ``run_id``.
-        Returns the run's id."""
+        in ``runs`` (:meth:`RunStore.begin_run`). Returns the run's id."""
         store = store or self.store
         store.set_meta("spec", self.spec.to_dict())
         store.set_meta("versions", versions)
         store.set_meta("cell_keys", [k for _, k in keyed])
-        if run_id is not None:
-            return run_id
         provenance = self.provenance()
         return store.begin_run(
             spec=self.spec.to_dict(), versions=versions, code_hash=provenance.code_hash,
@@ -277,23 +273,14 @@ class SweepEngine:
         return self.models.reference_image(cell.reference, name) if name else None
 
     # ------------------------------------------------------------------ run
-    def run(self, *, finished_elsewhere: set[str] | None = None,
-            run_id: int | None = None) -> SweepSummary:
-        """Run every unfinished cell; cells in ``finished_elsewhere`` (other shards, the
-        merged store) are skipped too.
-
-        :param run_id: record cells under this ``runs`` row of another store (a distributed
-            shard: rank 0 recorded the run in the merged store); default: add one here.
-        """
+    def run(self) -> SweepSummary:
+        """Run every unfinished cell, recorded as a new run of this engine's store."""
         start = time.perf_counter()
         versions = self.versions()
         keyed = self.keyed_cells(versions)
-        finished = self.store.finished_keys() | (finished_elsewhere or set())
-        plan = plan_sweep(keyed, finished)
+        plan = plan_sweep(keyed, self.store.finished_keys())
         summary = SweepSummary(total=plan.total, skipped=plan.skipped)
-        own_run = self._own_run = run_id is None
-        run_id = self.record_run(keyed, versions, run_id=run_id)
-        self.store.run_id = run_id
+        run_id = self.store.run_id = self.record_run(keyed, versions)
         status = "failed"
         try:
             self._run(plan, summary)
@@ -303,8 +290,7 @@ class SweepEngine:
             raise
         finally:
             summary.seconds = time.perf_counter() - start
-            if own_run:
-                self.store.end_run(run_id, status, summary=summary.record())
+            self.store.end_run(run_id, status, summary=summary.record())
         return summary
 
     def _run(self, plan: Any, summary: SweepSummary) -> None:
@@ -315,8 +301,7 @@ class SweepEngine:
         metrics = self.load_metrics()
         summary.load_seconds += time.perf_counter() - started
         status = self.store.metric_status()
-        if self._own_run:
-            self.store.update_run(self.store.run_id, metrics=self.metric_records(status))
+        self.store.update_run(self.store.run_id, metrics=self.metric_records(status))
         summary.unavailable_metrics = {m: r for m, (ok, r) in status.items()
                                        if not ok and m in self.spec.metrics}
         finisher = CellFinisher(self.store, metrics, overlap=self.spec.use_overlap(),
@@ -349,7 +334,6 @@ class SweepEngine:
         finisher.close()
         self._store_notes(metrics)
         summary.add([{"done": finisher.queue.done, "failed": finisher.queue.failed,
-                      "forward_span_seconds": runner.forward_timer.span(),
                       **step_totals(runner, finisher)}])
         if runner.shared_first_steps:
             self.log(f"first step shared: {runner.shared_first_steps} image rows reused the "
@@ -369,7 +353,7 @@ class SweepEngine:
         context = timing_context(backbone, accelerator)
         fast = accelerator.fast_path
         parallel = self.spec.use_step_parallel(bool(fast is not None and fast.compile))
-        prompts = self._encode_prompts(backbone, part)
+        prompts = self._encode_prompts(backbone, part.cells)
         for setting in part.settings:
             adapter = self.apply_setting(backbone, setting.first)
             first = setting.first
@@ -425,8 +409,8 @@ class SweepEngine:
         backbone.unload()
 
     @staticmethod
-    def _encode_prompts(backbone: Any, part: BackbonePlan) -> dict[str, Any]:
-        """Every distinct prompt of a backbone's groups, encoded once, before its first group,
+    def _encode_prompts(backbone: Any, cells: Sequence[Cell]) -> dict[str, Any]:
+        """Every distinct prompt of a backbone's cells, encoded once, before its first group,
         inside the backbone's ``encoding_session`` where it has one (under a memory budget the
         text encoders then visit the GPU once for all prompts, not once per prompt)."""
         import contextlib
@@ -434,13 +418,11 @@ class SweepEngine:
         session = getattr(backbone, "encoding_session", None)
         prompts: dict[str, Any] = {}
         with session() if session is not None else contextlib.nullcontext():
-            for setting in part.settings:
-                for group in setting.groups:
-                    first = group.first
-                    if first.prompt not in prompts:
-                        prompts[first.prompt] = backbone.encode_prompt(
-                            [first.prompt],
-                            guidance_scale=backbone.resolve_guidance_scale(first.guidance_scale))
+            for cell in cells:
+                if cell.prompt not in prompts:
+                    prompts[cell.prompt] = backbone.encode_prompt(
+                        [cell.prompt],
+                        guidance_scale=backbone.resolve_guidance_scale(cell.guidance_scale))
         return prompts
 
     def _group_inputs(self, backbone: Any, adapter: Any, group: GroupPlan,

@@ -98,10 +98,11 @@ class SweepSummary:
 
 
 def step_totals(runner: ChunkRunner, finisher: CellFinisher) -> dict[str, Any]:
-    """A step loop's and its finisher's part of the summary: forwards and their seconds,
-    first steps shared, finishing and decoding seconds, confounds."""
+    """A step loop's and its finisher's part of the summary: forwards, their seconds and
+    span, first steps shared, finishing and decoding seconds, confounds."""
     timer = runner.forward_timer
     return {"forward_seconds": timer.total(), "forwards": timer.count,
+            "forward_span_seconds": timer.span(),
             "shared_first_steps": runner.shared_first_steps, "finish_seconds": finisher.seconds,
             "decode_seconds": finisher.decode_seconds, "finish_overlapped": finisher.overlap,
             "confounds": dict(runner.confounds)}
