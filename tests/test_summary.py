@@ -68,3 +68,38 @@ def test_a_journal_is_replayed_each_cell_once_with_its_image(tmp_path) -> None:
         assert store.meta("metric_notes") == ["s: a note"]
         with pytest.raises(RuntimeError, match="worker 3 journaled an unknown write"):
             replay_journal(store, [("delete", ())], summary, writer="worker 3")
+
+
+def test_a_configuration_timed_by_two_workers_keeps_the_first_row_for_every_cell(tmp_path):
+    """Two Ray actors that start on one adapter setting together both time it. The row
+    replayed first stands; the later worker's row is dropped and its cells get the stored
+    row's times and latency score, so every cell's latency is its stored row (as torchrun's
+    claim guarantees)."""
+    base = {"backbone": "toy-dev", "adapter": "toy", "scale": 1.0, "start": 0.0, "end": 1.0,
+            "steps": 2, "batch": 1, "height": 64, "width": 64, "dtype": "float32",
+            "fast_path": "eager", "cache": ""}
+
+    def journal(total: float, key: str, seed: int) -> list:
+        relay = RelayStore(tmp_path / "out")
+        row = {**base, "total_s": total, "denoise_s": total / 2, "repeats": 1,
+               "method": "measured", "device": "cpu"}
+        relay.record_latency(row)
+        timings = {"total_s": total, "denoise_s": total / 2,
+                   "latency_key": relay.latency(base)["key"]}
+        relay.record_cell(key, make_cell(seed=seed).config(), status="done",
+                          scores={"latency": total, "s": 1.0}, timings=timings)
+        return relay.take()
+
+    first, second = journal(1.0, "k1", 0), journal(2.0, "k2", 1)
+    summary = SweepSummary(total=2, skipped=0)
+    with RunStore(tmp_path / "out") as store:
+        replay_journal(store, first, summary)
+        replay_journal(store, second, summary)
+        rows = {row["key"]: row for row in store.rows()}
+        stored = store.latency_rows()
+    assert len(stored) == 1 and stored[0]["total_s"] == 1.0  # the first timing stands
+    for key in ("k1", "k2"):
+        assert rows[key]["scores"]["latency"] == 1.0
+        assert rows[key]["timings"]["total_s"] == 1.0
+        assert rows[key]["timings"]["latency_key"] == stored[0]["key"]
+    assert rows["k2"]["scores"]["s"] == 1.0  # other scores untouched

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import os
 import sys
 import threading
@@ -132,6 +133,10 @@ def replay_journal(store: Any, journal: Sequence[Any], summary: Any, *,
     images first (as one process does), counted in ``summary``'s done or failed; the metric
     status, meta and latency rows as they came. Returns how many cells were refused.
 
+    A configuration is timed once: where two workers timed the same one (two Ray actors that
+    started on one setting together), the row stored first stands, and the later worker's
+    cells get its times and ``latency`` score, so every cell's latency is its stored row.
+
     :param accept: whether to write a cell's result (the Ray driver writes each cell once:
         :meth:`~adapterswap.sweep.scheduler.ChunkScheduler.accept`); default: every cell.
     :param on_cell: called with each written cell's key and status.
@@ -145,6 +150,7 @@ def replay_journal(store: Any, journal: Sequence[Any], summary: Any, *,
             if accept is not None and not accept(entry.key):
                 refused += 1
                 continue
+            _use_stored_latency(store, entry.kwargs)
             for name, image in entry.images:
                 path = store.save_image(name, image)
                 if name == entry.key and path != entry.kwargs.get("image"):
@@ -165,8 +171,23 @@ def replay_journal(store: Any, journal: Sequence[Any], summary: Any, *,
         if on_notes is not None and method == "set_meta" and args[0] == "metric_notes":
             on_notes(list(args[1]))
             continue
+        if method == "record_latency" and store.latency(args[0]) is not None:
+            continue  # timed by another worker first: its row stands
         getattr(store, method)(*args)
     return refused
+
+
+def _use_stored_latency(store: Any, kwargs: dict[str, Any]) -> None:
+    """A cell's times and ``latency`` score from its configuration's stored row where they
+    came from another timing of it (see :func:`replay_journal`)."""
+    timings = kwargs.get("timings") or {}
+    key = timings.get("latency_key")  # the row's LATENCY_KEY fields, as JSON
+    row = store.latency(json.loads(key)) if key else None
+    if row is None or row["total_s"] == timings.get("total_s"):
+        return
+    kwargs["timings"] = {**timings, "total_s": row["total_s"], "denoise_s": row["denoise_s"]}
+    if "latency" in (kwargs.get("scores") or {}):
+        kwargs["scores"] = {**kwargs["scores"], "latency": row["total_s"]}
 
 
 @dataclasses.dataclass
