@@ -52,7 +52,7 @@ def environment() -> dict[str, Any]:
     env["attention_fa3"] = f"fa3-fwd {_version('fa3-fwd')}" if missing is None else \
         f"unavailable: {missing}"
     ray = _version("ray")
-    env["ray"] = ray if ray != "not installed" else "not installed (pip install 'adapterswap[ray]')"
+    env["ray"] = ray if ray != "not installed" else "not installed (pip install 'ray>=2.40')"
     return env
 
 

@@ -34,7 +34,7 @@ TOTAL = 2 * 2 * 3 * 3
 #: rounding; the same batches give the same bytes.
 BATCHING_RTOL = 1e-5
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
-                               reason="Ray is not installed (pip install 'adapterswap[ray]')")
+                               reason="Ray is not installed (pip install 'ray>=2.40')")
 
 
 def environment(ray_dir: str | None = None, **extra: str) -> dict[str, str]:
@@ -129,7 +129,7 @@ def test_backend_ray_without_ray_says_what_to_install_in_one_line(tmp_path):
     result = cli([*GRID, "--backend", "ray"], out, script=blocker)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: --backend ray needs Ray: pip install 'adapterswap[ray]'"]
+        "error: --backend ray needs Ray: pip install 'ray>=2.40'"]
     assert not out.exists()  # refused before anything was written
 
 
@@ -295,7 +295,9 @@ def test_killing_the_driver_loses_only_cells_in_flight_and_the_rerun_resumes(tmp
         rerun = cli([*GRID, "--backend", "ray", "--nproc", "2"], out, ray_dir)
         assert rerun.returncode == 0, rerun.stderr
         assert f"{TOTAL - kept} cells done, {kept} already finished, 0 failed" in rerun.stdout
-        assert_same_cells(out, single_run)
+        # the resumed cells of a half-done group run in a smaller batch than one process
+        # ran them in, which may round differently on the CPU: a tolerance, not bytes
+        assert_same_cells(out, single_run, rtol=BATCHING_RTOL, same_bytes=False)
         with RunStore(out, lock=False) as store:
             assert [r["status"] for r in store.runs()] == ["running", "done"]
     finally:

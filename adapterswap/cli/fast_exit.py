@@ -74,7 +74,7 @@ def fast_exit(code: Any) -> NoReturn:
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            if stream is not None:  # None: started with the stream closed
+            if stream is not None and not stream.closed:  # None: started without it
                 stream.flush()
         except (OSError, ValueError):  # a closed or broken pipe: as Python's exit says it
             status = status or 120

@@ -120,15 +120,16 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
     checks.check_device("--device", device)
     checks.check_dtype("--dtype", dtype)
     from adapterswap.devices import default_device
+    from adapterswap.fastpath import FastPath
     from adapterswap.fastpath.flash import check_attention
 
-    check_attention(attention, device or default_device())
+    # where the models run: the tiny preset stays on the CPU unless told (as in a sweep)
+    run_device = device or ("cpu" if tiny else default_device())
+    check_attention(attention, run_device)
+    fast = FastPath(attention=attention, fp8=fp8, cache=cache)
     check_device = getattr(backbone_cls, "check_run_device", None)  # a budget's conflicts
     if check_device is not None:
-        from adapterswap.fastpath import FastPath
-
-        check_device(b_opts, device or default_device(),
-                     fast=FastPath(attention=attention, fp8=fp8, cache=cache))
+        check_device(b_opts, run_device, fast=fast)
     if num_inference_steps is not None:
         if num_inference_steps < 1:
             raise InvalidArgumentError("--steps", num_inference_steps, "must be an integer >= 1")
@@ -170,13 +171,10 @@ def generate_command(backbone: str | None, adapter: str | None, reference: str |
     loaded = models.backbone(backbone)
     if adapter_cls is not None and ad is None:
         ad = models.adapter(adapter_cls.name, loaded)  # tiny weights that fit the backbone
-    from adapterswap.fastpath import FastPath
-
     if ad is not None:
         ad.attach(loaded)
     accelerator = models.accelerator(loaded)
-    accelerator.enable(FastPath(attention=attention, fp8=fp8, cache=cache),
-                       adapters=[ad] if ad is not None else [])
+    accelerator.enable(fast, adapters=[ad] if ad is not None else [])
     result = denoise(loaded, prompt, num_inference_steps=num_inference_steps, seeds=[seed],
                      height=height, width=width, guidance_scale=guidance_scale, adapter=ad,
                      reference=image, accelerator=accelerator)

@@ -191,7 +191,8 @@ def spec_flags(references: tuple[str, ...], prompts: tuple[str, ...], prompts_fi
               help="Start the sweep on several processes with torchrun (one per GPU).")
 @click.option("--backend", type=click.Choice(["ray"]), default=None,
               help="Run the sweep on a Ray cluster: one actor per GPU, groups handed out "
-                   "as they free up, every cell into the one store (needs adapterswap[ray]).")
+                   "as they free up, every cell into the one store (needs Ray: "
+                   "pip install 'ray>=2.40').")
 @click.option("--address", default=None, metavar="HOST:PORT",
               help="Ray cluster to join with --backend ray ('auto': the one this machine "
                    "joined with `ray start`; default: that one, else a new local Ray).")

@@ -40,7 +40,7 @@ from adapterswap.sweep.worker import ChunkResult, ChunkWorker, replay_journal
 
 __all__ = ["RAY_MISSING", "RaySweep", "direct_plugins", "require_ray", "run_ray"]
 
-RAY_MISSING = "--backend ray needs Ray: pip install 'adapterswap[ray]'"
+RAY_MISSING = "--backend ray needs Ray: pip install 'ray>=2.40'"
 #: Variables of the driver's environment that reach the actors (plugin selection, offline).
 FORWARDED_ENV = ("ADAPTERSWAP_", "HF_", "TRANSFORMERS_OFFLINE")
 #: Seconds to wait for every actor to start (a cluster still adding nodes, a busy GPU).

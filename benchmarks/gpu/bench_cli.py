@@ -80,8 +80,8 @@ def imports_seconds(stderr: str) -> float:
     """The sum of top-level imports' cumulative times from ``-X importtime`` output."""
     total = 0
     for line in stderr.splitlines():
-        found = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$", line)
-        if found and not found.group(2).startswith(" "):
+        found = re.match(r"import time:\s+\d+ \|\s+(\d+) \| \S", line)  # top level
+        if found:
             total += int(found.group(1))
     return total / 1e6
 
@@ -110,6 +110,7 @@ def row(label: str, extra: list[str], preset: str, root: Path, index: int,
     with_latency = work + summary["latency_seconds"]
     result = {
         "row": label, "env": env or {},
+        "full_exit": int(bool(env and env.get("ADAPTERSWAP_FULL_EXIT"))),  # a number: history
         "command": "adapterswap sweep --preset " + preset + " " + " ".join(extra),
         "wall_s": wall, "engine_s": summary["seconds"],
         "outside_engine_s": wall - summary["seconds"],
@@ -141,7 +142,11 @@ def main() -> None:
     preset = "tiny" if args.tiny else "random"
     chosen = list(ROWS.items())
     if args.rows:
-        chosen = [chosen[int(i)] for i in args.rows.split(",")]
+        picked = [i.strip() for i in args.rows.split(",")]
+        bad = [i for i in picked if not (i.isdigit() and int(i) < len(chosen))]
+        if bad:
+            parser.error(f"--rows {args.rows}: {bad[0]!r} is not a row number 0-{len(chosen) - 1}")
+        chosen = [chosen[int(i)] for i in picked]
     results: dict[str, Any] = {"preset": preset, "rows": []}  # write() adds the card
     with tempfile.TemporaryDirectory() as root:
         if args.no_importtime:  # what the importtime processes warm otherwise

@@ -155,7 +155,12 @@ def main() -> None:
     import torch
 
     available = torch.cuda.device_count()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if unknown := [b for b in backends if b not in ("torchrun", "ray")]:
+        parser.error(f"--backends {args.backends}: {unknown[0]!r} is not torchrun or ray")
     if args.gpus:
+        if not all(n.strip().isdigit() and int(n) >= 1 for n in args.gpus.split(",")):
+            parser.error(f"--gpus {args.gpus}: give GPU counts >= 1, e.g. 1,2,4,8")
         counts = [int(n) for n in args.gpus.split(",")]
     else:
         counts = sorted({1, available}) if available else [1, 2]
@@ -169,7 +174,7 @@ def main() -> None:
                                "tiny": args.tiny, "rows": []}
     base = run_one(args, "single", 1, root, prompts)
     rows = [base]
-    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+    for backend in backends:
         for n in counts:
             if n == 1 and backend == "torchrun":
                 continue  # torchrun on one GPU is the single process plus a launcher
